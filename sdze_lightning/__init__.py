@@ -1,0 +1,8 @@
+"""sdze-lightning: back-propagation-free PINN training on PyTorch Lightning."""
+
+from sdze_lightning.derivatives import Derivatives
+from sdze_lightning.directions import Directions
+from sdze_lightning.problem import NonFiniteLossError, PINNProblem
+
+__all__ = ["Derivatives", "Directions", "NonFiniteLossError", "PINNProblem"]
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""The interface every spatial derivative estimator implements.
+
+An estimator turns the solution ``u`` (a :class:`~sdze_lightning.model_fn.ModelFunction`),
+collocation points ``x`` and a set of operator names into a dict of tensors,
+one ``(N,)`` tensor per operator (``(N, d)`` for ``"grad"``). All randomness
+comes from the ``generator`` argument: the same generator state gives
+bit-identical estimates, which is what Common Random Numbers Synchronisation
+(CRNS) relies on. No estimator touches the global RNG.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from sdze_lightning.model_fn import ModelFunction
+
+#: Operators a residual may ask for, with their meaning.
+OPERATORS: dict[str, str] = {
+    "u": "value u(x)",
+    "grad": "spatial gradient, shape (N, d)",
+    "grad_norm2": "|grad_x u|^2",
+    "laplacian": "Delta_x u (spatial coordinates only)",
+    "dt": "du/dt, the derivative along the last (time) coordinate",
+    "third": "sum_i d^3 u / dx_i^3 (third-order directional term; u_xxx in 1D)",
+    "biharmonic": "Delta_x^2 u",
+}
+
+
+class Estimator(ABC):
+    """Base class of the spatial derivative estimators.
+
+    Subclasses set ``name``, ``operators`` (those they can estimate) and
+    ``forward_only`` (``True`` if they never back-propagate through ``x``).
+    """
+
+    name: ClassVar[str] = "estimator"
+    operators: ClassVar[frozenset[str]] = frozenset()
+    forward_only: ClassVar[bool] = False
+
+    def check(self, ops: Collection[str]) -> None:
+        """Raise ``ValueError`` if an operator in ``ops`` is unknown or unsupported."""
+        unknown = sorted(set(ops) - set(OPERATORS))
+        if unknown:
+            raise ValueError(
+                f"Unknown operator(s) {unknown}; available: {sorted(OPERATORS)}."
+            )
+        missing = sorted(set(ops) - set(self.operators))
+        if missing:
+            raise ValueError(
+                f"estimator={self.name} cannot provide {missing} (it supports "
+                f"{sorted(self.operators)}); choose another estimator for this PDE."
+            )
+
+    @abstractmethod
+    def estimate(
+        self,
+        model: ModelFunction,
+        x: Tensor,
+        ops: Collection[str],
+        generator: torch.Generator,
+        spatial_dim: int,
+    ) -> dict[str, Tensor]:
+        """Estimate the operators ``ops`` of ``model`` at the points ``x``.
+
+        Args:
+            model: The solution as a function of the points.
+            x: Points ``(N, D)``; the first ``spatial_dim`` columns are space,
+                a further last column, if any, is time.
+            ops: Operator names (keys of :data:`OPERATORS`).
+            generator: The only source of randomness.
+            spatial_dim: Number of spatial coordinates ``d``.
+
+        Returns:
+            A dict from operator name to estimate.
+        """
+
+    def halves(self) -> tuple[Estimator, Estimator]:
+        """Two estimators with half the random directions each.
+
+        Used for the unbiased squared residual ``r_1 * r_2``. Deterministic
+        estimators cannot make independent halves and raise ``ValueError``.
+        """
+        raise ValueError(
+            f"estimator={self.name} is deterministic: the squared residual is already "
+            "unbiased; use problem.squared_residual=biased."
+        )

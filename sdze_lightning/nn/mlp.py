@@ -1,0 +1,268 @@
+"""Multilayer perceptron with dimension-free directional evaluation.
+
+Besides the plain forward pass, :class:`MLP` evaluates
+
+* ``line``: the network at ``x + t v`` for a few step sizes ``t`` and directions
+  ``v`` (finite differences, Stein smoothing), and
+* ``jets``: the exact directional derivatives ``D_v^k u(x)``, ``k <= 4``, by a
+  hand-written Taylor-mode pass (no back-propagation, one pass per order),
+
+both through the first-layer shortcut of the design: ``W (x + t v) = W x + t W v``
+with ``W x`` computed once per point and ``W v`` a column lookup for a
+coordinate direction. Inside :meth:`MLP.first_layer_cache` the product ``W x``
+is also shared between evaluations on the same points (the ``+eps`` and
+``-eps`` evaluations of a zeroth-order step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sdze_lightning.directions import Directions
+from sdze_lightning.nn.perturb import delta_of, linear_forward
+
+Jet = list[Tensor | None]
+
+
+def _act_derivatives(name: str, h: Tensor, order: int) -> list[Tensor]:
+    """Return ``[f(h), f'(h), ..., f^(order)(h)]`` for the activation ``name``."""
+    if name == "tanh":
+        t = torch.tanh(h)
+        out = [t]
+        if order >= 1:
+            f1 = 1 - t * t
+            out.append(f1)
+        if order >= 2:
+            f2 = -2 * t * f1
+            out.append(f2)
+        if order >= 3:
+            f3 = -2 * (f1 * f1 + t * f2)
+            out.append(f3)
+        if order >= 4:
+            out.append(-2 * (3 * f1 * f2 + t * f3))
+        return out
+    if name == "sin":
+        s, c = torch.sin(h), torch.cos(h)
+        return [s, c, -s, -c, s][: order + 1]
+    raise ValueError(f"Unknown activation {name!r}; use 'tanh' or 'sin'.")
+
+
+def _mul(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return None if a is None or b is None else a * b
+
+
+def _sum(*terms: Tensor | None) -> Tensor | None:
+    present = [t for t in terms if t is not None]
+    if not present:
+        return None
+    out = present[0]
+    for t in present[1:]:
+        out = out + t
+    return out
+
+
+def compose_jet(derivs: Sequence[Tensor], h: Jet) -> Jet:
+    """Faa di Bruno: jet of ``f(h(t))`` from ``f^(k)(h0)`` and the jet ``h``.
+
+    Entries are derivatives (not Taylor coefficients) along the direction;
+    ``None`` stands for an identically zero coefficient.
+    """
+    order = len(h) - 1
+    f = derivs
+    out: Jet = [f[0]]
+    h1 = h[1] if order >= 1 else None
+    h2 = h[2] if order >= 2 else None
+    h3 = h[3] if order >= 3 else None
+    h4 = h[4] if order >= 4 else None
+    if order >= 1:
+        out.append(_mul(f[1], h1))
+    if order >= 2:
+        out.append(_sum(_mul(f[2], _mul(h1, h1)), _mul(f[1], h2)))
+    if order >= 3:
+        out.append(
+            _sum(
+                _mul(f[3], _mul(h1, _mul(h1, h1))),
+                _mul(3 * f[2], _mul(h1, h2)),
+                _mul(f[1], h3),
+            )
+        )
+    if order >= 4:
+        h1sq = _mul(h1, h1)
+        out.append(
+            _sum(
+                _mul(f[4], _mul(h1sq, h1sq)),
+                _mul(6 * f[3], _mul(h1sq, h2)),
+                _mul(f[2], _sum(_mul(4 * h1, h3), _mul(3 * h2, h2) if h2 is not None else None)),
+                _mul(f[1], h4),
+            )
+        )
+    if order > 4:
+        raise ValueError("Taylor-mode jets are implemented up to order 4.")
+    return out
+
+
+def product_jet(a: Jet, b: Jet) -> Jet:
+    """Leibniz rule: jet of ``a(t) * b(t)`` (derivatives, ``None`` = zero)."""
+    order = len(a) - 1
+    out: Jet = []
+    for k in range(order + 1):
+        terms = [_mul(a[j], b[k - j]) for j in range(k + 1)]
+        terms = [math.comb(k, j) * t if t is not None else None for j, t in zip(range(k + 1), terms)]
+        out.append(_sum(*terms))
+    return out
+
+
+class MLP(nn.Module):
+    """Fully connected network ``R^in -> R^out`` with a smooth activation.
+
+    Args:
+        in_features: Input dimension (spatial dimensions plus time, if any).
+        width: Hidden width.
+        depth: Number of hidden layers (linear layers = ``depth + 1``).
+        out_features: Output dimension.
+        activation: ``"tanh"`` or ``"sin"``.
+        seed: Seed of the initialisation (Xavier normal, zero bias); the global
+            RNG is not used.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        width: int = 128,
+        depth: int = 4,
+        out_features: int = 1,
+        activation: str = "tanh",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0:
+            raise ValueError(f"model.in_features must be positive, got {in_features}.")
+        if width <= 0 or depth <= 0:
+            raise ValueError(f"model.width and model.depth must be positive, got {width}, {depth}.")
+        _act_derivatives(activation, torch.zeros(1), 0)  # validates the name early
+        self.activation = activation
+        sizes = [in_features] + [width] * depth + [out_features]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        gen = torch.Generator().manual_seed(seed)
+        for layer in self.layers:
+            layer._zo_native = True  # offsets are applied by this class, not by hooks
+            nn.init.xavier_normal_(layer.weight, generator=gen)
+            nn.init.zeros_(layer.bias)
+        self._cache: dict | None = None
+
+    @property
+    def in_features(self) -> int:
+        """Input dimension."""
+        return self.layers[0].in_features
+
+    # ----------------------------------------------------------------- first layer
+    @contextlib.contextmanager
+    def first_layer_cache(self) -> Iterator[None]:
+        """Share ``W x`` (and ``x B``) between evaluations on the same points."""
+        previous, self._cache = self._cache, {}
+        try:
+            yield
+        finally:
+            self._cache = previous
+
+    def _wx(self, x: Tensor) -> Tensor:
+        """``x W^T`` for the first layer, without bias or offset (cached)."""
+        layer = self.layers[0]
+        if self._cache is None or torch.is_grad_enabled():
+            return x @ layer.weight.T
+        key = ("wx", id(x), layer.weight._version)
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not x:
+            hit = (x, x @ layer.weight.T)
+            self._cache[key] = hit
+        return hit[1]
+
+    def _xb(self, x: Tensor, basis: Tensor) -> Tensor:
+        if self._cache is None or torch.is_grad_enabled():
+            return x.to(basis.dtype) @ basis
+        key = ("xb", id(x), id(basis))
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not x or hit[1] is not basis:
+            hit = (x, basis, x.to(basis.dtype) @ basis)
+            self._cache[key] = hit
+        return hit[2]
+
+    def first_layer(self, x: Tensor) -> Tensor:
+        """Pre-activation of the first layer, ``(N, width)``, offset included."""
+        layer = self.layers[0]
+        h = self._wx(x) + layer.bias
+        delta = delta_of(layer)
+        if delta is not None:
+            h = h + delta.linear_from_projection(self._xb(x, delta.B)).to(h.dtype)
+            if delta.cb is not None:
+                h = h + delta.bias().to(h.dtype)
+        return h
+
+    def first_layer_directions(self, dirs: Directions) -> Tensor:
+        """``W v`` for every direction, ``(K, width)``, offset included, no bias.
+
+        A coordinate direction is a column lookup: its cost does not depend on
+        the input dimension.
+        """
+        layer = self.layers[0]
+        if dirs.index is not None:
+            wv = layer.weight[:, dirs.index].T
+            delta = delta_of(layer)
+            if delta is not None:
+                wv = wv + delta.columns(dirs.index).to(wv.dtype)
+            return wv
+        return linear_forward(layer, dirs.dense.to(layer.weight.dtype), bias=False)
+
+    # ---------------------------------------------------------------------- passes
+    def tail(self, h: Tensor) -> Tensor:
+        """Network output from the first-layer pre-activation ``h``."""
+        for layer in self.layers[1:]:
+            h = linear_forward(layer, _act_derivatives(self.activation, h, 0)[0])
+        return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Evaluate the network on points ``x`` of shape ``(N, in_features)``."""
+        return self.tail(self.first_layer(x))
+
+    def line(self, x: Tensor, dirs: Directions, ts: Sequence[float]) -> Tensor:
+        """Values at ``x + t v`` for every step ``t`` and direction ``v``.
+
+        Returns:
+            Tensor of shape ``(T, K, N, out_features)``.
+        """
+        h0 = self.first_layer(x)  # (N, m)
+        wv = self.first_layer_directions(dirs)  # (K, m)
+        t = torch.as_tensor(list(ts), dtype=h0.dtype, device=h0.device)
+        h = h0[None, None] + t[:, None, None, None] * wv[None, :, None, :]
+        return self.tail(h)
+
+    def jets(self, x: Tensor, dirs: Directions, order: int) -> Jet:
+        """Exact directional derivatives ``D_v^k u(x)`` for ``k = 0..order``.
+
+        Returns:
+            A list: entry 0 is ``u(x)`` of shape ``(N, out)``, entry ``k >= 1`` is
+            ``D_v^k u(x)`` of shape ``(K, N, out)``.
+        """
+        if not 0 <= order <= 4:
+            raise ValueError(f"Jet order must be between 0 and 4, got {order}.")
+        h0 = self.first_layer(x)
+        wv = self.first_layer_directions(dirs)[:, None, :]  # (K, 1, m)
+        jet: Jet = [h0] + [wv] + [None] * (order - 1) if order >= 1 else [h0]
+        for layer in self.layers[1:]:
+            jet = compose_jet(_act_derivatives(self.activation, jet[0], order), jet)
+            jet = [linear_forward(layer, jet[0])] + [
+                None if c is None else linear_forward(layer, c, bias=False) for c in jet[1:]
+            ]
+        k = dirs.count
+        shape = (k, *jet[0].shape)
+        return [jet[0]] + [
+            torch.zeros(shape, dtype=jet[0].dtype, device=jet[0].device)
+            if c is None
+            else c.expand(shape)
+            for c in jet[1:]
+        ]

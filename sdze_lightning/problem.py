@@ -69,6 +69,24 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(msg)
 
 
+SUPPORTED_PRECISIONS = ("64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16")
+
+
+def check_precision(precision: Any) -> None:
+    """Raise ``ValueError`` for a Trainer precision this library cannot train with.
+
+    ``16-mixed`` scales gradients that zeroth-order steps do not have, and
+    float16 finite differences lose all accuracy.
+    """
+    value = str(precision)
+    if value.startswith("16") or value not in SUPPORTED_PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={value} is not supported: float16 loss scaling has no "
+            "gradients to scale under zeroth-order training, and float16 finite "
+            "differences lose all accuracy. Use 64-true, 32-true or bf16-mixed."
+        )
+
+
 class _StepIndices(Dataset):
     """``n`` dummy items: points are sampled in ``training_step``, not loaded."""
 
@@ -318,13 +336,7 @@ class PINNProblem(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Reject incompatible Trainer settings before anything runs."""
         trainer = getattr(self, "_trainer", None)
-        precision = str(getattr(trainer, "precision", "32-true")) if trainer else "32-true"
-        if precision.startswith("16"):
-            raise ValueError(
-                f"trainer.precision={precision} is not supported: float16 loss scaling has no "
-                "gradients to scale under zeroth-order training, and float16 finite "
-                "differences lose all accuracy. Use 32-true, 64-true or bf16-mixed."
-            )
+        check_precision(getattr(trainer, "precision", "32-true") if trainer else "32-true")
 
     def on_fit_start(self) -> None:
         """Check the residual contract on a tiny batch before the first step."""
@@ -359,11 +371,23 @@ class PINNProblem(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         """Dummy loader: one item per step; points are sampled in ``training_step``."""
-        return DataLoader(_StepIndices(self.steps_per_epoch), batch_size=None, shuffle=False)
+        return DataLoader(
+            _StepIndices(self.steps_per_epoch),
+            batch_size=None,
+            shuffle=False,
+            generator=self._loader_generator(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         """One dummy item: validation evaluates the held-out set."""
-        return DataLoader(_StepIndices(1), batch_size=None)
+        return DataLoader(_StepIndices(1), batch_size=None, generator=self._loader_generator())
+
+    def _loader_generator(self) -> torch.Generator:
+        # A DataLoader iterator draws its base seed from its generator, by default the
+        # global one; an own generator keeps the global RNG untouched by training.
+        gen = torch.Generator()
+        gen.manual_seed(self.seed)
+        return gen
 
     def _first_layer_cache(self) -> Any:
         cache = getattr(self.net, "first_layer_cache", None)

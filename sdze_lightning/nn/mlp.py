@@ -147,7 +147,10 @@ class MLP(nn.Module):
         _act_derivatives(activation, torch.zeros(1), 0)  # validates the name early
         self.activation = activation
         sizes = [in_features] + [width] * depth + [out_features]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        # skip_init: nn.Linear's own initialisation would draw from the global RNG.
+        self.layers = nn.ModuleList(
+            nn.utils.skip_init(nn.Linear, a, b) for a, b in zip(sizes[:-1], sizes[1:])
+        )
         gen = torch.Generator().manual_seed(seed)
         for layer in self.layers:
             layer._zo_native = True  # offsets are applied by this class, not by hooks

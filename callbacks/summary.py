@@ -1,0 +1,102 @@
+"""``RunSummary``: the one-line result of a run, as JSON.
+
+At the end of ``fit`` (or when it stops on an exception) the callback writes
+``summary.json`` with the final relative L2 error, loss, step count, wall time,
+peak memory and parameter count, and prints the same JSON as the last line of
+the run's output, so that a sweep can be collected with ``grep`` or ``jq``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+class RunSummary(L.Callback):
+    """Write ``summary.json`` into ``dirpath`` and print it when training ends.
+
+    Args:
+        dirpath: Directory of the run; defaults to ``trainer.default_root_dir``.
+        filename: Name of the file.
+        echo: Print the summary as one JSON line on stdout.
+    """
+
+    def __init__(
+        self, dirpath: str | Path | None = None, filename: str = "summary.json", echo: bool = True
+    ) -> None:
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.filename = filename
+        self.echo = echo
+        self.summary: dict[str, Any] | None = None
+        self._start = 0.0
+
+    @property
+    def path(self) -> Path | None:
+        """Where the summary is (or will be) written."""
+        return None if self.dirpath is None else self.dirpath / self.filename
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the wall clock."""
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir)
+        self._start = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the summary of a completed run."""
+        self._write(trainer, pl_module, "completed")
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """Write the summary of a run stopped by ``exception`` (e.g. a diverged loss)."""
+        self._write(trainer, pl_module, f"failed: {type(exception).__name__}: {exception}")
+
+    def collect(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> dict:
+        """Return the summary as a dict (without writing it)."""
+        rel_l2 = None
+        compute = getattr(pl_module, "relative_l2_error", None)
+        if callable(compute) and status == "completed":
+            rel_l2 = compute()
+        loss = getattr(pl_module, "last_loss", None)
+        if loss is None:
+            value = trainer.callback_metrics.get("train/loss")
+            loss = float(value) if value is not None else None
+        if loss is not None and not math.isfinite(loss):
+            loss = None  # JSON has no NaN; the status says why
+        return {
+            "rel_l2": rel_l2,
+            "loss": loss,
+            "steps": int(trainer.global_step),
+            "wall_time_s": round(time.perf_counter() - self._start, 3),
+            "peak_memory_bytes": peak_memory_bytes(pl_module.device),
+            "params": sum(p.numel() for p in pl_module.parameters()),
+            "status": status,
+        }
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> None:
+        if self.summary is not None:  # already written (exception after fit end)
+            return
+        self.summary = self.collect(trainer, pl_module, status)
+        if not trainer.is_global_zero:
+            return
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.summary, indent=2) + "\n")
+        if self.echo:
+            print(json.dumps(self.summary), flush=True)

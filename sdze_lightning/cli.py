@@ -1,0 +1,131 @@
+"""``sdze-train``: the Hydra entry point.
+
+Composes ``configs/config.yaml`` (groups ``pde``, ``model``, ``estimator``,
+``method``, ``trainer``, ``logger``, ``callbacks``, ``experiment``), builds the
+problem with the injected network, estimator and method, and fits it with a
+Lightning ``Trainer``. Every run writes ``summary.json`` into its run directory
+(``hydra.run.dir``) and prints the same summary as its last line. Examples::
+
+    sdze-train pde=poisson2d trainer.max_steps=2000 logger=csv
+    sdze-train -m method=adam,sdze seed=0,1,2
+    sdze-train --cfg job
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sdze_lightning.callbacks.summary import RunSummary
+from sdze_lightning.loggers import fail_safe
+from sdze_lightning.problem import NonFiniteLossError, PINNProblem, check_precision
+
+log = logging.getLogger("sdze_lightning")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+def _group(cfg: DictConfig, key: str) -> Any:
+    """A config group's node, or ``None`` when it is empty (``logger=none``)."""
+    node = cfg.get(key)
+    if node is None or (isinstance(node, DictConfig) and len(node) == 0):
+        return None
+    return node
+
+
+def build_problem(cfg: DictConfig) -> PINNProblem:
+    """Instantiate the problem with its injected network, estimator, method and scheduler."""
+    for key in ("pde", "model", "estimator", "method"):
+        if _group(cfg, key) is None:
+            raise ValueError(f"Config group '{key}' is empty; choose one, e.g. {key}=<name>.")
+    extra: dict[str, Any] = {}
+    if "seed" not in cfg.pde:
+        extra["seed"] = cfg.seed
+    scheduler = instantiate(cfg.scheduler) if _group(cfg, "scheduler") is not None else None
+    problem = instantiate(
+        cfg.pde,
+        net=instantiate(cfg.model),
+        estimator=instantiate(cfg.estimator),
+        method=instantiate(cfg.method),
+        scheduler=scheduler,
+        **extra,
+    )
+    if not isinstance(problem, PINNProblem):
+        raise TypeError(
+            f"pde._target_ must be a PINNProblem subclass, got {type(problem).__name__}."
+        )
+    return problem
+
+
+def build_loggers(cfg: DictConfig) -> list[Any] | bool:
+    """Instantiate the logger (fail-safe) and record the resolved config in it."""
+    node = _group(cfg, "logger")
+    if node is None:
+        return False
+    logger = fail_safe(instantiate(node))
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return [logger]
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Instantiate every entry of the ``callbacks`` mapping (``null`` entries are skipped)."""
+    node = _group(cfg, "callbacks")
+    if node is None:
+        return []
+    return [instantiate(c) for c in node.values() if c is not None]
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Build everything from ``cfg``, fit, and return the run summary.
+
+    All validation (names, dimensions, precision, residual shape) happens
+    before the first optimizer step.
+    """
+    check_precision(cfg.trainer.get("precision", "32-true"))
+    problem = build_problem(cfg)
+    summary = RunSummary(dirpath=run_dir, echo=False)
+    trainer = instantiate(
+        cfg.trainer, logger=build_loggers(cfg), callbacks=[*build_callbacks(cfg), summary]
+    )
+    try:
+        trainer.fit(problem)
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+    finally:
+        _finish_wandb()
+    return summary.summary or {}
+
+
+def _finish_wandb() -> None:
+    """Close an open W&B run now, so its sync hints print before the summary line."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return
+    try:
+        wandb.finish()
+    except Exception as err:  # noqa: BLE001 - logging must never fail the run
+        log.error("wandb.finish() failed: %s", err)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sdze_lightning.configs", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Run one training job (Hydra entry point)."""
+    run_dir = HydraConfig.get().runtime.output_dir
+    summary = train(cfg, run_dir)
+    print(json.dumps(summary), flush=True)
+    if str(summary.get("status", "")).startswith("failed"):
+        sys.exit(1)
+    return summary.get("rel_l2")
+
+
+if __name__ == "__main__":
+    main()

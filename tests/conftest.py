@@ -1,0 +1,72 @@
+"""Shared test setup: no W&B server, quiet Lightning, a tiny PDE."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from sdze_lightning import Derivatives, PINNProblem  # noqa: E402
+
+
+class Sine1D(PINNProblem):
+    """u'' = -pi^2 sin(pi x) on [0, 1] with u = sin(pi x); boundary by a loss term."""
+
+    operators = ("u", "laplacian")
+
+    def sample_interior(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.rand(n, 1, generator=generator)
+
+    def sample_boundary(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return (self.rand(n, 1, generator=generator) < 0.5).to(self.dtype)
+
+    def residual(self, x: torch.Tensor, d: Derivatives) -> torch.Tensor:
+        return d.laplacian + math.pi**2 * torch.sin(math.pi * x[:, 0])
+
+    def exact_solution(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(math.pi * x[:, 0])
+
+
+@pytest.fixture
+def tiny_problem():
+    """Factory of a small, fast 1D problem."""
+
+    def make(**kwargs):
+        from sdze_lightning.nn import MLP
+
+        defaults = dict(
+            dim=1, net=MLP(1, width=16, depth=2, seed=0), n_interior=32, n_boundary=8, n_eval=128
+        )
+        defaults.update(kwargs)
+        return Sine1D(**defaults)
+
+    return make
+
+
+def quiet_trainer(**kwargs):
+    """A Trainer with nothing written to disk and no progress bar."""
+    import lightning as L
+
+    defaults = dict(
+        max_steps=20,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+@pytest.fixture
+def make_trainer():
+    """Factory of quiet CPU trainers."""
+    return quiet_trainer

@@ -35,6 +35,7 @@ class RunSummary(L.Callback):
         dirpath: Directory of the run; defaults to ``trainer.default_root_dir``.
         filename: Name of the file.
         echo: Print the summary as one JSON line on stdout.
+
     """
 
     def __init__(

@@ -123,6 +123,7 @@ class PINNProblem(L.LightningModule):
             (mean of ``r_hat_1 * r_hat_2`` from two independent halves of the
             estimator's directions).
         steps_per_epoch: Steps between validations (one "epoch" of dummy items).
+
     """
 
     #: Operators the residual uses; checked against the estimator at construction.

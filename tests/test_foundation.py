@@ -10,9 +10,9 @@ import pkgutil
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from sdze_lightning.callbacks.summary import RunSummary
 
 import sdze_lightning
-from sdze_lightning.callbacks.summary import RunSummary
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.loggers import fail_safe
 from sdze_lightning.problem import check_precision

@@ -1,0 +1,109 @@
+"""``sdze-train`` end to end: composition, overrides, loggers, multirun, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from sdze_lightning.cli import build_problem
+from sdze_lightning.estimators.exact import ExactEstimator
+
+SMALL = [
+    "trainer.max_steps=12",
+    "trainer.log_every_n_steps=4",
+    "model.width=16",
+    "model.depth=2",
+    "pde.n_interior=64",
+    "pde.n_boundary=16",
+    "pde.n_eval=256",
+    "callbacks=none",
+]
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def sdze_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    return subprocess.run(
+        [sys.executable, "-m", "sdze_lightning.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("group", sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()))
+def test_every_config_option_composes(group):
+    """Every option of every group composes with the defaults (Hydra sees no typo)."""
+    with initialize_config_module("sdze_lightning.configs", version_base="1.3"):
+        for option in sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")):
+            cfg = compose("config", overrides=[f"{group}={option}"])
+            assert cfg is not None
+
+
+def test_build_problem_injects_components():
+    with initialize_config_module("sdze_lightning.configs", version_base="1.3"):
+        cfg = compose("config", overrides=["model.width=8", "model.depth=1"])
+    problem = build_problem(cfg)
+    assert problem.net.layers[0].out_features == 8
+    assert isinstance(problem.estimator, ExactEstimator)
+    assert problem.seed == cfg.seed
+
+
+def test_run_writes_summary_and_csv(tmp_path):
+    run = tmp_path / "run"
+    out = sdze_train(*SMALL, "logger=csv", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"rel_l2", "loss", "steps", "wall_time_s", "peak_memory_bytes", "params"} <= set(summary)
+    assert summary["steps"] == 12 and summary["rel_l2"] > 0
+    assert last_json(out.stdout) == summary
+    metrics = (run / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in metrics
+
+
+def test_multirun_with_wandb_offline_and_no_logger(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = sdze_train(
+        "-m", *SMALL, "logger=wandb,none", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 12
+    offline = list((sweep / "0" / "wandb").glob("offline-run-*"))
+    assert offline, "W&B offline run directory missing"
+    assert not (sweep / "1" / "wandb").exists() and not (sweep / "1" / "csv").exists()
+
+
+def test_cfg_job_prints_resolved_config(tmp_path):
+    out = sdze_train("--cfg", "job", "pde=poisson2d", "trainer.max_steps=7", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "max_steps: 7" in out.stdout and "_target_: sdze_lightning.problems.Poisson2D" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pde=no_such_pde", "Could not find 'pde/no_such_pde'"),
+        ("estimator=no_such_estimator", "Could not find 'estimator/no_such_estimator'"),
+        ("trainer.precision=16-mixed", "precision=16-mixed is not supported"),
+        ("pde.n_interior=0", "pde.n_interior must be a positive integer"),
+    ],
+)
+def test_bad_input_fails_early_without_results(tmp_path, override, message):
+    run = tmp_path / "run"
+    out = sdze_train(*SMALL, override, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout
+    assert not (run / "summary.json").exists()

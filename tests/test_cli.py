@@ -15,7 +15,7 @@ from sdze_lightning.cli import build_problem
 from sdze_lightning.estimators.exact import ExactEstimator
 
 SMALL = [
-    "trainer.max_steps=12",
+    "trainer.max_steps=20",
     "trainer.log_every_n_steps=4",
     "model.width=16",
     "model.depth=2",
@@ -67,7 +67,7 @@ def test_run_writes_summary_and_csv(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert {"rel_l2", "loss", "steps", "wall_time_s", "peak_memory_bytes", "params"} <= set(summary)
-    assert summary["steps"] == 12 and summary["rel_l2"] > 0
+    assert summary["steps"] == 20 and summary["rel_l2"] > 0
     assert last_json(out.stdout) == summary
     metrics = (run / "csv" / "metrics.csv").read_text()
     assert "train/loss" in metrics
@@ -80,7 +80,7 @@ def test_multirun_with_wandb_offline_and_no_logger(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     for job in ("0", "1"):
-        assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 12
+        assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 20
     offline = list((sweep / "0" / "wandb").glob("offline-run-*"))
     assert offline, "W&B offline run directory missing"
     assert not (sweep / "1" / "wandb").exists() and not (sweep / "1" / "csv").exists()

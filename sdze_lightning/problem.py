@@ -333,6 +333,21 @@ class PINNProblem(L.LightningModule):
         """Scalar training loss of ``step`` for noise key ``key``."""
         return self.loss_terms(step, key)["loss"]
 
+    def residual_batch(self, step: int, key: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Per-point interior residual ``(N,)`` and weighted boundary term (or ``None``).
+
+        For optimizers that need per-point residual gradients (``needs_residuals``,
+        e.g. :class:`~sdze_lightning.methods.PDEAware`); the two halves of the
+        unbiased form are averaged.
+        """
+        res = self.interior_residuals(step, key)
+        r = res[0] if len(res) == 1 else 0.5 * (res[0] + res[1])
+        boundary = None
+        if self.n_boundary > 0:
+            xb = self.sample_boundary(self.n_boundary, self.generator(step, key, STREAM_BOUNDARY))
+            boundary = self.boundary_weight * self.boundary_residual(xb).square().mean()
+        return r, boundary
+
     # ---------------------------------------------------------------- lightning
     def setup(self, stage: str) -> None:
         """Reject incompatible Trainer settings before anything runs."""
@@ -362,6 +377,16 @@ class PINNProblem(L.LightningModule):
                 "but memory is no longer inference-level.",
                 self.estimator.name,
             )
+
+    def on_train_end(self) -> None:
+        """Fold the method's implicit offset (SDZE) into the weights at the end of training.
+
+        The network is then a plain module; the function it computes does not change.
+        """
+        for opt in self.trainer.optimizers:
+            fold = getattr(opt, "fold", None)
+            if callable(fold):
+                fold()
 
     def configure_optimizers(self) -> Any:
         """Build the injected method (and scheduler)."""
@@ -419,8 +444,11 @@ class PINNProblem(L.LightningModule):
             terms.update(out)
             return out["loss"]
 
+        kwargs: dict[str, Any] = {}
+        if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
+            kwargs["residuals"] = functools.partial(self.residual_batch, step)
         with self._first_layer_cache():
-            loss = opt.step(closure=closure)
+            loss = opt.step(closure=closure, **kwargs)
         self._points = {}
         sched = self.lr_schedulers()
         if sched is not None:

@@ -1,0 +1,245 @@
+"""Peak memory of one training step: SDZE vs Adam+HTE (issue 4).
+
+Two-body Allen-Cahn on the unit ball (hard constraint), MLP 4x128 tanh, 100
+collocation points, 16 estimator directions, d = 1e3, 1e4, 1e5, float32.
+Every configuration runs in a fresh subprocess:
+
+1. warm-up: the same configuration at d = 64 (loads kernels and allocator
+   pools), then the baseline ``VmRSS``;
+2. build the problem, network and optimizer, reset the peak (``VmHWM`` via
+   ``/proc/self/clear_refs``) and run two steps exactly as ``training_step``
+   does (SDZE: forward-only closure under the first-layer cache; Adam: one
+   backward pass); ``peak = VmHWM - baseline`` (parameters, optimizer state,
+   the batch and every transient);
+3. attribution in the same process: the transient peak of sampling the batch
+   alone and of the analytic source term alone, and a "method only" step with
+   the batch and its source precomputed (resident, so still counted), and for
+   SDZE the transient of the fold ``W += A M B^T`` (once per period).
+
+Freed heap memory is handed back (``malloc_trim``) before each baseline, so the
+figures are peaks of live memory, not of glibc's cache. Timings are not the
+point here (and are noisy on a shared machine).
+
+Target (issue 4): SDZE peak <= 1.3 x (parameter bytes + batch input bytes),
+and >= 5x below Adam+HTE at d = 1e5. Results: ``results/step_memory.{csv,json}``.
+
+    python benchmarks/step_memory.py                     # d = 1e3, 1e4, 1e5
+    python benchmarks/step_memory.py --dims 1000 --methods sdze
+    python benchmarks/step_memory.py --smoke             # in-process, d = 200 (numbers meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import gc
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("sdze", "mezo", "adam-hte")
+
+
+def _status(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) * 1024
+
+
+def rss() -> int:
+    """Current resident set size in bytes."""
+    return _status("VmRSS")
+
+
+def peak() -> int:
+    """Peak resident set size since the last :func:`reset_peak`, in bytes."""
+    return _status("VmHWM")
+
+
+def reset_peak() -> None:
+    """Return freed heap memory to the OS, then reset the peak-RSS counter to the current RSS.
+
+    Without ``malloc_trim`` glibc keeps freed blocks below its (dynamic) mmap
+    threshold in the heap, and memory freed by an earlier phase would be
+    counted as resident in the next one.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def build(method: str, dim: int, cfg: dict):
+    """Problem and optimizer of one configuration."""
+    from sdze_lightning.estimators.hte import HutchinsonEstimator
+    from sdze_lightning.estimators.taylor import TaylorEstimator
+    from sdze_lightning.methods import SDZE, MeZO
+    from sdze_lightning.nn import MLP
+    from sdze_lightning.problems import TwoBody
+
+    k = cfg["directions"]
+    if method == "adam-hte":
+        est = HutchinsonEstimator(k, distribution="rademacher")
+    else:
+        est = TaylorEstimator(k, distribution="coordinate")
+    net = MLP(dim, width=cfg["width"], depth=cfg["depth"], seed=0)
+    problem = TwoBody(dim=dim, operator="allen_cahn", net=net, estimator=est,
+                      n_interior=cfg["points"], n_eval=0)
+    if method == "sdze":
+        opt = SDZE(net, lr=1e-3, rank=cfg["rank"], period=100)
+    elif method == "mezo":
+        opt = MeZO(net, lr=1e-4)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    return problem, opt
+
+
+def step(problem, opt, k: int) -> float:
+    """One training step as ``PINNProblem.training_step`` runs it (without Lightning)."""
+    from sdze_lightning.methods import is_zeroth_order
+
+    if is_zeroth_order(opt):
+        with problem.net.first_layer_cache():
+            loss = opt.step(lambda: problem.compute_loss(k, opt.noise_key))
+    else:
+        opt.zero_grad(set_to_none=True)
+        loss = problem.compute_loss(k, 0)
+        loss.backward()
+        opt.step()
+    problem._points = {}
+    return float(loss.detach())
+
+
+def measure(method: str, dim: int, cfg: dict) -> dict:
+    """Peak-RSS measurement of one configuration in the current process."""
+    torch.set_num_threads(cfg["threads"])
+    problem, opt = build(method, 64, cfg)
+    for k in range(2):
+        step(problem, opt, k)
+    del problem, opt
+    reset_peak()
+    base = rss()
+
+    problem, opt = build(method, dim, cfg)
+    param_bytes = sum(p.numel() * p.element_size() for p in problem.net.parameters())
+    batch_bytes = cfg["points"] * dim * 4
+    reset_peak()
+    t0 = time.perf_counter()
+    losses = [step(problem, opt, k) for k in range(2)]
+    seconds = (time.perf_counter() - t0) / 2
+    step_peak = peak() - base
+
+    gen = problem.generator(7, 0, 1)
+    reset_peak()
+    before = rss()
+    x = problem.sample_interior(cfg["points"], gen)
+    sampling = peak() - before
+    reset_peak()
+    before = rss()
+    f = problem.source(x)
+    source = peak() - before
+
+    # method only: batch and source precomputed (resident), so only the step's own transients
+    problem.points = lambda step, key: x
+    problem.source = lambda pts: f
+    reset_peak()
+    step(problem, opt, 2)
+    method_only = peak() - base
+    fold = getattr(opt, "fold", None)
+    fold_transient = 0
+    if fold is not None:
+        reset_peak()
+        before = rss()
+        fold()
+        fold_transient = peak() - before
+    return dict(
+        method=method, dim=dim, param_bytes=param_bytes, batch_bytes=batch_bytes,
+        peak_bytes=step_peak, ratio_to_params_batch=step_peak / (param_bytes + batch_bytes),
+        sampling_transient_bytes=sampling, source_transient_bytes=source,
+        method_only_peak_bytes=method_only,
+        method_only_ratio=method_only / (param_bytes + batch_bytes),
+        fold_transient_bytes=fold_transient,
+        state_elements=getattr(opt, "state_size", lambda: None)(),
+        seconds_per_step=seconds, losses=losses,
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run every configuration (each in a fresh subprocess unless ``--smoke``)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--points", type=int, default=100)
+    ap.add_argument("--directions", type=int, default=16)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true", help="in-process, d=200 (numbers meaningless)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cfg = dict(points=args.points, directions=args.directions, width=args.width,
+               depth=args.depth, rank=args.rank, threads=args.threads)
+    if args.worker:
+        job = json.loads(args.worker)
+        print(json.dumps(measure(job["method"], job["dim"], job["cfg"])))
+        return []
+    if args.smoke:
+        args.dims = [200]
+        cfg.update(points=8, width=16, depth=2, directions=4, threads=1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    t0 = time.perf_counter()
+    for dim in args.dims:
+        for method in args.methods:
+            if args.smoke:
+                row = measure(method, dim, cfg)
+            else:
+                job = json.dumps(dict(method=method, dim=dim, cfg=cfg))
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--worker", job], capture_output=True, text=True,
+                    check=False,
+                )
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    raise RuntimeError(f"worker failed for {method} d={dim}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            mb = 2**20
+            print(
+                f"[{time.perf_counter() - t0:6.1f}s] d={dim:>7} {method:9s} "
+                f"peak={row['peak_bytes'] / mb:8.1f} MiB  params+batch="
+                f"{(row['param_bytes'] + row['batch_bytes']) / mb:7.1f} MiB  "
+                f"ratio={row['ratio_to_params_batch']:.2f}  method-only ratio="
+                f"{row['method_only_ratio']:.2f}  sampling="
+                f"{row['sampling_transient_bytes'] / mb:.1f} source="
+                f"{row['source_transient_bytes'] / mb:.1f} MiB  "
+                f"{row['seconds_per_step']:.2f} s/step",
+                flush=True,
+            )
+    for dim in args.dims:
+        by = {r["method"]: r for r in rows if r["dim"] == dim}
+        if "sdze" in by and "adam-hte" in by:
+            print(f"d={dim}: Adam+HTE / SDZE peak = "
+                  f"{by['adam-hte']['peak_bytes'] / max(by['sdze']['peak_bytes'], 1):.2f}")
+    stem = "step_memory_smoke" if args.smoke else "step_memory"
+    fields = [k for k in rows[0] if k != "losses"]
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+    (args.out / f"{stem}.json").write_text(json.dumps({"cfg": cfg, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Optimization methods (``method=<name>``).
+
+* :class:`SDZE`: forward-only steps in an implicit low-rank subspace with CRNS.
+* :class:`MeZO`: full-space two-point zeroth-order baseline.
+* :class:`PDEAware`: the PDE-aware first-order optimizer (Churiwala et al. 2025).
+* ``adam``: any ``torch.optim`` optimizer works directly (``torch.optim.Adam``).
+"""
+
+from sdze_lightning.methods.base import ZerothOrderOptimizer, build_optimizer, is_zeroth_order
+from sdze_lightning.methods.mezo import MeZO
+from sdze_lightning.methods.pde_aware import PDEAware
+from sdze_lightning.methods.sdze import SDZE
+from sdze_lightning.methods.two_point import TwoPointOptimizer
+
+__all__ = [
+    "SDZE",
+    "MeZO",
+    "PDEAware",
+    "TwoPointOptimizer",
+    "ZerothOrderOptimizer",
+    "build_optimizer",
+    "is_zeroth_order",
+]

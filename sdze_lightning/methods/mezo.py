@@ -1,0 +1,102 @@
+"""MeZO-style full-space two-point zeroth-order optimizer (the ZO baseline).
+
+Every step draws ``q`` Gaussian directions ``z_j`` over *all* trainable
+parameters and estimates ``g = (1/q) sum_j (L(theta + eps z_j) - L(theta - eps
+z_j)) / (2 eps) z_j`` (SPSA). As in MeZO (Malladi et al. 2023) the directions
+are never stored: each is regenerated, parameter by parameter, from a seed
+(``(seed, step, query, parameter index)``, on the parameter's device, never the
+global RNG), so memory stays at one parameter tensor of noise at a time.
+
+Perturbation is **in place** (``theta += eps z``, ``-= 2 eps z``, ``+= eps z``):
+an implicit full-rank offset would be as large as the parameters themselves,
+and this is the baseline being compared against. The restore is therefore not
+bit-exact: each step leaves a round-off drift of order ``eps * |z| *
+machine epsilon`` per parameter, far below the update ``lr * g * z``.
+(SDZE's implicit offsets do not have this problem.) With an MLP, in-place
+writes also invalidate the shared ``W x`` of the first layer, so every
+evaluation pays a full pass over the input, as MeZO does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sdze_lightning.methods.seeds import generator
+from sdze_lightning.methods.two_point import TwoPointOptimizer
+
+#: Stream tag of the directions.
+_DIRECTIONS = 31
+
+
+class MeZO(TwoPointOptimizer):
+    """Full-space SPSA with seed-regenerated Gaussian directions and SGD updates.
+
+    Args:
+        module: The network (every trainable parameter is perturbed).
+        lr: Learning rate (a ``param_groups`` entry, so LR schedulers work).
+        eps: Perturbation size.
+        queries: Directions ``q`` per step.
+        crns: Common Random Numbers Synchronisation of the paired evaluations.
+        weight_decay: Decoupled weight decay ``theta <- (1 - lr wd) theta``.
+        seed: Seed of the directions.
+
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float = 1e-4,
+        eps: float = 1e-3,
+        queries: int = 1,
+        crns: bool = True,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            module, dict(lr=lr, weight_decay=weight_decay), eps=eps, queries=queries, crns=crns,
+            seed=seed,
+        )
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        self._step = 0
+        self._offset: tuple[int, float] | None = None
+
+    def direction(self, query: int, index: int) -> Tensor:
+        """Regenerate ``z`` of query ``query`` for parameter ``index`` at the current step."""
+        p = self._params[index]
+        gen = generator(p.device, self.seed, _DIRECTIONS, self._step, query, index)
+        return torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+
+    def _prepare(self, step: int) -> None:
+        self._step = step
+        self._offset = None
+
+    @torch.no_grad()
+    def _perturb(self, query: int | None, sign: int) -> None:
+        target = None if query is None else (query, sign * self.eps)
+        current = self._offset
+        if target == current:
+            return
+        for i, p in enumerate(self._params):
+            if current is not None and target is not None and current[0] == target[0]:
+                p.add_(self.direction(target[0], i), alpha=target[1] - current[1])
+                continue
+            if current is not None:
+                p.add_(self.direction(current[0], i), alpha=-current[1])
+            if target is not None:
+                p.add_(self.direction(target[0], i), alpha=target[1])
+        self._offset = target
+
+    @torch.no_grad()
+    def _update(self, scalars: Tensor) -> None:
+        coeff = (scalars / self.queries).tolist()
+        wd = float(self.param_groups[0].get("weight_decay", 0.0))
+        for i, p in enumerate(self._params):
+            if wd:
+                p.mul_(1 - self.lr * wd)
+            for j, c in enumerate(coeff):
+                p.add_(self.direction(j, i), alpha=-self.lr * c)
+
+    def state_size(self) -> int:
+        """Number of tensor elements in the optimizer state (none: directions are regenerated)."""
+        return 0

@@ -1,0 +1,272 @@
+"""SDZE: forward-only steps in an implicit, periodically refreshed low-rank subspace.
+
+Every linear layer ``W`` (``m x n``) gets, per window of ``period`` steps, a
+subspace ``W + A C B^T`` (:mod:`~sdze_lightning.methods.subspace`). Inside a
+window SDZE keeps per layer a coordinate vector ``c`` (core ``C`` of
+``ra x rb`` and bias part ``c_b``): the network computes with
+``W_eff = W + A C B^T`` implicitly through ``layer.zo_delta``, never by
+writing ``W``. A step
+
+1. draws ``q`` Gaussian directions ``u_j`` in the coordinates (``u ~ N(0, I)``
+   per layer: the parameter-space direction ``A S B^T`` is then a standard
+   Gaussian of the subspace, since ``A`` and ``B`` are orthonormal);
+2. evaluates the loss at ``c + eps u_j`` and ``c - eps u_j`` (two-point,
+   CRNS as in :mod:`~sdze_lightning.methods.two_point`), each evaluation only
+   swapping the small core of the offset: ``W x`` is shared by all of them;
+3. forms ``g = (1/q) sum_j (L_+ - L_-) / (2 eps) u_j`` (an estimate of the
+   gradient projected on the subspace) and updates ``c`` with the chosen rule
+   (plain, momentum or Adam, whose state lives in the coordinates);
+
+and at the start of each new window folds ``W += A C B^T`` (the only
+parameter-sized write, once per period), resets ``c`` to zero and either
+resets the rule state or carries it into the new subspace.
+
+Memory: the optimizer state is ``O(r^2)`` numbers per layer, whatever the
+input dimension. The bases are not state: they are a function of
+``(seed, window, layer)`` (QR of seeded Gaussians), never saved, and redrawn
+after a resume. Within a window they are kept in memory, ``(m + n) r`` numbers
+per layer (``r / width`` of the first layer's weight): the network's offset
+``A C B^T`` is live between steps (validation, logging and any other forward
+pass compute with ``W_eff``), so it needs ``A`` and ``B`` at every forward
+anyway; drawing them again per step would cost a QR of an ``n x r`` matrix per
+layer and would not lower the peak.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdze_lightning.methods.seeds import generator
+from sdze_lightning.methods.subspace import LayerSubspace
+from sdze_lightning.methods.two_point import TwoPointOptimizer
+from sdze_lightning.methods.update_rules import RULE_STATE, check_rule, rule_step
+from sdze_lightning.nn.perturb import attach_hooks, linear_layers
+
+#: Stream tag of the step directions.
+_DIRECTIONS = 21
+#: Values of ``carry``.
+CARRY_MODES: tuple[str, ...] = ("reset", "project")
+
+
+class SDZE(TwoPointOptimizer):
+    """Stochastic dimension-free zeroth-order optimizer (a ``torch.optim.Optimizer``).
+
+    Built from the network module (every parameter must belong to an
+    ``nn.Linear``; networks other than :class:`~sdze_lightning.nn.MLP` get the
+    implicit offset through forward hooks). Step it with a closure that
+    evaluates the loss for :attr:`noise_key`, e.g. through Lightning's
+    ``self.optimizers().step(closure)``.
+
+    Args:
+        module: The network.
+        lr: Learning rate (a ``param_groups`` entry, so LR schedulers work).
+        eps: Perturbation size in the coordinates (about ``1e-3`` in float32,
+            ``1e-5``-``1e-4`` in float64).
+        rank: Subspace rank ``r`` per factor (capped at the layer's sizes).
+        period: Steps per window ``T``: subspace refresh and fold.
+        queries: Directions ``q`` per step (``2 q`` loss evaluations).
+        crns: Common Random Numbers Synchronisation of the paired evaluations.
+        update: ``"plain"``, ``"momentum"`` or ``"adam"`` in the coordinates.
+        momentum: Momentum factor (``update="momentum"``).
+        betas: Adam's decay rates (``update="adam"``).
+        adam_eps: Adam's denominator term.
+        carry: At a window change, ``"reset"`` the rule state or ``"project"``
+            it into the new subspace (``C <- A_new^T A_old C B_old^T B_new``).
+        seed: Seed of the method's random numbers (bases and directions); the
+            global RNG is never used.
+
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float = 1e-3,
+        eps: float = 1e-3,
+        rank: int = 4,
+        period: int = 100,
+        queries: int = 1,
+        crns: bool = True,
+        update: str = "adam",
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        carry: str = "reset",
+        seed: int = 0,
+    ) -> None:
+        check_rule(update)
+        if carry not in CARRY_MODES:
+            raise ValueError(f"method.carry must be one of {list(CARRY_MODES)}, got {carry!r}.")
+        for name, value in (("method.rank", rank), ("method.period", period)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        layers = list(linear_layers(module))
+        covered = {id(p) for layer in layers for p in layer.parameters()}
+        outside = [
+            n for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered
+        ]
+        if not layers or outside:
+            raise ValueError(
+                "SDZE trains the weights and biases of nn.Linear layers; "
+                + (f"parameters {outside} are outside any nn.Linear (freeze them with "
+                   "requires_grad_(False) or use method=mezo)." if outside
+                   else "the network has no nn.Linear layer.")
+            )
+        self.layers = [layer for layer in layers if layer.weight.requires_grad]
+        if len(self.layers) != len(layers) or any(
+            layer.bias is not None and not layer.bias.requires_grad for layer in self.layers
+        ):
+            raise ValueError("SDZE needs every nn.Linear weight and bias to be trainable.")
+        defaults = dict(lr=lr)
+        super().__init__(module, defaults, eps=eps, queries=queries, crns=crns, seed=seed)
+        self.rank = rank
+        self.period = period
+        self.update = update
+        self.momentum = float(momentum)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.adam_eps = float(adam_eps)
+        self.carry = carry
+        self.zo_state.update(window=0, rule_step=0)
+        self._hooks = attach_hooks(self.layers)
+        self._bases: tuple[int, list[LayerSubspace]] | None = None
+        self._directions: list[list[Tensor]] = []
+
+    # --------------------------------------------------------------- bookkeeping
+    def layer_state(self, index: int) -> dict[str, Tensor]:
+        """State of layer ``index``: ``coords`` and the rule's tensors (created on demand)."""
+        layer = self.layers[index]
+        st = self.state[layer.weight]
+        if "coords" not in st:
+            size = LayerSubspace.size_for(layer, self.rank)
+            st["coords"] = torch.zeros(size, dtype=layer.weight.dtype, device=layer.weight.device)
+        return st
+
+    def subspaces(self, window: int | None = None) -> list[LayerSubspace]:
+        """The layers' subspaces of ``window`` (default: the current one)."""
+        window = self.zo_state["window"] if window is None else window
+        if self._bases is not None and self._bases[0] == window:
+            subs = self._bases[1]
+            first = self.layers[0].weight
+            if subs[0].A.dtype == first.dtype and subs[0].A.device == first.device:
+                return subs
+        subs = [
+            LayerSubspace.draw(layer, self.rank, self.seed, window, i)
+            for i, layer in enumerate(self.layers)
+        ]
+        self._bases = (window, subs)
+        return subs
+
+    def _change_window(self, window: int) -> None:
+        """Fold the offset of the old window, then reset or carry the rule state."""
+        old_window = self.zo_state["window"]
+        old = self.subspaces(old_window)
+        for i, sub in enumerate(old):
+            st = self.layer_state(i)
+            sub.fold(st["coords"])
+            st["coords"].zero_()
+        new = self.subspaces(window)
+        for i, (sub_old, sub_new) in enumerate(zip(old, new, strict=True)):
+            st = self.layer_state(i)
+            st["coords"] = st["coords"].new_zeros(sub_new.size)
+            for key in RULE_STATE[self.update]:
+                if key not in st:
+                    continue
+                if self.carry == "reset":
+                    del st[key]
+                else:
+                    st[key] = sub_new.carry(sub_old, st[key], second_moment=key == "exp_avg_sq")
+        if self.carry == "reset":
+            self.zo_state["rule_step"] = 0
+        self.zo_state["window"] = window
+
+    def _install(self, offsets: list[Tensor] | None = None) -> None:
+        """Set every layer's implicit offset to its coordinates (plus ``offsets``)."""
+        subs = self.subspaces()
+        for i, (layer, sub) in enumerate(zip(self.layers, subs, strict=True)):
+            coords = self.layer_state(i)["coords"]
+            if offsets is not None:
+                layer.zo_delta = sub.delta(coords + offsets[i])
+            elif bool(coords.any()):
+                layer.zo_delta = sub.delta(coords)
+            else:
+                layer.zo_delta = None
+
+    # --------------------------------------------------------------------- hooks
+    def _prepare(self, step: int) -> None:
+        window = step // self.period
+        if window != self.zo_state["window"]:
+            self._change_window(window)
+        subs = self.subspaces()
+        device, dtype = self.layers[0].weight.device, self.layers[0].weight.dtype
+        gen = generator(device, self.seed, _DIRECTIONS, step)
+        self._directions = [
+            [torch.randn(sub.size, generator=gen, device=device, dtype=dtype) for sub in subs]
+            for _ in range(self.queries)
+        ]
+
+    def _perturb(self, query: int | None, sign: int) -> None:
+        if query is None:
+            self._install()
+        else:
+            self._install([(sign * self.eps) * u for u in self._directions[query]])
+
+    def gradient(self, scalars: Tensor) -> list[Tensor]:
+        """Per-layer coordinate gradient estimate ``(1/q) sum_j s_j u_j`` of scalars ``s``."""
+        w = (scalars / self.queries).tolist()
+        return [
+            sum(w[j] * self._directions[j][i] for j in range(self.queries))
+            for i in range(len(self.layers))
+        ]
+
+    def _update(self, scalars: Tensor) -> None:
+        grads = self.gradient(scalars)
+        self.zo_state["rule_step"] += 1
+        t = self.zo_state["rule_step"]
+        for i, g in enumerate(grads):
+            st = self.layer_state(i)
+            rule_state = {k: st[k] for k in RULE_STATE[self.update] if k in st}
+            inc = rule_step(
+                self.update, g, rule_state, self.lr, t, self.momentum, self.betas, self.adam_eps
+            )
+            st.update(rule_state)
+            st["coords"].add_(inc.to(st["coords"].dtype))
+        self._install()
+
+    # -------------------------------------------------------------------- public
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Write the current offset into the weights (``W += A C B^T``) and zero it.
+
+        The network computes the same function before and after; the rule
+        state is kept (the subspace does not change).
+        """
+        for i, sub in enumerate(self.subspaces()):
+            st = self.layer_state(i)
+            sub.fold(st["coords"])
+            st["coords"].zero_()
+        self._install()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` and re-install the offsets it holds."""
+        super().load_state_dict(state_dict)
+        self._bases = None
+        self._install()
+
+    def state_size(self) -> int:
+        """Number of tensor elements in the optimizer state (independent of the input dimension)."""
+        return sum(
+            v.numel() for st in self.state.values() for v in st.values() if isinstance(v, Tensor)
+        )
+
+    def describe_state(self) -> str:
+        """Counters, settings and the size of the offsets, for divergence reports."""
+        norms = [
+            f"{float(self.layer_state(i)['coords'].norm()):.3g}" for i in range(len(self.layers))
+        ]
+        return (
+            f"{super().describe_state()[:-1]}, window={self.zo_state['window']}, "
+            f"rank={self.rank}, period={self.period}, update={self.update}, carry={self.carry}, "
+            f"|coords| per layer={norms})"
+        )

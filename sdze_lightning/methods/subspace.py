@@ -1,0 +1,141 @@
+"""Per-layer low-rank subspaces ``W + A C B^T`` regenerated from a seed.
+
+For a linear layer with weight ``W`` (``m x n``) and bias ``b`` (``m``), the
+subspace of a window is spanned by orthonormal factors ``A`` (``m x ra``) and
+``B`` (``n x rb``), ``ra = min(r, m)``, ``rb = min(r, n)``: a point of it has
+coordinates ``C`` (``ra x rb``) and, for the bias, ``c_b`` (``ra``), and stands
+for ``W + A C B^T``, ``b + A c_b``. The coordinates are kept as one flat vector
+of ``ra * rb + ra`` numbers per layer, independent of ``n`` (the input
+dimension for the first layer).
+
+The factors are the Q factors of seeded Gaussian matrices (signs fixed by the
+diagonal of R, so the basis is Haar distributed and unique). They are a pure
+function of ``(seed, window, layer)``: they are never part of the optimizer
+state, and after a resume they are simply drawn again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sdze_lightning.methods.seeds import generator
+from sdze_lightning.nn.perturb import LowRankDelta
+
+#: Stream tags of the seeds (distinct from the direction streams).
+_LEFT, _RIGHT = 11, 12
+
+
+def orthonormal_basis(
+    rows: int, rank: int, seed: int, window: int, layer: int, side: int,
+    dtype: torch.dtype, device: torch.device,
+) -> Tensor:
+    """Orthonormal ``(rows, rank)`` matrix: QR of a seeded Gaussian matrix.
+
+    Args:
+        rows: Number of rows (``m`` or ``n``); ``rank <= rows``.
+        rank: Number of columns.
+        seed: The method's seed.
+        window: Index of the refresh window.
+        layer: Index of the layer.
+        side: Stream tag of the left or right factor.
+        dtype: Floating dtype of the result.
+        device: Device of the result (the generator lives there too).
+
+    """
+    gen = generator(device, seed, side, window, layer)
+    g = torch.randn(rows, rank, generator=gen, dtype=dtype, device=device)
+    q, r = torch.linalg.qr(g, mode="reduced")
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return q * signs
+
+
+@dataclass
+class LayerSubspace:
+    """The subspace of one linear layer in one window.
+
+    Attributes:
+        layer: The linear layer.
+        A: Left factor ``(out_features, ra)``.
+        B: Right factor ``(in_features, rb)``.
+
+    """
+
+    layer: nn.Linear
+    A: Tensor
+    B: Tensor
+
+    @staticmethod
+    def draw(layer: nn.Linear, rank: int, seed: int, window: int, index: int) -> LayerSubspace:
+        """Draw the factors of ``layer`` (index ``index``) for ``window``."""
+        m, n = layer.weight.shape
+        kw = dict(dtype=layer.weight.dtype, device=layer.weight.device)
+        a = orthonormal_basis(m, min(rank, m), seed, window, index, _LEFT, **kw)
+        b = orthonormal_basis(n, min(rank, n), seed, window, index, _RIGHT, **kw)
+        return LayerSubspace(layer, a, b)
+
+    @staticmethod
+    def size_for(layer: nn.Linear, rank: int) -> int:
+        """Number of coordinates of ``layer`` at rank ``rank``."""
+        m, n = layer.weight.shape
+        ra, rb = min(rank, m), min(rank, n)
+        return ra * rb + (ra if layer.bias is not None else 0)
+
+    @property
+    def ra(self) -> int:
+        """Rank of the left factor."""
+        return self.A.shape[1]
+
+    @property
+    def rb(self) -> int:
+        """Rank of the right factor."""
+        return self.B.shape[1]
+
+    @property
+    def size(self) -> int:
+        """Number of coordinates ``ra * rb (+ ra)``."""
+        return self.ra * self.rb + (self.ra if self.layer.bias is not None else 0)
+
+    def split(self, coords: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Core ``(ra, rb)`` and bias part ``(ra,)`` (or ``None``) of a flat vector."""
+        k = self.ra * self.rb
+        core = coords[:k].view(self.ra, self.rb)
+        return core, (coords[k:] if self.layer.bias is not None else None)
+
+    def delta(self, coords: Tensor) -> LowRankDelta:
+        """The implicit offset ``A C B^T``, ``A c_b`` for coordinates ``coords``."""
+        core, cb = self.split(coords)
+        return LowRankDelta(self.A, self.B, core, cb)
+
+    @torch.no_grad()
+    def fold(self, coords: Tensor) -> None:
+        """Write ``W += A C B^T`` and ``b += A c_b`` in place (one parameter-sized write)."""
+        core, cb = self.split(coords)
+        w = self.layer.weight
+        w.addmm_((self.A @ core.to(self.A.dtype)).to(w.dtype), self.B.T.to(w.dtype))
+        if cb is not None:
+            self.layer.bias.add_((self.A @ cb.to(self.A.dtype)).to(self.layer.bias.dtype))
+
+    def rotation(self, old: LayerSubspace) -> tuple[Tensor, Tensor]:
+        """``(A_new^T A_old, B_new^T B_old)``: old coordinates to new ones."""
+        return self.A.T @ old.A, self.B.T @ old.B
+
+    def carry(self, old: LayerSubspace, coords: Tensor, second_moment: bool = False) -> Tensor:
+        """Carry a coordinate vector of the ``old`` subspace into this one.
+
+        A first-order quantity (offset, momentum, Adam's first moment) is
+        projected: ``C <- A_new^T A_old C B_old^T B_new``, ``c_b <- A_new^T A_old c_b``.
+        A second moment is mapped as the variances of independent coordinates:
+        with the element-wise squared rotations, ``V <- (R_A^2) V (R_B^2)^T``.
+        """
+        ra_map, rb_map = self.rotation(old)
+        if second_moment:
+            ra_map, rb_map = ra_map * ra_map, rb_map * rb_map
+        core, cb = old.split(coords)
+        out = [(ra_map @ core @ rb_map.T).reshape(-1)]
+        if cb is not None:
+            out.append(ra_map @ cb)
+        return torch.cat(out)

@@ -1,0 +1,184 @@
+"""Two-point zeroth-order steps with Common Random Numbers Synchronisation.
+
+One step of a two-point method draws ``q`` directions ``z_j`` and evaluates the
+loss at ``theta + eps z_j`` and ``theta - eps z_j``. The projected-gradient
+scalar of query ``j`` is ``(L_+ - L_-) / (2 eps)``; the update combines the
+scalars with the directions.
+
+The loss is itself random when the spatial operators are estimated
+(``L_hat(theta; xi)``, ``xi`` = collocation points and estimator directions).
+The closure reads :attr:`noise_key` to pick ``xi``:
+
+* CRNS on: key ``0`` for every evaluation of the step, so the paired
+  evaluations share ``xi`` and the estimator noise cancels to first order (the
+  scalar is the directional derivative of ``L_hat(.; xi)``); all queries of a
+  step also share the points, so ``W x`` of the first layer is computed once;
+* CRNS off: a fresh key per evaluation (``1 + 2 j`` and ``2 + 2 j``), the
+  noise difference is divided by ``2 eps`` and its variance grows like
+  ``1 / eps^2``.
+
+Evaluation and update are separate (:meth:`TwoPointOptimizer.estimate`,
+:meth:`TwoPointOptimizer._reduce`, :meth:`TwoPointOptimizer._update`): under
+data parallelism every rank evaluates the same perturbations on its share of
+the points and ``_reduce`` averages the ``2 q`` loss values across ranks, the
+only communication of a step.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdze_lightning.methods.base import ZerothOrderOptimizer
+
+#: Key of the method-wide counters inside ``optimizer.state`` (saved as is).
+STATE_KEY = "zo"
+
+
+class TwoPointOptimizer(ZerothOrderOptimizer):
+    """Base class of two-point zeroth-order methods (SDZE, MeZO).
+
+    Subclasses implement :meth:`_prepare` (draw the step's directions),
+    :meth:`_perturb` (make the network evaluate at a perturbed point, or at the
+    current one) and :meth:`_update` (apply the step from the scalars).
+
+    Args:
+        module: The network.
+        defaults: Parameter-group defaults; must contain ``lr``.
+        eps: Perturbation size.
+        queries: Number of directions ``q`` per step.
+        crns: Common Random Numbers Synchronisation of the paired evaluations.
+        seed: Seed of the method's own random numbers.
+
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        defaults: dict[str, Any],
+        eps: float,
+        queries: int,
+        crns: bool,
+        seed: int,
+    ) -> None:
+        if not float(defaults.get("lr", -1.0)) >= 0:
+            raise ValueError(f"method.lr must be non-negative, got {defaults.get('lr')!r}.")
+        if not float(eps) > 0:
+            raise ValueError(f"method.eps must be positive, got {eps!r}.")
+        if not isinstance(queries, int) or isinstance(queries, bool) or queries < 1:
+            raise ValueError(f"method.queries must be a positive integer, got {queries!r}.")
+        super().__init__(module, defaults)
+        self.eps = float(eps)
+        self.queries = queries
+        self.crns = bool(crns)
+        self.seed = int(seed)
+        self.state[STATE_KEY] = {"step": 0}
+        self.last_scalars: Tensor | None = None
+
+    # ---------------------------------------------------------------- counters
+    @property
+    def zo_state(self) -> dict[str, int]:
+        """Method-wide counters (``step`` and subclass extras), part of ``state_dict``."""
+        return self.state[STATE_KEY]
+
+    @property
+    def lr(self) -> float:
+        """Current learning rate (the one a scheduler writes into the parameter group)."""
+        return float(self.param_groups[0]["lr"])
+
+    def noise_key_for(self, query: int, sign: int) -> int:
+        """Noise key of evaluation ``sign`` (``+1``/``-1``) of query ``query``."""
+        if self.crns:
+            return 0
+        return 1 + 2 * query + (0 if sign > 0 else 1)
+
+    # ------------------------------------------------------------------- hooks
+    @abstractmethod
+    def _prepare(self, step: int) -> None:
+        """Draw the directions of ``step`` (and do any per-step bookkeeping)."""
+
+    @abstractmethod
+    def _perturb(self, query: int | None, sign: int) -> None:
+        """Evaluate at ``theta + sign eps z_query`` from now on (``query=None``: at ``theta``)."""
+
+    @abstractmethod
+    def _update(self, scalars: Tensor) -> None:
+        """Apply the step from the projected-gradient scalars ``(q,)``."""
+
+    def _reduce(self, values: Tensor) -> Tensor:
+        """Combine the loss values across data-parallel ranks (identity on one process)."""
+        return values
+
+    # ------------------------------------------------------------------- steps
+    def estimate(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Evaluate the ``2 q`` perturbed losses of the current step without updating.
+
+        The network is back at the unperturbed point afterwards, also when the
+        closure raises (e.g. ``NonFiniteLossError``).
+
+        Returns:
+            Float64 tensor ``(q, 2)``: ``[L(theta + eps z_j), L(theta - eps z_j)]``.
+
+        """
+        step = self.zo_state["step"]
+        self._prepare(step)
+        values: list[Tensor] = []
+        try:
+            with torch.no_grad():
+                for j in range(self.queries):
+                    for sign in (1, -1):
+                        self.noise_key = self.noise_key_for(j, sign)
+                        self._perturb(j, sign)
+                        values.append(torch.as_tensor(closure()).detach().reshape(()))
+        finally:
+            self._perturb(None, 0)
+            self.noise_key = 0
+        return torch.stack(values).to(torch.float64).view(self.queries, 2)
+
+    def scalars(self, values: Tensor) -> Tensor:
+        """Projected-gradient scalars ``(L_+ - L_-) / (2 eps)`` of loss values ``(q, 2)``."""
+        return (values[:, 0] - values[:, 1]) / (2 * self.eps)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """One zeroth-order step; returns the mean of the evaluated losses.
+
+        Args:
+            closure: Evaluates the loss (forward only) for the noise key in
+                :attr:`noise_key`; called ``2 q`` times.
+
+        """
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__}.step() needs a closure that evaluates the loss."
+            )
+        values = self._reduce(self.estimate(closure))
+        scalars = self.scalars(values)
+        self.last_scalars = scalars
+        self._update(scalars)
+        self.zo_state["step"] += 1
+        return values.mean()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state; the method-wide counters are copied, not shared."""
+        sd = super().state_dict()
+        sd["state"][STATE_KEY] = dict(self.zo_state)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict` (counters copied, not shared)."""
+        super().load_state_dict(state_dict)
+        self.state[STATE_KEY] = dict(self.state.get(STATE_KEY, {"step": 0}))
+
+    def describe_state(self) -> str:
+        """One line of counters and settings for divergence reports."""
+        last = None if self.last_scalars is None else [f"{float(s):.3g}" for s in self.last_scalars]
+        return (
+            f"{type(self).__name__}(step={self.zo_state['step']}, lr={self.lr:.3g}, "
+            f"eps={self.eps:.3g}, queries={self.queries}, crns={self.crns}, seed={self.seed}, "
+            f"last projected-gradient scalars={last})"
+        )

@@ -1,0 +1,8 @@
+"""Lightning callbacks: memory, estimator variance, solution plots, progress bar."""
+
+from sdze_lightning.callbacks.memory import MemoryMonitor
+from sdze_lightning.callbacks.plots import SolutionPlot
+from sdze_lightning.callbacks.progress import PINNProgressBar
+from sdze_lightning.callbacks.variance import EstimatorVarianceMonitor
+
+__all__ = ["EstimatorVarianceMonitor", "MemoryMonitor", "PINNProgressBar", "SolutionPlot"]

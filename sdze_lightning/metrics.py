@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -10,26 +12,41 @@ from torchmetrics import Metric
 class RelativeL2Error(Metric):
     """Relative L2 error ``||u_pred - u_ref|| / ||u_ref||`` over all updates.
 
-    Sums of squares are accumulated (state reduction ``sum``), so the value
-    over several batches or DDP ranks equals the value on their union.
+    The states are the two sums of squares ``sum (u_pred - u_ref)^2`` and
+    ``sum u_ref^2``, accumulated in float64 and reduced with ``sum`` across
+    processes (``dist_reduce_fx="sum"``). The value over several batches, or
+    over the shares of several DDP ranks, is therefore exactly the value on
+    their union, not an average of per-batch or per-rank ratios.
+
+    With an all-zero reference the ratio is undefined: ``compute`` returns
+    ``nan`` (no error either) or ``inf``.
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    plot_lower_bound = 0.0
 
-    def __init__(self, **kwargs) -> None:
+    err_sq: Tensor
+    ref_sq: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("err_sq", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("ref_sq", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("err_sq", "ref_sq"):
+            zero = torch.tensor(0.0, dtype=torch.float64)
+            self.add_state(name, default=zero, dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Accumulate a batch of predictions and reference values (same shape)."""
+        """Accumulate a batch of predictions and reference values of the same shape."""
         if preds.shape != target.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ.")
-        diff = (preds.double() - target.double()).square().sum()
-        self.err_sq += diff
-        self.ref_sq += target.double().square().sum()
+        if not (preds.is_floating_point() and target.is_floating_point()):
+            raise TypeError(
+                f"preds and target must be floating, got {preds.dtype} and {target.dtype}."
+            )
+        target = target.detach().double()
+        self.err_sq += (preds.detach().double() - target).square().sum()
+        self.ref_sq += target.square().sum()
 
     def compute(self) -> Tensor:
         """Return the relative L2 error."""

@@ -23,6 +23,7 @@ def estimator_class(name: str) -> type[Estimator]:
 
     Raises:
         ValueError: If ``name`` is not registered.
+
     """
     if name not in ESTIMATORS:
         raise ValueError(f"Unknown estimator {name!r}; available: {sorted(ESTIMATORS)}.")

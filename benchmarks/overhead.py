@@ -21,12 +21,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
-from sdze_lightning.cli import build_callbacks, build_loggers, build_problem
+from sdze_lightning.cli import build_callbacks, build_loggers, build_problem, compose_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,24 +43,10 @@ class _StepClock(L.Callback):
         self.t1 = time.perf_counter()
 
 
-def _config(overrides: list[str], run_dir: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_module("sdze_lightning.configs", version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        # ${hydra:runtime.output_dir} resolves only inside a Hydra app: point it here.
-        cfg.hydra.runtime.output_dir = run_dir
-        cfg.hydra.job.num = 0
-    from hydra.core.hydra_config import HydraConfig
-
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 def lightning_its(overrides: list[str], steps: int, warmup: int) -> float:
     """Steady-state it/s of the CLI's Trainer with default callbacks and logger."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = _config([*overrides, f"trainer.max_steps={steps}"], run_dir)
+        cfg = compose_config([*overrides, f"trainer.max_steps={steps}"], run_dir)
         problem = build_problem(cfg)
         clock = _StepClock(warmup)
         trainer = instantiate(
@@ -76,7 +59,7 @@ def lightning_its(overrides: list[str], steps: int, warmup: int) -> float:
 def plain_its(overrides: list[str], steps: int, warmup: int) -> float:
     """Steady-state it/s of a hand-written loop over the same problem object."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = _config([*overrides, f"trainer.max_steps={steps}"], run_dir)
+        cfg = compose_config([*overrides, f"trainer.max_steps={steps}"], run_dir)
         problem = build_problem(cfg)
     opt = problem.method(problem.net.parameters())
     t0 = 0.0

@@ -116,6 +116,30 @@ def _finish_wandb() -> None:
         log.error("wandb.finish() failed: %s", err)
 
 
+def compose_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
+    """Compose the packaged config outside a Hydra app (notebooks, benchmark scripts).
+
+    ``${hydra:runtime.output_dir}`` resolves to ``run_dir``, as ``hydra.run.dir`` would.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("sdze_lightning.configs", version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run(overrides: list[str], run_dir: str | Path) -> dict[str, Any]:
+    """Train like ``sdze-train <overrides> hydra.run.dir=<run_dir>`` and return the summary."""
+    return train(compose_config(overrides, run_dir), run_dir)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://sdze_lightning.configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one training job (Hydra entry point)."""

@@ -1,8 +1,15 @@
-"""Lightning callbacks: memory, estimator variance, solution plots, progress bar."""
+"""Lightning callbacks: memory, estimator variance, solution plots, progress bar, run summary."""
 
 from sdze_lightning.callbacks.memory import MemoryMonitor
 from sdze_lightning.callbacks.plots import SolutionPlot
 from sdze_lightning.callbacks.progress import PINNProgressBar
+from sdze_lightning.callbacks.summary import RunSummary
 from sdze_lightning.callbacks.variance import EstimatorVarianceMonitor
 
-__all__ = ["EstimatorVarianceMonitor", "MemoryMonitor", "PINNProgressBar", "SolutionPlot"]
+__all__ = [
+    "EstimatorVarianceMonitor",
+    "MemoryMonitor",
+    "PINNProgressBar",
+    "RunSummary",
+    "SolutionPlot",
+]

@@ -104,11 +104,15 @@ def build(method: str, dim: int, cfg: dict):
 
 def step(problem, opt, k: int) -> float:
     """One training step as ``PINNProblem.training_step`` runs it (without Lightning)."""
+    from sdze_lightning.divergence import NonFiniteLossError
     from sdze_lightning.methods import is_zeroth_order
 
     if is_zeroth_order(opt):
         with problem.net.first_layer_cache():
-            loss = opt.step(lambda: problem.compute_loss(k, opt.noise_key))
+            try:
+                loss = opt.step(lambda: problem.compute_loss(k, opt.noise_key))
+            except NonFiniteLossError:  # diverged: the step's memory was still spent
+                loss = torch.tensor(float("nan"))
     else:
         opt.zero_grad(set_to_none=True)
         loss = problem.compute_loss(k, 0)

@@ -50,6 +50,8 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
     extra: dict[str, Any] = {}
     if "seed" not in cfg.pde:
         extra["seed"] = cfg.seed
+    if "divergence" not in cfg.pde and cfg.get("divergence") is not None:
+        extra["divergence"] = cfg.divergence
     scheduler = instantiate(cfg.scheduler) if _group(cfg, "scheduler") is not None else None
     problem = instantiate(
         cfg.pde,
@@ -92,12 +94,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """
     check_precision(cfg.trainer.get("precision", "32-true"))
     problem = build_problem(cfg)
+    problem.check_inputs()  # before any logger, checkpoint or summary exists
     summary = RunSummary(dirpath=run_dir, echo=False)
-    trainer = instantiate(
-        cfg.trainer, logger=build_loggers(cfg), callbacks=[*build_callbacks(cfg), summary]
-    )
+    callbacks = [*build_callbacks(cfg), summary]
+    if cfg.get("replay_log"):
+        from sdze_lightning.replay import SeedReplayLog
+
+        config = OmegaConf.to_container(cfg, resolve=True)
+        callbacks.append(SeedReplayLog(dirpath=Path(run_dir) / "replay", config=config))
+    trainer = instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=callbacks)
     try:
-        trainer.fit(problem)
+        trainer.fit(problem, ckpt_path=cfg.get("ckpt_path"))
     except NonFiniteLossError as err:
         log.error("%s", err)
     finally:

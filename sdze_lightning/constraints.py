@@ -57,7 +57,10 @@ class BallConstraint(Constraint):
     def value(self, x: Tensor) -> Tensor:
         """Return ``r^2 - |x|^2``."""
         xs = self._space(x)
-        return self.radius**2 - (xs * xs).sum(dim=1)
+        # Row blocks of about 2^20 entries: the squares never form an N x d temporary.
+        block = max(1, (1 << 20) // max(1, xs.shape[1]))
+        sq = torch.cat([(c * c).sum(dim=1) for c in xs.split(block)]) if xs.shape[0] else xs.sum(1)
+        return self.radius**2 - sq
 
     def jet(self, x: Tensor, dirs: Directions, order: int) -> Jet:
         """Return the jet of ``r^2 - |x + t v|^2``: ``[g, -2 x.v, -2 |v|^2, 0, 0]``."""

@@ -17,7 +17,8 @@ the dimension.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,21 @@ class ModelFunction:
     def fast(self) -> bool:
         """Whether ``line`` and ``jets`` use the dimension-free first-layer route."""
         return isinstance(self.net, MLP) and self.compose is None
+
+    @contextlib.contextmanager
+    def shared_first_layer(self) -> Iterator[None]:
+        """Compute the first-layer product ``W x`` once for all evaluations inside.
+
+        Enters :meth:`MLP.first_layer_cache` unless one is already active (an
+        outer cache, e.g. the one shared by the ``+eps``/``-eps`` evaluations of a
+        zeroth-order step, is kept). The cache only acts with gradients disabled;
+        otherwise, and for other networks, this does nothing.
+        """
+        if self.fast and getattr(self.net, "_cache", None) is None:
+            with self.net.first_layer_cache():
+                yield
+        else:
+            yield
 
     def __call__(self, x: Tensor) -> Tensor:
         """Return ``u(x)``, shape ``(N,)``."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -31,9 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdze_lightning.constraints import Constraint
 from sdze_lightning.derivatives import Derivatives
+from sdze_lightning.distributed import Shard, all_reduce_mean, all_true
+from sdze_lightning.divergence import MAX_CONSECUTIVE_SKIPS, NonFiniteLossError, check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
 from sdze_lightning.estimators.base import OPERATORS
 from sdze_lightning.methods.base import build_optimizer, is_zeroth_order
+from sdze_lightning.methods.two_point import TwoPointOptimizer
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.nn.mlp import MLP
@@ -57,18 +61,6 @@ def mix_seed(*parts: int) -> int:
     return h & _MASK
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when the training loss is NaN or infinite; no update is applied."""
-
-    def __init__(self, step: int, terms: dict[str, float], method_state: str = "") -> None:
-        self.step = step
-        self.terms = terms
-        msg = f"Non-finite loss at step {step}: {terms}. The update of this step was not applied."
-        if method_state:
-            msg += f" Method state: {method_state}."
-        super().__init__(msg)
-
-
 SUPPORTED_PRECISIONS = ("64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16")
 
 
@@ -85,6 +77,15 @@ def check_precision(precision: Any) -> None:
             "gradients to scale under zeroth-order training, and float16 finite "
             "differences lose all accuracy. Use 64-true, 32-true or bf16-mixed."
         )
+
+
+def _describe(optimizer: Any) -> str:
+    """The method's state for divergence reports (``describe_state()`` or its learning rate)."""
+    describe = getattr(optimizer, "describe_state", None)
+    if callable(describe):
+        return describe()
+    lrs = [g.get("lr") for g in getattr(optimizer, "param_groups", [])]
+    return f"{type(optimizer).__name__}(lr={lrs[0] if len(lrs) == 1 else lrs})"
 
 
 class _StepIndices(Dataset):
@@ -123,6 +124,9 @@ class PINNProblem(L.LightningModule):
             (mean of ``r_hat_1 * r_hat_2`` from two independent halves of the
             estimator's directions).
         steps_per_epoch: Steps between validations (one "epoch" of dummy items).
+        divergence: On a NaN/Inf loss, ``"stop"`` training (raise
+            :class:`~sdze_lightning.divergence.NonFiniteLossError`) or ``"skip"``
+            the step (counted, not applied); see :mod:`sdze_lightning.divergence`.
 
     """
 
@@ -145,15 +149,25 @@ class PINNProblem(L.LightningModule):
         seed: int = 0,
         squared_residual: str = "biased",
         steps_per_epoch: int = 1000,
+        divergence: str = "stop",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        for name, value in (("pde.dim", dim), ("pde.n_interior", n_interior)):
+        for name, value in (
+            ("pde.dim", dim),
+            ("pde.n_interior", n_interior),
+            ("pde.steps_per_epoch", steps_per_epoch),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         for name, value in (("pde.n_boundary", n_boundary), ("pde.n_eval", n_eval)):
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
+        if isinstance(boundary_weight, bool) or not isinstance(boundary_weight, int | float):
+            raise ValueError(f"pde.boundary_weight must be a number, got {boundary_weight!r}.")
+        check_policy(divergence)
         if squared_residual not in ("biased", "unbiased"):
             raise ValueError(
                 f"pde.squared_residual must be 'biased' or 'unbiased', got {squared_residual!r}."
@@ -173,6 +187,12 @@ class PINNProblem(L.LightningModule):
         self.seed = seed
         self.squared_residual = squared_residual
         self.steps_per_epoch = steps_per_epoch
+        self.divergence = divergence
+        #: This rank's share of each batch (the whole batch unless data-parallel).
+        self.shard = Shard()
+        #: Steps skipped under ``divergence="skip"`` (in total, and in a row).
+        self.skipped_steps = 0
+        self._skips_in_a_row = 0
 
         self.net = self._build_net(net)
         if estimator is None:
@@ -274,10 +294,15 @@ class PINNProblem(L.LightningModule):
 
     # --------------------------------------------------------------------- loss
     def points(self, step: int, key: int) -> Tensor:
-        """Interior points of ``step`` for noise key ``key`` (cached within the step)."""
+        """Interior points of ``step`` for noise key ``key`` (cached within the step).
+
+        Under data parallelism, this rank's share (:attr:`shard`) of the batch:
+        every rank samples the whole batch from the same seed and keeps its rows.
+        """
         cached = self._points.get((step, key))
         if cached is None:
-            cached = self.sample_interior(self.n_interior, self.generator(step, key, STREAM_INTERIOR))
+            full = self.sample_interior(self.n_interior, self.generator(step, key, STREAM_INTERIOR))
+            cached = self.shard.take(full)
             self._points = {(step, key): cached} | {
                 k: v for k, v in self._points.items() if k[0] == step
             }
@@ -305,6 +330,13 @@ class PINNProblem(L.LightningModule):
             )
         return r
 
+    def boundary_points(self, step: int, key: int = 0) -> Tensor:
+        """Boundary/initial points of ``step`` (this rank's share under data parallelism)."""
+        xb = self.sample_boundary(self.n_boundary, self.generator(step, key, STREAM_BOUNDARY))
+        if xb.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__}.sample_boundary() returned no points.")
+        return self.shard.take(xb)
+
     def interior_residuals(self, step: int, key: int = 0) -> tuple[Tensor, ...]:
         """Per-point residual(s) of ``step``: one tensor, or two independent halves."""
         x = self.points(step, key)
@@ -316,15 +348,13 @@ class PINNProblem(L.LightningModule):
     def loss_terms(self, step: int, key: int = 0) -> dict[str, Tensor]:
         """Loss of ``step`` as a dict with ``"loss"``, ``"interior"`` and ``"boundary"``."""
         res = self.interior_residuals(step, key)
-        interior = (res[0] * res[-1]).mean()
+        # Under data parallelism: this rank's estimate of the global mean (shard.mean).
+        interior = self.shard.mean(res[0] * res[-1], self.n_interior)
         terms = {"interior": interior}
         loss = interior
         if self.n_boundary > 0:
-            xb = self.sample_boundary(self.n_boundary, self.generator(step, key, STREAM_BOUNDARY))
-            if xb.shape[0] == 0:
-                raise ValueError(f"{type(self).__name__}.sample_boundary() returned no points.")
-            rb = self.boundary_residual(xb)
-            terms["boundary"] = rb.square().mean()
+            rb = self.boundary_residual(self.boundary_points(step, key))
+            terms["boundary"] = self.shard.mean(rb.square(), self.n_boundary)
             loss = loss + self.boundary_weight * terms["boundary"]
         terms["loss"] = loss
         return terms
@@ -344,7 +374,7 @@ class PINNProblem(L.LightningModule):
         r = res[0] if len(res) == 1 else 0.5 * (res[0] + res[1])
         boundary = None
         if self.n_boundary > 0:
-            xb = self.sample_boundary(self.n_boundary, self.generator(step, key, STREAM_BOUNDARY))
+            xb = self.boundary_points(step, key)
             boundary = self.boundary_weight * self.boundary_residual(xb).square().mean()
         return r, boundary
 
@@ -354,23 +384,160 @@ class PINNProblem(L.LightningModule):
         trainer = getattr(self, "_trainer", None)
         check_precision(getattr(trainer, "precision", "32-true") if trainer else "32-true")
 
-    def on_fit_start(self) -> None:
-        """Check the residual contract on a tiny batch before the first step."""
+    def check_inputs(self) -> None:
+        """Check the user contract on a tiny batch; raise a clear error naming what to fix.
+
+        Runs before the first step (``on_fit_start``; the CLI calls it before
+        creating any logger, checkpoint or summary): the points' shape, the
+        network's input size, the residual's shape and dtype, and the boundary
+        sample.
+        """
+        name = type(self).__name__
         with torch.no_grad():
             x = self.sample_interior(2, self.generator(-1, 0, STREAM_INTERIOR))
-            if x.dim() != 2 or x.shape[1] != self.input_dim:
+            if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.input_dim:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(
-                    f"{type(self).__name__}.sample_interior() must return (n, {self.input_dim}) "
-                    f"points, got {tuple(x.shape)}."
+                    f"{name}.sample_interior() must return (n, {self.input_dim}) points "
+                    f"(dim={self.dim}{' + time' if self.time_dependent else ''}), got {shape}."
                 )
-            self._checked_residual(x, self.derivatives(x, self.generator(-1, 0, STREAM_ESTIMATOR)))
+            try:
+                self.model(x)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"The network cannot evaluate points of shape {tuple(x.shape)}: {err}. "
+                    f"It must take input_dim={self.input_dim} inputs (pde.dim={self.dim}"
+                    f"{' + time' if self.time_dependent else ''}); fix model.in_features or "
+                    "the network's first layer."
+                ) from err
+            r = self._checked_residual(
+                x, self.derivatives(x, self.generator(-1, 0, STREAM_ESTIMATOR))
+            )
+            if r.dtype != x.dtype:
+                raise TypeError(
+                    f"{name}.residual() returned {r.dtype} for {x.dtype} points: compute it in "
+                    "the points' dtype (create constants with x.new_tensor(...) or "
+                    "dtype=x.dtype), or precision=64-true silently loses its accuracy."
+                )
             if self.n_boundary > 0:
                 xb = self.sample_boundary(2, self.generator(-1, 0, STREAM_BOUNDARY))
                 if xb.dim() != 2 or xb.shape[0] == 0 or xb.shape[1] != self.input_dim:
                     raise ValueError(
-                        f"{type(self).__name__}.sample_boundary() must return (n, "
+                        f"{name}.sample_boundary() must return (n, "
                         f"{self.input_dim}) points with n > 0, got {tuple(xb.shape)}."
                     )
+            elif self._needs_boundary_sample():
+                raise ValueError(
+                    f"pde.n_boundary=0, but {name} imposes its boundary/initial condition "
+                    "through a loss on sampled boundary points (it defines sample_boundary() "
+                    "and has no hard constraint): set pde.n_boundary to a positive number."
+                )
+
+    def _needs_boundary_sample(self) -> bool:
+        cls = type(self)
+        return (
+            cls.sample_boundary is not PINNProblem.sample_boundary
+            and self.constraint is None
+            and cls.hard_constraint is PINNProblem.hard_constraint
+        )
+
+    def _setup_data_parallel(self) -> None:
+        """Shard the batches and install the loss-value reduction under DDP.
+
+        Zeroth-order two-point methods and plain first-order optimizers (whose
+        gradients Lightning's DDP averages) evaluate this rank's share of the
+        points. Optimizers that compute their own per-point gradients
+        (``needs_residuals``, e.g. pde_aware) see the whole batch on every rank.
+        """
+        trainer = self.trainer
+        self.shard = Shard()
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if world <= 1:
+            return
+        from lightning.pytorch.strategies import DDPStrategy
+
+        inners = [getattr(o, "optimizer", o) for o in trainer.optimizers]
+        zeroth = [o for o in inners if is_zeroth_order(o)]
+        if zeroth and not isinstance(trainer.strategy, DDPStrategy):
+            raise ValueError(
+                f"Zeroth-order methods support trainer.strategy=ddp (ddp, ddp_spawn, ddp_fork) "
+                f"across devices; got {type(trainer.strategy).__name__}."
+            )
+        if any(getattr(o, "needs_residuals", False) for o in inners):
+            return
+        if zeroth and not all(hasattr(o, "reducer") for o in zeroth):
+            return  # a custom ZO method without the reduction hook: whole batch per rank
+        for name, n in (("pde.n_interior", self.n_interior), ("pde.n_boundary", self.n_boundary)):
+            if 0 < n < world:
+                raise ValueError(
+                    f"{name}={n} is smaller than the number of ranks ({world}); every rank "
+                    "needs at least one point."
+                )
+        self.shard = Shard(int(trainer.global_rank), world)
+        for opt in zeroth:
+            opt.reducer = all_reduce_mean
+
+    def teardown(self, stage: str) -> None:
+        """Back to the whole batch after a data-parallel run."""
+        self.shard = Shard()
+        for opt in getattr(getattr(self, "_trainer", None), "optimizers", []) or []:
+            if hasattr(opt, "reducer"):
+                opt.reducer = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the seeds a resumed run must share (the generators are stateless per step).
+
+        Points and estimator directions are drawn from ``(seed, step, key, stream)``,
+        a method's directions and bases from ``(method seed, step/window, layer)``:
+        no generator state exists between steps, so the step counter (saved by
+        Lightning) and these seeds fix the rest of the trajectory.
+        """
+        checkpoint["sdze_lightning"] = {
+            "seed": int(self.seed),
+            "method_seeds": [self._method_seed(o) for o in self._inner_optimizers()],
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume with another seed than the checkpoint's (it changes the trajectory)."""
+        saved = checkpoint.get("sdze_lightning")
+        if not saved:
+            return
+        if saved.get("seed") is not None and int(saved["seed"]) != int(self.seed):
+            raise ValueError(
+                f"The checkpoint was trained with seed={saved['seed']}, this problem has "
+                f"seed={self.seed}; resume with seed={saved['seed']}."
+            )
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
+        self._resumed_from = saved
+
+    def on_train_start(self) -> None:
+        """After a resume: refuse a method seed other than the checkpoint's."""
+        saved, self._resumed_from = getattr(self, "_resumed_from", None), None
+        if not saved:
+            return
+        now = [self._method_seed(o) for o in self._inner_optimizers()]
+        for before, after in zip(saved.get("method_seeds", []), now, strict=False):
+            if before is not None and after is not None and before != after:
+                raise ValueError(
+                    f"The checkpoint was trained with method.seed={before}, the method now has "
+                    f"seed={after}; resume with method.seed={before}."
+                )
+
+    def _inner_optimizers(self) -> list[Any]:
+        trainer = getattr(self, "_trainer", None)
+        return [getattr(o, "optimizer", o) for o in (trainer.optimizers if trainer else [])]
+
+    @staticmethod
+    def _method_seed(opt: Any) -> int | None:
+        seed = getattr(opt, "seed", None)
+        return int(seed) if isinstance(seed, numbers.Integral) else None
+
+    def on_fit_start(self) -> None:
+        """Check the inputs on a tiny batch and set up data parallelism before the first step."""
+        self.check_inputs()
+        self._setup_data_parallel()
+        self._skips_in_a_row = 0
         if is_zeroth_order(self.method) and not self.estimator.forward_only:
             log.warning(
                 "estimator=%s back-propagates through x: the zeroth-order method still works, "
@@ -420,24 +587,35 @@ class PINNProblem(L.LightningModule):
         return cache() if cache is not None else contextlib.nullcontext()
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        """One optimizer step on freshly sampled points."""
+        """One optimizer step on freshly sampled points.
+
+        A NaN/Inf loss is caught before anything is applied (first-order: before
+        ``backward``; two-point zeroth-order: the method checks the reduced loss
+        values before its update) and handled by :attr:`divergence`.
+        """
         opt = self.optimizers()
         inner = opt.optimizer
         zeroth_order = is_zeroth_order(inner)
+        # Two-point methods check all 2q (reduced) values themselves: the closure must
+        # not raise on one rank alone under DDP.
+        method_checks = isinstance(inner, TwoPointOptimizer)
         step = self.global_step
         terms: dict[str, Tensor] = {}
+        bad: dict[str, float] = {}
 
         def closure() -> Tensor:
             key = getattr(inner, "noise_key", 0)
             if not zeroth_order:
                 opt.zero_grad(set_to_none=True)
             out = self.loss_terms(step, key)
-            if not torch.isfinite(out["loss"]):
-                raise NonFiniteLossError(
-                    step,
-                    {k: float(v) for k, v in out.items()},
-                    getattr(inner, "describe_state", lambda: "")(),
-                )
+            finite = bool(torch.isfinite(out["loss"]))
+            if not zeroth_order and self.shard.active:
+                finite = all_true(finite, self.device)  # every rank decides alike
+            if not finite:
+                if not bad:
+                    bad.update({k: float(v) for k, v in out.items()})
+                if not method_checks:
+                    raise NonFiniteLossError(step, dict(bad), _describe(inner))
             if not zeroth_order:
                 self.manual_backward(out["loss"])
             terms.clear()
@@ -447,8 +625,16 @@ class PINNProblem(L.LightningModule):
         kwargs: dict[str, Any] = {}
         if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
             kwargs["residuals"] = functools.partial(self.residual_batch, step)
-        with self._first_layer_cache():
-            loss = opt.step(closure=closure, **kwargs)
+        try:
+            with self._first_layer_cache():
+                loss = opt.step(closure=closure, **kwargs)
+        except NonFiniteLossError as err:
+            self._points = {}
+            report = NonFiniteLossError(step, {**bad, **err.terms}, err.method_state)
+            self._skip_or_stop(report, opt, inner)
+            loss = torch.full((), float("nan"), dtype=self.dtype)
+        else:
+            self._skips_in_a_row = 0
         self._points = {}
         sched = self.lr_schedulers()
         if sched is not None:
@@ -458,6 +644,29 @@ class PINNProblem(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True)
         if "boundary" in terms:
             self.log("train/boundary", terms["boundary"].detach())
+        if self.skipped_steps:
+            self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def _skip_or_stop(self, err: NonFiniteLossError, opt: Any, inner: Any) -> None:
+        """Apply the divergence policy to a non-finite step (nothing of it was applied)."""
+        if self.divergence == "stop":
+            raise err
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+            raise NonFiniteLossError(
+                err.step,
+                err.terms,
+                f"{err.method_state}; stopping: {self._skips_in_a_row} non-finite steps in a "
+                "row under divergence=skip",
+            ) from None
+        log.warning("%s Skipping the step (divergence=skip).", err)
+        skip = getattr(inner, "skip_step", None)
+        if callable(skip):
+            skip()  # the method's own step counter stays equal to global_step
+        # Complete Lightning's optimizer-step count (LightningOptimizer.step raised before
+        # doing so): global_step advances and the next step draws new points.
+        getattr(opt, "_on_after_step", lambda: None)()
+        self.skipped_steps += 1
 
     # ---------------------------------------------------------------- evaluation
     def eval_batches(self, chunk: int = 512) -> Iterator[tuple[Tensor, Tensor]]:

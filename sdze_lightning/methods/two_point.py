@@ -20,8 +20,16 @@ The closure reads :attr:`noise_key` to pick ``xi``:
 Evaluation and update are separate (:meth:`TwoPointOptimizer.estimate`,
 :meth:`TwoPointOptimizer._reduce`, :meth:`TwoPointOptimizer._update`): under
 data parallelism every rank evaluates the same perturbations on its share of
-the points and ``_reduce`` averages the ``2 q`` loss values across ranks, the
-only communication of a step.
+the points and ``_reduce`` averages the ``2 q`` loss values across ranks
+(:attr:`TwoPointOptimizer.reducer`, set by the problem under DDP), the only
+communication of a step (:mod:`sdze_lightning.distributed`).
+
+A step whose (reduced) loss values are not all finite raises
+:class:`~sdze_lightning.divergence.NonFiniteLossError` before the update: the
+network and the method's state are those of before the step. Since the update
+depends on nothing but the direction seeds, the loss values and the learning
+rate, :meth:`TwoPointOptimizer.replay_step` re-applies a recorded step without
+evaluating anything (:mod:`sdze_lightning.replay`).
 """
 
 from __future__ import annotations
@@ -33,10 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.divergence import NonFiniteLossError
 from sdze_lightning.methods.base import ZerothOrderOptimizer
 
 #: Key of the method-wide counters inside ``optimizer.state`` (saved as is).
 STATE_KEY = "zo"
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (``bool`` and strings are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class TwoPointOptimizer(ZerothOrderOptimizer):
@@ -65,12 +79,17 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
         crns: bool,
         seed: int,
     ) -> None:
-        if not float(defaults.get("lr", -1.0)) >= 0:
-            raise ValueError(f"method.lr must be non-negative, got {defaults.get('lr')!r}.")
-        if not float(eps) > 0:
-            raise ValueError(f"method.eps must be positive, got {eps!r}.")
+        lr = defaults.get("lr")
+        if not _is_number(lr) or not lr >= 0:
+            raise ValueError(f"method.lr must be a non-negative number, got {lr!r}.")
+        if not _is_number(eps) or not eps > 0:
+            raise ValueError(f"method.eps must be a positive number, got {eps!r}.")
         if not isinstance(queries, int) or isinstance(queries, bool) or queries < 1:
             raise ValueError(f"method.queries must be a positive integer, got {queries!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"method.seed must be an integer, got {seed!r}.")
+        if not isinstance(crns, bool):
+            raise ValueError(f"method.crns must be true or false, got {crns!r}.")
         super().__init__(module, defaults)
         self.eps = float(eps)
         self.queries = queries
@@ -78,6 +97,15 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
         self.seed = int(seed)
         self.state[STATE_KEY] = {"step": 0}
         self.last_scalars: Tensor | None = None
+        #: Loss values ``(q, 2)`` of the last step (after the reduction; ``None`` if
+        #: the closure raised), its learning rate and its index: what a replay log keeps.
+        self.last_values: Tensor | None = None
+        self.last_lr: float = self.lr
+        self.last_step: int = -1
+        #: Combines the ``(q, 2)`` loss values across data-parallel ranks (``None``:
+        #: one process). :class:`~sdze_lightning.PINNProblem` sets it under DDP to
+        #: :func:`~sdze_lightning.distributed.all_reduce_mean`.
+        self.reducer: Callable[[Tensor], Tensor] | None = None
 
     # ---------------------------------------------------------------- counters
     @property
@@ -111,7 +139,7 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
 
     def _reduce(self, values: Tensor) -> Tensor:
         """Combine the loss values across data-parallel ranks (identity on one process)."""
-        return values
+        return values if self.reducer is None else self.reducer(values)
 
     # ------------------------------------------------------------------- steps
     def estimate(self, closure: Callable[[], Tensor]) -> Tensor:
@@ -151,17 +179,74 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
             closure: Evaluates the loss (forward only) for the noise key in
                 :attr:`noise_key`; called ``2 q`` times.
 
+        Raises:
+            NonFiniteLossError: If a loss value is NaN or infinite (after the
+                reduction across ranks, so every rank raises alike); nothing is
+                applied and the step counter does not advance.
+
         """
         if closure is None:
             raise ValueError(
                 f"{type(self).__name__}.step() needs a closure that evaluates the loss."
             )
+        step = self.zo_state["step"]
+        self.last_step, self.last_lr, self.last_values = step, self.lr, None
         values = self._reduce(self.estimate(closure))
+        self.last_values = values
+        if not bool(torch.isfinite(values).all()):
+            raise NonFiniteLossError(step, self.value_terms(values), self.describe_state())
         scalars = self.scalars(values)
         self.last_scalars = scalars
         self._update(scalars)
         self.zo_state["step"] += 1
         return values.mean()
+
+    def value_terms(self, values: Tensor) -> dict[str, float]:
+        """The loss values ``(q, 2)`` by name, for reports."""
+        return {
+            f"L(theta{'+' if k == 0 else '-'}eps*z{j})": float(values[j, k])
+            for j in range(values.shape[0])
+            for k in range(2)
+        }
+
+    def skip_step(self) -> None:
+        """Count the current step as done without applying it (``divergence="skip"``).
+
+        The next step draws the directions (and the problem the points) of the
+        next index; parameters and update-rule state stay as they are.
+        """
+        self.zo_state["step"] += 1
+
+    @torch.no_grad()
+    def replay_step(self, values: Tensor, lr: float) -> None:
+        """Re-apply a recorded step from its loss values and learning rate, evaluating nothing.
+
+        Goes through the same sequence as :meth:`step` (window change, the
+        ``2 q`` perturbations and the restore, which MeZO's in-place
+        perturbation needs to be reproduced bit for bit, then the update), so
+        that the result equals the recorded run's bit for bit on the same
+        device and dtype. Non-finite ``values`` replay a skipped step.
+
+        Args:
+            values: The step's reduced loss values, ``2 q`` numbers.
+            lr: The learning rate the step used.
+
+        """
+        for group in self.param_groups:
+            group["lr"] = lr
+        self._prepare(self.zo_state["step"])
+        try:
+            for j in range(self.queries):
+                for sign in (1, -1):
+                    self._perturb(j, sign)
+        finally:
+            self._perturb(None, 0)
+        values = torch.as_tensor(values, dtype=torch.float64).reshape(self.queries, 2)
+        if bool(torch.isfinite(values).all()):
+            scalars = self.scalars(values)
+            self.last_scalars = scalars
+            self._update(scalars)
+        self.zo_state["step"] += 1
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state; the method-wide counters are copied, not shared."""

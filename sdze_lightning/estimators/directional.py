@@ -1,0 +1,301 @@
+"""Shared machinery of the estimators built from directional derivatives.
+
+The ``fd``, ``taylor`` and ``hte`` estimators differ only in how they obtain
+``D_v^k u(x)`` for a set of directions ``v`` shared by all points. Everything
+else (which directions to draw, how to combine ``D_v^k u`` into the operators,
+the two halves of the unbiased squared residual) lives in
+:class:`DirectionalEstimator`.
+
+Identities used (``E`` over the direction distribution):
+
+* coordinate axes ``e_j`` drawn without replacement, ``|J| = K``:
+  ``(d / K) sum_{j in J} a_j`` is unbiased for ``sum_j a_j`` (Laplacian,
+  ``|grad u|^2``, the third-order term ``sum_j d^3u/dx_j^3``), and
+  ``(d / K) sum_{j in J} (d_j u) e_j`` for the gradient;
+* Rademacher or Gaussian ``v`` (``E[v v^T] = I``): ``E[D_v^2 u] = Delta u``,
+  ``E[(D_v u)^2] = |grad u|^2``, ``E[(D_v u) v] = grad u``;
+* Gaussian ``v`` only: ``E[D_v^4 u] = 3 Delta^2 u`` (Isserlis' theorem; for
+  Rademacher ``v`` the pure fourth derivatives enter with weight 1 instead of 3).
+
+Odd moments of a symmetric distribution vanish, so ``E[D_v^3 u] = 0`` and the
+third-order term always uses coordinate axes. The sum of pure fourth
+derivatives ``sum_j d^4u/dx_j^4`` from coordinate axes misses the mixed terms
+``2 sum_{i<j} d^2_i d^2_j u`` of the biharmonic, so the biharmonic always uses
+Gaussian directions (a separate set when ``distribution`` is not Gaussian),
+which cost ``K * d`` for ``W v`` instead of a column lookup.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import abstractmethod
+from collections.abc import Collection
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from sdze_lightning.directions import Directions
+from sdze_lightning.estimators.base import Estimator
+from sdze_lightning.model_fn import ModelFunction
+
+#: Direction distributions of the directional estimators.
+DISTRIBUTIONS: tuple[str, ...] = ("coordinate", "rademacher", "gaussian")
+
+
+def sample_coordinates(
+    count: int, dim: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Draw ``min(count, dim)`` distinct coordinates uniformly from ``range(dim)``.
+
+    For ``count`` small against ``dim`` the cost does not grow with ``dim``: the
+    first distinct values of an i.i.d. uniform stream form a uniformly random
+    subset (by symmetry), so no permutation of all ``dim`` coordinates is needed.
+
+    Args:
+        count: Number of coordinates wanted.
+        dim: Size of the range.
+        generator: The only source of randomness.
+        device: Device of the result.
+
+    Returns:
+        Long tensor of ``min(count, dim)`` distinct coordinates.
+
+    """
+    count = min(count, dim)
+    if 4 * count >= dim:
+        return torch.randperm(dim, generator=generator, device=device)[:count]
+    found = torch.empty(0, dtype=torch.long, device=device)
+    while found.numel() < count:
+        draw = torch.randint(0, dim, (2 * count,), generator=generator, device=device)
+        stream = torch.cat([found, draw])
+        uniq, inverse = torch.unique(stream, return_inverse=True)
+        first = torch.full((uniq.numel(),), stream.numel(), dtype=torch.long, device=device)
+        first.scatter_reduce_(0, inverse, torch.arange(stream.numel(), device=device), "amin")
+        found = stream[first.sort().values][:count]
+    return found
+
+
+def sample_directions(
+    distribution: str,
+    count: int,
+    input_dim: int,
+    spatial_dim: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> Directions:
+    """Draw ``count`` directions in the spatial coordinates of a ``input_dim`` input.
+
+    Dense directions are zero on the coordinates past ``spatial_dim`` (time).
+
+    Args:
+        distribution: ``"coordinate"`` (axes without replacement; at most
+            ``spatial_dim`` of them), ``"rademacher"`` or ``"gaussian"``.
+        count: Number of directions ``K``.
+        input_dim: Input dimension ``D``.
+        spatial_dim: Number of leading spatial coordinates ``d``.
+        generator: The only source of randomness.
+        dtype: Dtype of dense directions.
+        device: Device of the directions.
+
+    """
+    if distribution == "coordinate":
+        index = sample_coordinates(count, spatial_dim, generator, device)
+        return Directions(input_dim, index=index)
+    if distribution == "gaussian":
+        v = torch.randn(count, spatial_dim, generator=generator, dtype=dtype, device=device)
+    elif distribution == "rademacher":
+        v = torch.randint(
+            0, 2, (count, spatial_dim), generator=generator, dtype=dtype, device=device
+        )
+        v.mul_(2).sub_(1)
+    else:
+        raise ValueError(f"Unknown distribution {distribution!r}; use one of {DISTRIBUTIONS}.")
+    if input_dim > spatial_dim:
+        v = torch.cat([v, v.new_zeros(count, input_dim - spatial_dim)], dim=1)
+    return Directions(input_dim, dense=v)
+
+
+def time_axis(x: Tensor, spatial_dim: int) -> Directions:
+    """The direction of the time coordinate, or ``ValueError`` if ``x`` has none."""
+    if x.shape[1] == spatial_dim:
+        raise ValueError("Operator 'dt' needs a time coordinate (time_dependent=True).")
+    return Directions.axis(x.shape[1], x.shape[1] - 1, device=x.device)
+
+
+def check_count(name: str, count: int, minimum: int = 1) -> int:
+    """Validate a number of directions."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < minimum:
+        raise ValueError(f"estimator.{name} must be an integer >= {minimum}, got {count!r}.")
+    return count
+
+
+def scatter_gradient(d1: Tensor, dirs: Directions, spatial_dim: int, scale: float) -> Tensor:
+    """Return ``scale / K * sum_k (D_{v_k} u) v_k`` restricted to space, ``(N, d)``.
+
+    Args:
+        d1: ``D_v u``, shape ``(K, N)``.
+        dirs: The ``K`` directions.
+        spatial_dim: Number of spatial coordinates ``d``.
+        scale: ``d`` for coordinate axes (sparse, unbiased), ``1`` for dense ones.
+
+    """
+    k, n = d1.shape
+    if dirs.index is not None:
+        g = d1.new_zeros(n, spatial_dim)
+        return g.index_add(1, dirs.index, d1.T) * (scale / k)
+    return d1.T @ dirs.dense[:, :spatial_dim].to(d1.dtype) * (scale / k)
+
+
+class DirectionalEstimator(Estimator):
+    """Base of estimators assembled from directional derivatives ``D_v^k u``.
+
+    Subclasses implement :meth:`directional`. Operators:
+
+    * ``grad``, ``grad_norm2``, ``laplacian``: from the main direction set
+      (``distribution``);
+    * ``third``: ``(d / K) sum_{j in J} d^3u/dx_j^3`` on coordinate axes (the
+      main set when ``distribution="coordinate"``, else a separate set);
+    * ``biharmonic``: ``mean_k D_v^4 u / 3`` over Gaussian directions (the main
+      set when ``distribution="gaussian"``, else a separate set);
+    * ``dt``: the derivative along the time axis (no randomness).
+
+    Sets are drawn from ``generator`` in that order: main, third, biharmonic.
+
+    Args:
+        num_directions: Directions ``K`` per set (coordinate sets are capped at ``d``).
+        distribution: ``"coordinate"``, ``"rademacher"`` or ``"gaussian"``.
+
+    """
+
+    distributions: ClassVar[tuple[str, ...]] = DISTRIBUTIONS
+
+    def __init__(self, num_directions: int = 16, distribution: str = "coordinate") -> None:
+        self.num_directions = check_count("num_directions", num_directions)
+        if distribution not in self.distributions:
+            raise ValueError(
+                f"estimator.distribution must be one of {self.distributions}, got {distribution!r}."
+            )
+        self.distribution = distribution
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_directions={self.num_directions}, "
+            f"distribution={self.distribution!r})"
+        )
+
+    @abstractmethod
+    def directional(
+        self,
+        model: ModelFunction,
+        x: Tensor,
+        dirs: Directions,
+        orders: Collection[int],
+        u0: Tensor | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Directional derivatives along shared directions.
+
+        Args:
+            model: The solution.
+            x: Points ``(N, D)``.
+            dirs: ``K`` directions.
+            orders: Orders wanted (subset of 1..4).
+            u0: ``u(x)`` if already known (an implementation may reuse it).
+
+        Returns:
+            ``u(x)`` ``(N,)`` and a dict order ``k`` -> ``D_v^k u(x)``, ``(K, N)``.
+
+        """
+
+    def halves(self) -> tuple[Estimator, Estimator]:
+        """Two copies with ``num_directions // 2`` directions each (independent draws)."""
+        if self.num_directions < 2:
+            raise ValueError(
+                f"estimator={self.name} needs num_directions >= 2 for "
+                "squared_residual=unbiased (two independent halves)."
+            )
+        half = copy.copy(self)
+        half.num_directions = self.num_directions // 2
+        return half, copy.copy(half)
+
+    def estimate(
+        self,
+        model: ModelFunction,
+        x: Tensor,
+        ops: Collection[str],
+        generator: torch.Generator,
+        spatial_dim: int,
+    ) -> dict[str, Tensor]:
+        """Estimate ``ops`` from directional derivatives; see :class:`Estimator`."""
+        ops = set(ops)
+        self.check(ops)
+        with model.shared_first_layer():
+            return self._estimate(model, x, ops, generator, spatial_dim)
+
+    def _estimate(
+        self,
+        model: ModelFunction,
+        x: Tensor,
+        ops: set[str],
+        generator: torch.Generator,
+        spatial_dim: int,
+    ) -> dict[str, Tensor]:
+        d, dim = spatial_dim, x.shape[1]
+        if "dt" in ops:
+            t_axis = time_axis(x, d)
+        dist = self.distribution
+        main_orders = set()
+        if ops & {"grad", "grad_norm2"}:
+            main_orders.add(1)
+        if "laplacian" in ops:
+            main_orders.add(2)
+        if "third" in ops and dist == "coordinate":
+            main_orders.add(3)
+        if "biharmonic" in ops and dist == "gaussian":
+            main_orders.add(4)
+        # Draws happen in a fixed order so that one generator state fixes every set.
+        k = self.num_directions
+        main = (
+            sample_directions(dist, k, dim, d, generator, x.dtype, x.device)
+            if main_orders
+            else None
+        )
+        third = (
+            sample_directions("coordinate", k, dim, d, generator, x.dtype, x.device)
+            if "third" in ops and dist != "coordinate"
+            else None
+        )
+        bih = (
+            sample_directions("gaussian", k, dim, d, generator, x.dtype, x.device)
+            if "biharmonic" in ops and dist != "gaussian"
+            else None
+        )
+
+        out: dict[str, Tensor] = {}
+        u: Tensor | None = None
+        if main is not None:
+            u, dv = self.directional(model, x, main, main_orders)
+            scale = float(d) if dist == "coordinate" else 1.0
+            if "grad" in ops:
+                out["grad"] = scatter_gradient(dv[1], main, d, scale)
+            if "grad_norm2" in ops:
+                out["grad_norm2"] = scale * (dv[1] * dv[1]).mean(dim=0)
+            if "laplacian" in ops:
+                out["laplacian"] = scale * dv[2].mean(dim=0)
+            if 3 in dv and "third" in ops:
+                out["third"] = scale * dv[3].mean(dim=0)
+            if 4 in dv and "biharmonic" in ops:
+                out["biharmonic"] = dv[4].mean(dim=0) / 3
+        if third is not None:
+            u, dv = self.directional(model, x, third, {3}, u)
+            out["third"] = float(d) * dv[3].mean(dim=0)
+        if bih is not None:
+            u, dv = self.directional(model, x, bih, {4}, u)
+            out["biharmonic"] = dv[4].mean(dim=0) / 3
+        if "dt" in ops:
+            u, dv = self.directional(model, x, t_axis, {1}, u)
+            out["dt"] = dv[1][0]
+        if "u" in ops:
+            out["u"] = model(x) if u is None else u
+        return out

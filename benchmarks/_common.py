@@ -1,0 +1,180 @@
+"""Shared helpers of the performance benchmarks (issue 7).
+
+One place for the benchmark configuration (two-body Allen-Cahn on the unit
+ball, MLP 4x128 tanh, 100 points, 16 directions), the method/estimator pairs,
+one training step exactly as ``PINNProblem.training_step`` runs it (without the
+Trainer), and memory probes. The peak-RSS probes are those of
+``step_memory.py`` (imported, not copied).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from step_memory import peak, reset_peak, rss  # noqa: E402
+
+RESULTS = HERE / "results"
+MACHINE = "2-core CPU, 24 GB RAM, torch " + torch.__version__
+
+#: Method names of the scaling study: optimizer + spatial estimator.
+METHODS: dict[str, tuple[str, str]] = {
+    "sdze": ("sdze", "taylor"),
+    "mezo": ("mezo", "taylor"),
+    "adam+hte": ("adam", "hte"),
+    "adam+sdgd": ("adam", "sdgd"),
+    "adam+taylor": ("adam", "taylor"),
+    "adam+stein": ("adam", "stein"),
+    "adam+exact": ("adam", "exact"),
+}
+
+__all__ = [
+    "MACHINE", "METHODS", "RESULTS", "BenchConfig", "build", "forward_pass", "limit_memory",
+    "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
+]
+
+
+@dataclass
+class BenchConfig:
+    """Shared setup: network, batch, estimator directions and SDZE settings.
+
+    Attributes:
+        points: Collocation points per step.
+        directions: Directions (or samples) of the spatial estimator.
+        width: Hidden width of the MLP.
+        depth: Hidden layers of the MLP.
+        rank: SDZE subspace rank.
+        period: SDZE window length.
+        lr: Learning rate of SDZE and Adam.
+        mezo_lr: Learning rate of MeZO (plain SGD on a loss of order 1e7 at
+            initialisation: larger values diverge within a few steps).
+        threads: ``torch.set_num_threads``.
+        seed: Seed of the problem, the network and the method.
+
+    """
+
+    points: int = 100
+    directions: int = 16
+    width: int = 128
+    depth: int = 4
+    rank: int = 4
+    period: int = 100
+    lr: float = 1e-3
+    mezo_lr: float = 1e-9
+    threads: int = 1
+    seed: int = 0
+
+    def dict(self) -> dict:
+        """Plain dict (JSON)."""
+        return asdict(self)
+
+
+def make_estimator(name: str, k: int):
+    """Spatial estimator ``name`` with ``k`` directions.
+
+    ``taylor`` uses coordinate directions (the first-layer column lookup),
+    ``hte`` Rademacher vectors, ``stein`` ``k`` antithetic Gaussian samples
+    (sigma 0.1), ``sdgd`` ``k`` coordinates, ``exact`` every coordinate.
+    """
+    from sdze_lightning.estimators import build_estimator
+
+    if name == "taylor":
+        return build_estimator("taylor", num_directions=k, distribution="coordinate")
+    if name == "fd":
+        return build_estimator("fd", num_directions=k, distribution="coordinate")
+    if name == "hte":
+        return build_estimator("hte", num_directions=k, distribution="rademacher")
+    if name == "stein":
+        return build_estimator("stein", num_directions=k, sigma=0.1, variant="antithetic")
+    if name == "sdgd":
+        return build_estimator("sdgd", num_directions=k)
+    if name == "exact":
+        return build_estimator("exact")
+    raise ValueError(f"unknown estimator {name!r}")
+
+
+def make_optimizer(opt_name: str, net: torch.nn.Module, cfg: BenchConfig):
+    """SDZE, MeZO or Adam on ``net``."""
+    from sdze_lightning.methods import SDZE, MeZO
+
+    if opt_name == "sdze":
+        return SDZE(net, lr=cfg.lr, rank=cfg.rank, period=cfg.period, seed=cfg.seed)
+    if opt_name == "mezo":
+        return MeZO(net, lr=cfg.mezo_lr, seed=cfg.seed)
+    if opt_name == "adam":
+        return torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {opt_name!r}")
+
+
+def build(method: str, dim: int, cfg: BenchConfig, n_eval: int = 0):
+    """Two-body Allen-Cahn problem and optimizer of ``method`` (a key of :data:`METHODS`)."""
+    from sdze_lightning.nn import MLP
+    from sdze_lightning.problems import TwoBody
+
+    opt_name, est_name = METHODS[method]
+    net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
+    problem = TwoBody(dim=dim, operator="allen_cahn", net=net,
+                      estimator=make_estimator(est_name, cfg.directions),
+                      n_interior=cfg.points, n_eval=n_eval, seed=cfg.seed)
+    return problem, make_optimizer(opt_name, net, cfg)
+
+
+def train_step(problem, opt, k: int) -> float:
+    """One step as ``PINNProblem.training_step`` runs it (no Trainer); returns the loss.
+
+    A zeroth-order step whose loss is not finite (MeZO diverging) returns NaN:
+    its evaluations ran, its update was skipped, and the timing still counts.
+    """
+    from sdze_lightning.divergence import NonFiniteLossError
+    from sdze_lightning.methods import is_zeroth_order
+
+    if is_zeroth_order(opt):
+        with problem.net.first_layer_cache():
+            try:
+                loss = opt.step(lambda: problem.compute_loss(k, opt.noise_key))
+            except NonFiniteLossError:  # diverged (MeZO): evaluations done, update skipped
+                loss = torch.tensor(float("nan"))
+    else:
+        opt.zero_grad(set_to_none=True)
+        loss = problem.compute_loss(k, 0)
+        loss.backward()
+        opt.step()
+    problem._points = {}
+    return float(loss.detach())
+
+
+def forward_pass(problem, step: int = 0) -> tuple[float, float]:
+    """Seconds of sampling the batch and of one plain forward pass ``u(x)`` on it (no grad)."""
+    t0 = time.perf_counter()
+    x = problem.points(step, 0)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        problem.net(x)
+    t2 = time.perf_counter()
+    problem._points = {}
+    return t1 - t0, t2 - t1
+
+
+def peak_rss_total() -> int:
+    """Peak resident set size of this process since start (``ru_maxrss``), bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def limit_memory(nbytes: int) -> None:
+    """Cap this process's address space (``RLIMIT_AS``); allocations past it raise."""
+    resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+
+
+def load_average() -> float:
+    """One-minute load average (context for the noisy timings)."""
+    return os.getloadavg()[0]

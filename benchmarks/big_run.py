@@ -1,0 +1,209 @@
+"""The 10-million-dimensional run on a 24 GB CPU machine (issue 7, item 2).
+
+SDZE (``taylor`` estimator, 16 coordinate directions, rank 4, Adam in the
+subspace) trains two-body Allen-Cahn on the unit ball at d = 1e7 with the
+shared setup (MLP 4x128 tanh, 100 fresh points per step, float32). Per step it
+prints the loss, s/step and the resident memory; the summary records the
+parameter count, the peak RSS of the process (``ru_maxrss``: everything,
+including the d x 128 first layer and the 100 x d batch), the median s/step,
+and whether the loss falls (mean of the first and the last tenth of the steps).
+
+Then, with ``--baselines``, each back-propagation baseline (and MeZO) is tried
+for one step at the same d in a fresh subprocess under an address-space cap
+(``RLIMIT_AS``, ``--baseline-mem-gb``, lowered to the memory available minus
+2 GiB so that the cap, not the kernel's OOM killer, stops it) and a wall-clock
+cap: the status (ok / OOM and where / timeout) is recorded. The baselines run
+after the SDZE run, never beside it.
+
+    python benchmarks/big_run.py                          # d = 1e7, 200 steps
+    python benchmarks/big_run.py --steps 20 --max-minutes 15 --baselines
+    python benchmarks/big_run.py --smoke                  # tiny, in-process
+
+Results: ``results/big_run.{csv,json}`` (``big_run_smoke.*`` for the smoke mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    MACHINE,
+    RESULTS,
+    BenchConfig,
+    build,
+    limit_memory,
+    load_average,
+    peak_rss_total,
+    rss,
+    train_step,
+)
+
+GiB = 2**30
+BASELINES = ("adam+hte", "adam+sdgd", "adam+taylor", "adam+stein", "adam+exact", "mezo")
+
+
+def mem_available() -> int:
+    """``MemAvailable`` of the machine, bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def sdze_run(
+    dim: int, steps: int, max_seconds: float, cfg: BenchConfig, log_every: int = 1
+) -> dict:
+    """Train SDZE at ``dim`` for ``steps`` steps (or until ``max_seconds``); per-step log."""
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    problem, opt = build("sdze", dim, cfg)
+    build_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in problem.net.parameters())
+    print(f"d={dim}: {params:,} parameters, built in {build_s:.1f} s, RSS {rss() / GiB:.2f} GiB",
+          flush=True)
+    rows = []
+    t_run = time.perf_counter()
+    for k in range(steps):
+        t0 = time.perf_counter()
+        loss = train_step(problem, opt, k)
+        dt = time.perf_counter() - t0
+        rows.append(dict(step=k, loss=loss, seconds=dt, rss_bytes=rss()))
+        if k % log_every == 0 or k == steps - 1:
+            print(f"step {k:4d}  loss {loss:.5g}  {dt:.2f} s/step  RSS {rss() / GiB:.2f} GiB  "
+                  f"peak {peak_rss_total() / GiB:.2f} GiB  load {load_average():.1f}", flush=True)
+        if time.perf_counter() - t_run > max_seconds and k < steps - 1:
+            print(f"stopping after {k + 1} steps: --max-minutes reached", flush=True)
+            break
+    losses = [r["loss"] for r in rows]
+    tenth = max(1, len(losses) // 10)
+    first, last = statistics.mean(losses[:tenth]), statistics.mean(losses[-tenth:])
+    return dict(
+        dim=dim, params=params, param_bytes=params * 4, batch_bytes=cfg.points * dim * 4,
+        steps_done=len(rows), steps_requested=steps, build_s=build_s,
+        median_s_per_step=statistics.median(r["seconds"] for r in rows),
+        peak_rss_bytes=peak_rss_total(), loss_first_tenth=first, loss_last_tenth=last,
+        loss_falls=last < first, rows=rows,
+    )
+
+
+def baseline_worker(method: str, dim: int, cfg: BenchConfig) -> dict:
+    """One step of ``method`` at ``dim`` (in the current, memory-capped process)."""
+    torch.set_num_threads(cfg.threads)
+    out = dict(method=method, dim=dim, stage="build")
+    t0 = time.perf_counter()
+    try:
+        problem, opt = build(method, dim, cfg)
+        out["build_s"] = time.perf_counter() - t0
+        out["stage"] = "step"
+        t0 = time.perf_counter()
+        out["loss"] = train_step(problem, opt, 0)
+        out["step_s"] = time.perf_counter() - t0
+        out["status"] = "ok"
+    except (MemoryError, RuntimeError) as err:
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        out["status"] = f"OOM at {out['stage']}" if "memory" in msg.lower() or isinstance(
+            err, MemoryError) else f"error at {out['stage']}"
+        out["error"] = msg
+    out["peak_rss_bytes"] = peak_rss_total()
+    return out
+
+
+def run_baselines(dim: int, cfg: BenchConfig, mem_gb: float, timeout: float,
+                  methods: tuple[str, ...] = BASELINES) -> list[dict]:
+    """Each baseline for one step in a capped subprocess; status rows."""
+    rows = []
+    for method in methods:
+        cap = int(min(mem_gb * GiB, mem_available() - 2 * GiB))
+        job = dict(method=method, dim=dim, cfg=cfg.dict(), mem_cap=cap)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
+                                  capture_output=True, text=True, timeout=timeout, check=False)
+            lines = proc.stdout.strip().splitlines()
+            if proc.returncode == 0 and lines:
+                row = json.loads(lines[-1])
+            else:
+                row = dict(method=method, dim=dim, status=f"crashed rc={proc.returncode}",
+                           error=proc.stderr[-300:])
+        except subprocess.TimeoutExpired:
+            row = dict(method=method, dim=dim, status=f"timeout > {timeout:.0f} s")
+        row["mem_cap_bytes"] = cap
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"baseline {method:12s} d={dim}: {row['status']} "
+              f"(cap {cap / GiB:.1f} GiB, {row['wall_s']:.0f} s) {row.get('error', '')}",
+              flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the big SDZE run (and the baselines); write ``results/big_run.*``."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dim", type=int, default=10_000_000)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--max-minutes", type=float, default=1e9, help="stop the SDZE run after this")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--baselines", action="store_true", help="try each baseline for one step")
+    ap.add_argument("--skip-sdze", action="store_true", help="only the baselines")
+    ap.add_argument("--baseline-mem-gb", type=float, default=20.0)
+    ap.add_argument("--baseline-timeout", type=float, default=600.0)
+    ap.add_argument("--baseline-methods", nargs="+", default=list(BASELINES), choices=BASELINES)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true", help="tiny, in-process")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cfg = BenchConfig(threads=args.threads)
+    if args.worker:
+        job = json.loads(args.worker)
+        limit_memory(job["mem_cap"])
+        print(json.dumps(baseline_worker(job["method"], job["dim"], BenchConfig(**job["cfg"]))))
+        return {}
+    if args.smoke:
+        cfg = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
+        args.dim, args.steps = 300, 6
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary: dict = dict(machine=MACHINE, date=time.strftime("%Y-%m-%d"), cfg=cfg.dict())
+    stem = "big_run_smoke" if args.smoke else "big_run"
+    if not args.skip_sdze:
+        res = sdze_run(args.dim, args.steps, args.max_minutes * 60, cfg)
+        rows = res.pop("rows")
+        summary["sdze"] = res
+        with open(args.out / f"{stem}.csv", "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+        print(f"SDZE d={args.dim}: {res['params']:,} params, {res['steps_done']} steps, "
+              f"median {res['median_s_per_step']:.2f} s/step, peak RSS "
+              f"{res['peak_rss_bytes'] / GiB:.2f} GiB (params+batch "
+              f"{(res['param_bytes'] + res['batch_bytes']) / GiB:.2f} GiB), loss "
+              f"{res['loss_first_tenth']:.4g} -> {res['loss_last_tenth']:.4g}", flush=True)
+    if args.baselines:
+        if args.smoke:
+            summary["baselines"] = [baseline_worker(m, args.dim, cfg) for m in BASELINES[:1]]
+        else:
+            summary["baselines"] = run_baselines(args.dim, cfg, args.baseline_mem_gb,
+                                                 args.baseline_timeout,
+                                                 tuple(args.baseline_methods))
+    path = args.out / f"{stem}.json"
+    if path.exists() and not args.smoke:  # keep the other half of an earlier run
+        old = json.loads(path.read_text())
+        for key in ("sdze", "baselines"):
+            if key not in summary and key in old:
+                summary[key] = old[key]
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

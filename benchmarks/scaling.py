@@ -1,0 +1,290 @@
+"""Per-step time and peak memory against the dimension d (issue 7, item 1).
+
+Two-body Allen-Cahn on the unit ball (hard constraint), MLP 4x128 tanh, 100
+collocation points, 16 estimator directions, float32, for
+
+* ``sdze``, ``mezo``: forward-only, ``taylor`` estimator on coordinate directions;
+* ``adam+hte``, ``adam+sdgd``, ``adam+taylor``, ``adam+stein``, ``adam+exact``:
+  back-propagation baselines.
+
+Every (method, d) runs in a fresh subprocess (so peak RSS is its own) under an
+address-space cap (``--mem-cap-gb``, out of memory = ``MemoryError``) and a
+wall-clock cap (``--cap`` seconds per step; a configuration whose step is
+predicted, from the previous d and linear growth, to exceed it is skipped and
+marked ``past cap``). In each worker:
+
+1. warm-up at d = 64, ``malloc_trim``, baseline RSS;
+2. build the method at d, reset the peak (``VmHWM``), run one step: ``peak``
+   = VmHWM - baseline (parameters, optimizer state, batch, every transient);
+3. build an SDZE reference on the same d in the same process and time steps of
+   the method and of SDZE interleaved (median of each): ``ratio_to_sdze`` is
+   a ratio measured inside one process, the figure to trust on a loaded machine;
+4. time one plain forward pass ``net(x)`` of the batch (no grad) and the sampling
+   of the batch: the target "SDZE step <= 3x one forward pass" at d = 1e6.
+
+Slopes: least-squares slope of log(time) and log(peak) against log(d) over
+d >= 1e3 (at smaller d the dimension-free remainder dominates).
+
+    python benchmarks/scaling.py                       # d = 1e2..1e5 all, 1e6 SDZE
+    python benchmarks/scaling.py --dims 100 1000 --methods sdze adam+hte
+    python benchmarks/scaling.py --smoke               # in-process, tiny (numbers meaningless)
+
+Results: ``results/scaling.{csv,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    MACHINE,
+    METHODS,
+    RESULTS,
+    BenchConfig,
+    build,
+    forward_pass,
+    limit_memory,
+    load_average,
+    peak,
+    reset_peak,
+    rss,
+    train_step,
+)
+
+MiB = 2**20
+
+
+def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> dict:
+    """Peak memory and interleaved step times of ``method`` vs SDZE at ``dim`` (this process)."""
+    torch.set_num_threads(cfg.threads)
+    for m in {method, "sdze"}:
+        problem, opt = build(m, 64, cfg)
+        for k in range(2):
+            train_step(problem, opt, k)
+        del problem, opt
+    reset_peak()
+    base = rss()
+    row = dict(method=method, dim=dim, status="ok", load=load_average())
+    problem, opt = build(method, dim, cfg)
+    row["params"] = sum(p.numel() for p in problem.net.parameters())
+    row["param_bytes"] = row["params"] * 4
+    row["batch_bytes"] = cfg.points * dim * 4
+    reset_peak()
+    t0 = time.perf_counter()
+    row["first_loss"] = train_step(problem, opt, 0)
+    first = time.perf_counter() - t0
+    row["peak_bytes"] = peak() - base
+    row["peak_ratio_params_batch"] = row["peak_bytes"] / (row["param_bytes"] + row["batch_bytes"])
+    row["first_step_s"] = first
+
+    ref = None
+    if method != "sdze":
+        ref = build("sdze", dim, cfg)
+        train_step(*ref, 0)
+    times, ref_times = [], []
+    t_start = time.perf_counter()
+    for k in range(1, reps + 1):
+        t0 = time.perf_counter()
+        row["last_loss"] = train_step(problem, opt, k)
+        times.append(time.perf_counter() - t0)
+        if ref is not None:
+            t0 = time.perf_counter()
+            train_step(*ref, k)
+            ref_times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > cap:
+            break
+    row["s_per_step"] = statistics.median(times)
+    row["sdze_s_per_step"] = statistics.median(ref_times) if ref_times else row["s_per_step"]
+    row["ratio_to_sdze"] = row["s_per_step"] / row["sdze_s_per_step"]
+    row["steps_timed"] = len(times)
+    fp = ref[0] if ref is not None else problem
+    fwd = [forward_pass(fp, 100 + i) for i in range(2)]
+    row["sample_s"] = min(f[0] for f in fwd)
+    row["forward_s"] = min(f[1] for f in fwd)
+    row["sdze_over_forward"] = row["sdze_s_per_step"] / row["forward_s"]
+    row["sdze_over_sample_forward"] = row["sdze_s_per_step"] / (row["sample_s"] + row["forward_s"])
+    return row
+
+
+def run_worker(job: dict, mem_cap: int, cap: float, reps: int, timeout: float) -> dict:
+    """Run :func:`measure` in a fresh subprocess; OOM / timeout become status rows."""
+    job = dict(job, mem_cap=mem_cap, cap=cap, reps=reps)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return dict(method=job["method"], dim=job["dim"], status=f"timeout>{timeout:.0f}s")
+    out = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and out:
+        return json.loads(out[-1])
+    err = proc.stderr
+    if "MemoryError" in err or "DefaultCPUAllocator" in err or "not enough memory" in err:
+        status = f"OOM (RLIMIT_AS {mem_cap / 2**30:.0f} GiB)"
+    else:
+        status = f"error rc={proc.returncode}"
+        print(err[-2000:], file=sys.stderr)
+    return dict(method=job["method"], dim=job["dim"], status=status)
+
+
+def fit_slope(rows: list[dict], key: str, min_dim: int = 1000) -> float | None:
+    """Least-squares slope of ``log(key)`` against ``log(d)`` over ``d >= min_dim``."""
+    pts = [(math.log(r["dim"]), math.log(r[key])) for r in rows
+           if r.get("status") == "ok" and r["dim"] >= min_dim and r.get(key, 0) > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Markdown table of the rows (d, method, s/step, x SDZE, peak, peak / (params + batch))."""
+    out = ["| d | method | s/step | x SDZE (same process) | peak MiB | peak / (params+batch) "
+           "| SDZE / forward |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(rows, key=lambda r: (r["dim"], order.get(r["method"], 99))):
+        if r["status"] != "ok":
+            out.append(f"| {r['dim']:.0e} | {r['method']} | {r['status']} | | | | |")
+            continue
+        out.append(f"| {r['dim']:.0e} | {r['method']} | {r['s_per_step']:.3g} | "
+                   f"{r['ratio_to_sdze']:.2f} | {r['peak_bytes'] / MiB:.1f} | "
+                   f"{r['peak_ratio_params_batch']:.2f} | {r['sdze_over_forward']:.1f} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Log-log plots: s/step, peak memory and time ratio to SDZE against d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for method in METHODS:
+        ok = sorted((r for r in rows if r["method"] == method and r["status"] == "ok"),
+                    key=lambda r: r["dim"])
+        if not ok:
+            continue
+        d = [r["dim"] for r in ok]
+        axes[0].loglog(d, [r["s_per_step"] for r in ok], "o-", label=method)
+        axes[1].loglog(d, [max(r["peak_bytes"], 1) / MiB for r in ok], "o-", label=method)
+        axes[2].loglog(d, [r["ratio_to_sdze"] for r in ok], "o-", label=method)
+    sd = sorted((r for r in rows if r["method"] == "sdze" and r["status"] == "ok"),
+                key=lambda r: r["dim"])
+    if sd:
+        axes[1].loglog([r["dim"] for r in sd],
+                       [(r["param_bytes"] + r["batch_bytes"]) / MiB for r in sd], "k:",
+                       label="params + batch")
+    for ax, title in zip(axes, ("s / step (absolute, loaded machine)", "peak RSS of a step (MiB)",
+                                "step time / SDZE step time (same process)"), strict=True):
+        ax.set_xlabel("d")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Two-body Allen-Cahn, MLP 4x128 tanh, 100 points, 16 directions; " + MACHINE)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the study (each configuration in a fresh subprocess unless ``--smoke``)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[100, 1000, 10000, 100000])
+    ap.add_argument("--sdze-dims", type=int, nargs="*", default=[1000000],
+                    help="extra dims for sdze only")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--cap", type=float, default=60.0, help="seconds per step before skipping")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps per configuration (max)")
+    ap.add_argument("--mem-cap-gb", type=float, default=16.0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="1: on a shared 2-core machine 2 threads spin and slow down 10x")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true", help="in-process, tiny (numbers meaningless)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other rows of an earlier results file")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cfg = BenchConfig(threads=args.threads)
+    if args.worker:
+        job = json.loads(args.worker)
+        limit_memory(int(job["mem_cap"]))
+        print(json.dumps(measure(job["method"], job["dim"], BenchConfig(**job["cfg"]),
+                                 job["cap"], job["reps"])))
+        return []
+    if args.smoke:
+        cfg = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
+        args.dims, args.sdze_dims, args.reps = [40, 80], [], 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [(m, d) for d in args.dims for m in args.methods]
+    jobs += [("sdze", d) for d in args.sdze_dims if "sdze" in args.methods]
+    rows: list[dict] = []
+    last: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    for method, dim in jobs:
+        prev = last.get(method)
+        if prev is not None and prev["status"] != "ok":
+            row = dict(method=method, dim=dim, status=f"skipped ({prev['status']} at smaller d)")
+        elif prev is not None and prev["s_per_step"] * dim / prev["dim"] > args.cap:
+            pred = prev["s_per_step"] * dim / prev["dim"]
+            row = dict(method=method, dim=dim, status=f"past cap (predicted {pred:.0f} s/step)")
+        elif args.smoke:
+            row = measure(method, dim, cfg, args.cap, args.reps)
+        else:
+            job = dict(method=method, dim=dim, cfg=cfg.dict())
+            row = run_worker(job, int(args.mem_cap_gb * 2**30), args.cap, args.reps,
+                             timeout=4 * args.cap + 120)
+        rows.append(row)
+        last[method] = row
+        if row["status"] == "ok":
+            print(f"[{time.perf_counter() - t0:6.0f}s] d={dim:>8} {method:12s} "
+                  f"{row['s_per_step']:8.3f} s/step  x{row['ratio_to_sdze']:7.2f} SDZE  "
+                  f"peak {row['peak_bytes'] / MiB:9.1f} MiB "
+                  f"(x{row['peak_ratio_params_batch']:.2f} params+batch)  "
+                  f"SDZE/forward {row['sdze_over_forward']:.2f}  load {row['load']:.1f}",
+                  flush=True)
+        else:
+            print(f"[{time.perf_counter() - t0:6.0f}s] d={dim:>8} {method:12s} {row['status']}",
+                  flush=True)
+    slopes = {m: dict(time=fit_slope([r for r in rows if r["method"] == m], "s_per_step"),
+                      memory=fit_slope([r for r in rows if r["method"] == m], "peak_bytes"))
+              for m in args.methods}
+    for m, s in slopes.items():
+        print(f"slope vs d (d >= 1e3) {m:12s} time {s['time']}  memory {s['memory']}")
+    stem = "scaling_smoke" if args.smoke else "scaling"
+    if args.merge and (args.out / f"{stem}.json").exists():
+        done = {(r["method"], r["dim"]) for r in rows}
+        old = json.loads((args.out / f"{stem}.json").read_text())["rows"]
+        rows = [r for r in old if (r["method"], r["dim"]) not in done] + rows
+        slopes = {m: dict(time=fit_slope([r for r in rows if r["method"] == m], "s_per_step"),
+                          memory=fit_slope([r for r in rows if r["method"] == m], "peak_bytes"))
+                  for m in METHODS}
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("method", "dim"), k))
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=fields)
+        wr.writeheader()
+        wr.writerows(rows)
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"cfg": cfg.dict(), "machine": MACHINE, "date": time.strftime("%Y-%m-%d"),
+         "cap_s": args.cap, "rows": rows, "slopes": slopes}, indent=2))
+    plot(rows, args.out / f"{stem}.png")
+    print(markdown_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

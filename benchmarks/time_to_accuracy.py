@@ -1,0 +1,180 @@
+"""Relative L2 error against wall time: SDZE vs Adam+HTE (issue 7, item 3).
+
+Two-body Allen-Cahn on the unit ball, shared setup (MLP 4x128 tanh, 100 fresh
+points per step, 16 directions), trained through ``lightning.Trainer.fit`` as
+users run it: SDZE with its shipped config defaults (``configs/method/sdze.yaml``:
+lr 1e-3, rank 4, period 100, Adam in the subspace) and ``taylor`` on 16
+coordinate directions; Adam (lr 1e-3) with ``hte`` on 16 Rademacher
+directions. Each run gets the same training wall-time budget (``--budget-s``;
+the evaluations are not counted); every ``--eval-every`` steps a callback
+records the training wall time and the relative L2 error on ``--n-eval``
+held-out points. Reported: the final (not best) error per seed and its mean,
+for ``--seeds`` seeds. Reference (issue 7): STDE's JAX code on this machine
+reaches 6.3e-4 at d = 1e3 after 216 s (10,000 steps).
+
+    python benchmarks/time_to_accuracy.py                         # d = 1e3, 3 seeds, 216 s
+    python benchmarks/time_to_accuracy.py --dims 1000 10000 --budget-s 120
+    python benchmarks/time_to_accuracy.py --smoke
+
+Results: ``results/time_to_accuracy.{csv,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import MACHINE, RESULTS, BenchConfig, make_estimator  # noqa: E402
+
+#: Method name -> (estimator name, optimizer factory taking the network and the seed).
+METHODS = ("sdze", "adam+hte")
+
+
+class WallClockEval(L.Callback):
+    """Stop after ``budget_s`` seconds of training; record the error every ``every`` steps.
+
+    The time spent evaluating is excluded from the recorded wall time.
+
+    Args:
+        budget_s: Training wall time after which training stops.
+        every: Steps between evaluations.
+
+    """
+
+    def __init__(self, budget_s: float, every: int) -> None:
+        self.budget_s = budget_s
+        self.every = every
+        self.curve: list[tuple[int, float, float]] = []
+        self._train_s = 0.0
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Start the step clock."""
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Stop the clock; evaluate every ``every`` steps; stop at the budget."""
+        self._train_s += time.perf_counter() - self._t0
+        step = trainer.global_step
+        over = self._train_s >= self.budget_s
+        if step % self.every == 0 or over:
+            self.curve.append((step, self._train_s, pl_module.relative_l2_error()))
+        if over:
+            trainer.should_stop = True
+
+
+def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
+        cfg: BenchConfig) -> dict:
+    """One training run through ``Trainer.fit``; returns the curve and the final error."""
+    import functools
+
+    from sdze_lightning.methods import SDZE
+    from sdze_lightning.nn import MLP
+    from sdze_lightning.problems import TwoBody
+
+    torch.set_num_threads(cfg.threads)
+    if method == "sdze":
+        est = make_estimator("taylor", cfg.directions)
+        opt = functools.partial(SDZE, lr=cfg.lr, rank=cfg.rank, period=cfg.period, seed=seed)
+    else:
+        est = make_estimator("hte", cfg.directions)
+        opt = functools.partial(torch.optim.Adam, lr=cfg.lr)
+    net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=seed)
+    problem = TwoBody(dim=dim, operator="allen_cahn", net=net, estimator=est, method=opt,
+                      n_interior=cfg.points, n_eval=n_eval, seed=seed)
+    cb = WallClockEval(budget_s, every)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10**9, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[cb])
+    trainer.fit(problem)
+    final = problem.relative_l2_error()
+    return dict(method=method, dim=dim, seed=seed, steps=trainer.global_step,
+                train_s=cb._train_s, final_rel_l2=final,
+                s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Relative L2 error against training wall time, one panel per d."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({r["dim"] for r in rows})
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
+    colors = {"sdze": "C0", "adam+hte": "C1"}
+    for ax, dim in zip(axes[0], dims, strict=True):
+        for r in rows:
+            if r["dim"] != dim or not r["curve"]:
+                continue
+            _, t, e = zip(*r["curve"], strict=True)
+            ax.semilogy(t, e, color=colors[r["method"]], alpha=0.7,
+                        label=r["method"] if r["seed"] == 0 else None)
+        ax.set_xlabel("training wall time (s)")
+        ax.set_ylabel("relative L2 error")
+        ax.set_title(f"two-body Allen-Cahn, d = {dim}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(MACHINE)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run every (d, method, seed)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[1000])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=216.0, help="training seconds per run")
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = BenchConfig(threads=args.threads)
+    if args.smoke:
+        cfg = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
+        args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for dim in args.dims:
+        for method in args.methods:
+            for seed in range(args.seeds):
+                r = run(method, dim, seed, args.budget_s, args.eval_every, args.n_eval, cfg)
+                rows.append(r)
+                print(f"d={dim:>6} {method:9s} seed {seed}: {r['steps']} steps in "
+                      f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "
+                      f"{r['final_rel_l2']:.3e}", flush=True)
+            errs = [r["final_rel_l2"] for r in rows if r["dim"] == dim and r["method"] == method]
+            print(f"d={dim:>6} {method:9s} mean final rel L2 {statistics.mean(errs):.3e} "
+                  f"(min {min(errs):.3e}, max {max(errs):.3e})", flush=True)
+    stem = "time_to_accuracy_smoke" if args.smoke else "time_to_accuracy"
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["method", "dim", "seed", "step", "train_s", "rel_l2"])
+        for r in rows:
+            for step, t, e in r["curve"]:
+                wr.writerow([r["method"], r["dim"], r["seed"], step, f"{t:.3f}", f"{e:.6e}"])
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(),
+         "budget_s": args.budget_s, "rows": rows}, indent=2))
+    plot(rows, args.out / f"{stem}.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

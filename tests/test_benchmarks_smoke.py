@@ -1,0 +1,87 @@
+"""Smoke runs of the performance benchmarks (issue 7), called as functions.
+
+Each script's ``--smoke`` mode runs a tiny configuration in-process; the tests
+check that it produces its result files and sane rows, not the numbers (those
+are meaningless at this size and timings are never asserted). The large runs
+are ``slow``: they are the benchmarks themselves, reduced.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scaling_smoke(tmp_path):
+    mod = _load("scaling")
+    rows = mod.main(["--smoke", "--methods", "sdze", "adam+hte", "--out", str(tmp_path)])
+    assert {(r["method"], r["dim"]) for r in rows} == {
+        (m, d) for m in ("sdze", "adam+hte") for d in (40, 80)
+    }
+    for r in rows:
+        assert r["status"] == "ok" and r["s_per_step"] > 0 and math.isfinite(r["first_loss"])
+        if r["method"] == "sdze":
+            assert r["ratio_to_sdze"] == 1.0  # its own reference
+    for ext in ("csv", "json", "png"):
+        assert (tmp_path / f"scaling_smoke.{ext}").exists()
+
+
+def test_fit_slope_recovers_power_law():
+    mod = _load("scaling")
+    rows = [dict(status="ok", dim=d, t=3.0 * d**0.8) for d in (1e3, 1e4, 1e5)]
+    assert mod.fit_slope(rows, "t") == pytest.approx(0.8)
+    assert mod.fit_slope(rows[:1], "t") is None
+
+
+def test_big_run_smoke(tmp_path):
+    mod = _load("big_run")
+    summary = mod.main(["--smoke", "--baselines", "--out", str(tmp_path)])
+    sd = summary["sdze"]
+    assert sd["steps_done"] == 6 and sd["params"] > 0 and sd["peak_rss_bytes"] > 0
+    assert summary["baselines"][0]["status"] == "ok"
+    saved = json.loads((tmp_path / "big_run_smoke.json").read_text())
+    assert saved["sdze"]["dim"] == 300
+
+
+def test_profile_smoke(tmp_path):
+    mod = _load("profile_sdze")
+    (row,) = mod.main(["--smoke", "--out", str(tmp_path)])
+    totals = row["totals"]
+    # the batch product x W^T is a d-dependent matrix product: it must be classed as input pass
+    assert totals.get("input_pass", 0) > 0 and totals.get("dimension_free", 0) > 0
+    assert (tmp_path / "profile_sdze_d300.txt").exists()
+
+
+def test_time_to_accuracy_smoke(tmp_path):
+    mod = _load("time_to_accuracy")
+    rows = mod.main(["--smoke", "--out", str(tmp_path)])
+    assert {r["method"] for r in rows} == {"sdze", "adam+hte"}
+    for r in rows:
+        assert r["steps"] > 0 and 0 < r["final_rel_l2"] < 10 and r["curve"]
+    assert (tmp_path / "time_to_accuracy_smoke.png").exists()
+
+
+@pytest.mark.slow
+def test_sdze_memory_below_adam_hte_at_1e4(tmp_path):
+    """Peak RSS of one step at d = 1e4 (fresh subprocesses): SDZE below Adam+HTE."""
+    mod = _load("scaling")
+    rows = mod.main(["--dims", "10000", "--sdze-dims", "--methods", "sdze", "adam+hte",
+                     "--reps", "1", "--out", str(tmp_path)])
+    by = {r["method"]: r for r in rows}
+    assert by["sdze"]["peak_bytes"] < by["adam+hte"]["peak_bytes"]

@@ -68,14 +68,24 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
     return problem
 
 
-def build_loggers(cfg: DictConfig) -> list[Any] | bool:
-    """Instantiate the logger (fail-safe) and record the resolved config in it."""
+def build_loggers(cfg: DictConfig, record_config: bool = True) -> list[Any] | bool:
+    """Instantiate the logger (fail-safe) and record the resolved config in it.
+
+    With ``record_config=False`` nothing is written yet (call :func:`record_config`
+    once the Trainer exists, so a bad ``trainer.*`` value leaves no files behind).
+    """
     node = _group(cfg, "logger")
     if node is None:
         return False
     logger = fail_safe(instantiate(node))
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if record_config:
+        _record_config([logger], cfg)
     return [logger]
+
+
+def _record_config(loggers: list[Any] | bool, cfg: DictConfig) -> None:
+    for logger in loggers or []:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -93,18 +103,29 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     before the first optimizer step.
     """
     check_precision(cfg.trainer.get("precision", "32-true"))
+    for key in ("max_steps", "max_epochs", "log_every_n_steps", "num_sanity_val_steps"):
+        value = cfg.trainer.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"trainer.{key} must be an integer, got {value!r}.")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in (None, "last", "best", "hpc") and not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist.")
     problem = build_problem(cfg)
     problem.check_inputs()  # before any logger, checkpoint or summary exists
     summary = RunSummary(dirpath=run_dir, echo=False)
     callbacks = [*build_callbacks(cfg), summary]
     if cfg.get("replay_log"):
-        from sdze_lightning.replay import SeedReplayLog
+        from sdze_lightning.replay import SeedReplayLog, check_replayable
 
+        check_replayable(problem.method)
         config = OmegaConf.to_container(cfg, resolve=True)
+        config.pop("hydra", None)  # present when composed by compose_config()
         callbacks.append(SeedReplayLog(dirpath=Path(run_dir) / "replay", config=config))
-    trainer = instantiate(cfg.trainer, logger=build_loggers(cfg), callbacks=callbacks)
+    loggers = build_loggers(cfg, record_config=False)
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    _record_config(loggers, cfg)  # only now: a bad trainer.* value leaves no files behind
     try:
-        trainer.fit(problem, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(problem, ckpt_path=ckpt_path)
     except NonFiniteLossError as err:
         log.error("%s", err)
     finally:

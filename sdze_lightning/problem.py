@@ -13,11 +13,17 @@ and declares the operators its residual uses in ``operators``. Network,
 spatial estimator and method are injected. Collocation points are sampled
 inside ``training_step`` from a per-step seed, so
 ``lightning.Trainer(max_steps=...).fit(problem)`` needs no DataModule.
+
+Under ``strategy=ddp`` each rank evaluates its share of every batch
+(:mod:`sdze_lightning.distributed`); a NaN/Inf loss stops or skips the step
+(``divergence``, :mod:`sdze_lightning.divergence`); :meth:`PINNProblem.check_inputs`
+validates the user contract before the first step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import numbers
@@ -248,6 +254,14 @@ class PINNProblem(L.LightningModule):
         if net is None:
             return MLP(self.input_dim)
         if not isinstance(net, nn.Module):
+            given = getattr(net, "keywords", {}).get("in_features")
+            if given is not None and given != self.input_dim:
+                raise ValueError(
+                    f"model.in_features={given!r} but the problem has input dimension "
+                    f"{self.input_dim} (pde.dim={self.dim}"
+                    f"{' + time' if self.time_dependent else ''}); drop model.in_features: "
+                    "the problem fills it in."
+                )
             net = net(in_features=self.input_dim)
         in_features = getattr(net, "in_features", None)
         if in_features is not None and in_features != self.input_dim:
@@ -268,7 +282,7 @@ class PINNProblem(L.LightningModule):
         return ModelFunction(self.net, self.constraint, compose)
 
     def hard_constraint(self, x: Tensor, out: Tensor) -> Tensor:
-        """Custom map from network output to ``u``; override only if ``constraint`` cannot express it.
+        """Custom map from network output to ``u``; override only if ``constraint`` cannot.
 
         Overriding it disables the dimension-free fast paths of the estimators.
         """
@@ -342,7 +356,9 @@ class PINNProblem(L.LightningModule):
         x = self.points(step, key)
         gen = self.generator(step, key, STREAM_ESTIMATOR)
         if self.squared_residual == "unbiased":
-            return tuple(self._checked_residual(x, self.derivatives(x, gen, h)) for h in self._halves)
+            return tuple(
+                self._checked_residual(x, self.derivatives(x, gen, h)) for h in self._halves
+            )
         return (self._checked_residual(x, self.derivatives(x, gen)),)
 
     def loss_terms(self, step: int, key: int = 0) -> dict[str, Tensor]:
@@ -426,12 +442,52 @@ class PINNProblem(L.LightningModule):
                         f"{name}.sample_boundary() must return (n, "
                         f"{self.input_dim}) points with n > 0, got {tuple(xb.shape)}."
                     )
+                rb = self.boundary_residual(xb)
+                if not isinstance(rb, Tensor) or rb.shape != (xb.shape[0],):
+                    shape = tuple(rb.shape) if isinstance(rb, Tensor) else type(rb).__name__
+                    raise ValueError(
+                        f"{name}.boundary_residual() must return one value per boundary point, "
+                        f"shape ({xb.shape[0]},), got {shape} (check boundary_target())."
+                    )
             elif self._needs_boundary_sample():
                 raise ValueError(
                     f"pde.n_boundary=0, but {name} imposes its boundary/initial condition "
                     "through a loss on sampled boundary points (it defines sample_boundary() "
                     "and has no hard constraint): set pde.n_boundary to a positive number."
                 )
+        self._dry_build_method()
+
+    def _dry_build_method(self) -> None:
+        """Build the method (and scheduler) once on a parameter-free copy of the network.
+
+        Their constructors validate the ``method.*`` values; doing it here puts those
+        errors before training (and before the CLI writes anything). The copy's
+        parameters live on the ``meta`` device: no memory, and the real network is
+        untouched (no hooks are attached to it).
+        """
+        memo: dict[int, Any] = {
+            id(t): nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+            for t in self.net.parameters()
+        }
+        memo.update({id(b): torch.empty_like(b, device="meta") for b in self.net.buffers()})
+        try:
+            shadow = copy.deepcopy(self.net, memo)
+        except Exception:  # noqa: BLE001 - an uncopyable network: checked at fit time instead
+            return
+        target = getattr(self.method, "func", self.method)
+        name = getattr(target, "__name__", type(target).__name__)
+        try:
+            opt = build_optimizer(self.method, shadow)
+            if self.scheduler is not None:
+                self.scheduler(opt)
+        except ValueError:
+            raise
+        except Exception as err:
+            keywords = dict(getattr(self.method, "keywords", {}))
+            raise ValueError(
+                f"The method {name} rejects its configuration {keywords} "
+                f"({type(err).__name__}: {err}); check the method.* (and scheduler) values."
+            ) from err
 
     def _needs_boundary_sample(self) -> bool:
         cls = type(self)
@@ -499,7 +555,16 @@ class PINNProblem(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to resume with another seed than the checkpoint's (it changes the trajectory)."""
+        """Prepare an exact resume; refuse another seed than the checkpoint's.
+
+        Lightning loads the weights before it converts the module to the
+        Trainer's precision: with ``precision=64-true`` a module built in
+        float32 would round the float64 checkpoint to float32 first. Converting
+        here, before the weights are loaded, keeps every bit.
+        """
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            trainer.strategy.precision_plugin.convert_module(self)
         saved = checkpoint.get("sdze_lightning")
         if not saved:
             return
@@ -560,7 +625,8 @@ class PINNProblem(L.LightningModule):
         opt = build_optimizer(self.method, self.net)
         if self.scheduler is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "step"}}
+        scheduler = {"scheduler": self.scheduler(opt), "interval": "step"}
+        return {"optimizer": opt, "lr_scheduler": scheduler}
 
     def train_dataloader(self) -> DataLoader:
         """Dummy loader: one item per step; points are sampled in ``training_step``."""
@@ -613,7 +679,7 @@ class PINNProblem(L.LightningModule):
                 finite = all_true(finite, self.device)  # every rank decides alike
             if not finite:
                 if not bad:
-                    bad.update({k: float(v) for k, v in out.items()})
+                    bad.update({k: float(v.detach()) for k, v in out.items()})
                 if not method_checks:
                     raise NonFiniteLossError(step, dict(bad), _describe(inner))
             if not zeroth_order:

@@ -34,6 +34,7 @@ layer and would not lower the peak.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -96,7 +97,17 @@ class SDZE(TwoPointOptimizer):
         carry: str = "reset",
         seed: int = 0,
     ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"SDZE is built from the network module, got {type(module)}.")
         check_rule(update)
+        if (
+            not isinstance(betas, Sequence)
+            or isinstance(betas, str)
+            or len(betas) != 2
+            or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in betas)
+            or not all(0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(f"method.betas must be two numbers in [0, 1), got {betas!r}.")
         if carry not in CARRY_MODES:
             raise ValueError(f"method.carry must be one of {list(CARRY_MODES)}, got {carry!r}.")
         for name, value in (("method.rank", rank), ("method.period", period)):

@@ -140,10 +140,16 @@ class MLP(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if in_features <= 0:
-            raise ValueError(f"model.in_features must be positive, got {in_features}.")
-        if width <= 0 or depth <= 0:
-            raise ValueError(f"model.width and model.depth must be positive, got {width}, {depth}.")
+        for name, value in (
+            ("model.in_features", in_features),
+            ("model.width", width),
+            ("model.depth", depth),
+            ("model.out_features", out_features),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"model.seed must be an integer, got {seed!r}.")
         _act_derivatives(activation, torch.zeros(1), 0)  # validates the name early
         self.activation = activation
         sizes = [in_features] + [width] * depth + [out_features]

@@ -1,0 +1,205 @@
+"""Bytes communicated per training step under DDP: SDZE against first-order Adam (issue 8).
+
+Two CPU processes (gloo) on one machine, started like ``torchrun`` does (``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``): run without those variables, the script
+starts the two workers itself and collects their result. Every collective issued through
+``torch.distributed`` during a training step is counted
+(:class:`~sdze_lightning.distributed.CommunicationCounter`); DDP's gradient all-reduce is made
+visible through the Python ``allreduce_hook`` (the same communication as DDP's default).
+
+Expected: SDZE sends ``2 q`` float64 loss values per step (``16 q`` bytes) whatever the
+parameter count; Adam sends the gradients (``P`` numbers per step).
+
+    python benchmarks/ddp_bytes.py            # two-body Allen-Cahn, widths 16..1024, d=100 and 1e4
+    python benchmarks/ddp_bytes.py --smoke    # Poisson 2D, widths 8 and 64 (plus start-up)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from sdze_lightning.distributed import CommunicationCounter
+from sdze_lightning.estimators.taylor import TaylorEstimator
+from sdze_lightning.methods import SDZE
+from sdze_lightning.nn import MLP
+from sdze_lightning.problems import Poisson2D, TwoBody
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORLD = 2
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny configuration")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--steps", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def configs(smoke: bool) -> list[dict]:
+    """(problem, dim, width, method, queries) rows."""
+    if smoke:
+        return [dict(problem="poisson2d", dim=2, width=w, depth=2, method=m, queries=2)
+                for m in ("sdze", "adam") for w in (8, 64)]
+    rows = [dict(problem="twobody", dim=100, width=w, depth=2, method=m, queries=q)
+            for w in (16, 64, 256, 1024) for m, q in (("sdze", 1), ("sdze", 4), ("adam", 0))]
+    rows += [dict(problem="twobody", dim=10_000, width=128, depth=2, method=m, queries=q)
+             for m, q in (("sdze", 1), ("adam", 0))]
+    return rows
+
+
+def method_factory(method: str, queries: int):
+    if method == "sdze":
+        return functools.partial(SDZE, lr=1e-2, rank=2, period=4, queries=queries)
+    return functools.partial(torch.optim.Adam, lr=1e-2)
+
+
+def make_problem(cfg: dict):
+    """The problem of a row; the smoke rows are the ones tests/test_ddp.py checks."""
+    est = TaylorEstimator(num_directions=2, distribution="rademacher")
+    net = MLP(cfg["dim"], width=cfg["width"], depth=cfg["depth"], seed=0)
+    method = method_factory(cfg["method"], cfg["queries"])
+    if cfg["problem"] == "poisson2d":
+        # 33 interior / 7 boundary points: shares of unequal size (17/16, 4/3) on 2 ranks
+        return Poisson2D(net=net, n_interior=33, n_boundary=7, n_eval=64, estimator=est,
+                         method=method)
+    return TwoBody(dim=cfg["dim"], operator="allen_cahn", net=net, n_interior=64, n_eval=0,
+                   estimator=est, method=method)
+
+
+def trainer(devices: int, steps: int, precision: str, callbacks=()) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
+        devices=devices, precision=precision, callbacks=list(callbacks),
+        strategy="ddp" if devices > 1 else "auto",
+    )
+
+
+class StepBytes(L.Callback):
+    """Payload bytes and calls of the collectives issued during each training step."""
+
+    def __init__(self, counter: CommunicationCounter, hook: bool) -> None:
+        self.counter = counter
+        self.hook = hook
+        self.bytes: list[int] = []
+        self.calls: list[int] = []
+        self.seconds: list[float] = []
+        self.shard: tuple[int, int] = (0, 1)
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.hook:  # gradient buckets through Python, so that they are counted
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            trainer.strategy.model.register_comm_hook(None, allreduce_hook)
+
+    def on_train_batch_start(self, *args):
+        self._start = self.counter.snapshot()
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        b, c = self.counter.snapshot()
+        self.bytes.append(b - self._start[0])
+        self.calls.append(c - self._start[1])
+        self.seconds.append(time.perf_counter() - self._t)
+        self.shard = (pl_module.shard.rank, pl_module.shard.world_size)
+
+
+def measure(cfg: dict, steps: int, precision: str) -> tuple[dict, list[torch.Tensor]]:
+    """One DDP fit (inside the worker processes): the row and the final parameters."""
+    problem = make_problem(cfg)
+    with CommunicationCounter() as counter:
+        cb = StepBytes(counter, hook=cfg["method"] == "adam")
+        trainer(WORLD, steps, precision, [cb]).fit(problem)
+    params = sum(p.numel() for p in problem.net.parameters())
+    row = dict(cfg, params=params, precision=precision, steps=steps,
+               bytes_per_step=cb.bytes, calls_per_step=cb.calls,
+               bytes_per_param=round(max(cb.bytes) / params, 6),
+               seconds_per_step=round(sorted(cb.seconds)[len(cb.seconds) // 2], 5),
+               shard=list(cb.shard))
+    return row, [p.detach().clone() for p in problem.net.parameters()]
+
+
+def worker(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[torch.Tensor]]]:
+    """Run every row in this (already launched) DDP process; rank 0 writes the results."""
+    torch.set_num_threads(1)
+    steps = args.steps or (6 if args.smoke else 5)
+    precision = "64-true" if args.smoke else "32-true"
+    rows, params = [], {}
+    for cfg in configs(args.smoke):
+        row, final = measure(cfg, steps, precision)
+        rows.append(row)
+        params[f"{cfg['method']}-q{cfg['queries']}-d{cfg['dim']}-w{cfg['width']}"] = final
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"{cfg['method']:5s} q={cfg['queries']} d={cfg['dim']:6d} "
+                  f"width={cfg['width']:5d} params={row['params']:9d} "
+                  f"bytes/step={max(row['bytes_per_step']):10d} "
+                  f"calls/step={max(row['calls_per_step'])}", flush=True)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        write(rows, args)
+    return rows, params
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "ddp_bytes_smoke" if args.smoke else "ddp_bytes"
+    (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    keys = ["problem", "dim", "width", "depth", "params", "method", "queries", "precision",
+            "bytes_per_param", "seconds_per_step"]
+    with open(args.out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*keys, "bytes_per_step", "calls_per_step"])
+        for r in rows:
+            w.writerow([r[k] for k in keys] + [max(r["bytes_per_step"]), max(r["calls_per_step"])])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, argv: list[str], timeout: float = 1800) -> list[str]:
+    """Start ``WORLD`` processes of ``script`` as torchrun would; return their output."""
+    port = str(free_port())
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, LOCAL_RANK=str(rank),
+                   NODE_RANK="0", WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1",
+                   PYTHONWARNINGS="ignore")
+        procs.append(subprocess.Popen([sys.executable, script, *argv], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, text in zip(procs, logs, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"DDP worker failed ({p.returncode}):\n{text[-4000:]}")
+    return logs
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
+    if "LOCAL_RANK" in os.environ:  # a worker (started below, by torchrun, or by SLURM)
+        return worker(args)[0]
+    start = time.perf_counter()
+    logs = launch(__file__, list(argv if argv is not None else sys.argv[1:]))
+    print("\n".join(line for line in logs[0].splitlines() if "bytes/step" in line))
+    stem = "ddp_bytes_smoke" if args.smoke else "ddp_bytes"
+    rows = json.loads((args.out / f"{stem}.json").read_text())
+    print(f"[{time.perf_counter() - start:.1f}s] wrote {args.out / stem}.{{json,csv}}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Two-body manufactured solution on the unit ball (STDE / SDGD benchmark)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sdze_lightning.problems.ball import BallProblem
+
+#: Columns per chunk when the source is evaluated one point at a time (large d):
+#: the temporaries of a chunk stay in cache (about 3.7x faster at d = 1e6 than whole rows).
+COLUMN_CHUNK = 1 << 15
+
+
+def two_body_terms(x: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``psi = sum_i c_i sin(phi_i)``, ``phi_i = x_i + cos x_{i+1} + x_{i+1} cos x_i``.
+
+    Each term depends on ``a = x_i`` and ``b = x_{i+1}`` only, so
+
+    * ``Delta sin(phi) = -sin(phi) (phi_a^2 + phi_b^2) + cos(phi) (phi_aa + phi_bb)``,
+    * ``x . grad sin(phi) = cos(phi) (a phi_a + b phi_b)``,
+
+    with ``phi_a = 1 - b sin a``, ``phi_b = cos a - sin b``, ``phi_aa = -b cos a``,
+    ``phi_bb = -cos b``: ``O(d)`` per point.
+
+    Returns:
+        ``(psi, Delta psi, x . grad psi)``, each ``(N,)``.
+
+    """
+    if x.shape[0] == 1 and x.shape[1] > 2 * COLUMN_CHUNK:
+        # the sum over pairs (i, i+1) splits into column chunks overlapping by one column
+        parts = [
+            two_body_terms(x[:, j : j + COLUMN_CHUNK + 1], coeffs[j : j + COLUMN_CHUNK])
+            for j in range(0, x.shape[1] - 1, COLUMN_CHUNK)
+        ]
+        return tuple(torch.stack(p).sum(0) for p in zip(*parts, strict=True))
+    a, b = x[:, :-1], x[:, 1:]
+    c = coeffs.to(x.dtype)
+    # sin and cos of x once (a and b are overlapping views), and phi_aa + phi_bb = a - phi:
+    # about 3x fewer passes over the N x d block than term by term.
+    sx, cx = torch.sin(x), torch.cos(x)
+    sin_a, cos_a, sin_b, cos_b = sx[:, :-1], cx[:, :-1], sx[:, 1:], cx[:, 1:]
+    phi = a + cos_b + b * cos_a
+    phi_a = 1 - b * sin_a
+    phi_b = cos_a - sin_b
+    s, co = torch.sin(phi), torch.cos(phi)
+    psi = s @ c
+    lap = (co * (a - phi)) @ c - (s * (phi_a * phi_a + phi_b * phi_b)) @ c
+    euler = (co * (a * phi_a + b * phi_b)) @ c
+    return psi, lap, euler
+
+
+class TwoBody(BallProblem):
+    """``L u = f`` on the unit ball with the two-body exact solution.
+
+    ``u = (1 - |x|^2) sum_{i<d} c_i sin(x_i + cos x_{i+1} + x_{i+1} cos x_i)``;
+    ``L`` is Poisson, Allen-Cahn or Sine-Gordon (``operator``); see
+    :class:`~sdze_lightning.problems.ball.BallProblem`. Configs:
+    ``pde=poisson_twobody``, ``allen_cahn_twobody``, ``sine_gordon_twobody``.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("dim", 100)
+        if kwargs["dim"] < 2:
+            raise ValueError(f"The two-body solution needs pde.dim >= 2, got {kwargs['dim']}.")
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def n_coefficients(dim: int) -> int:
+        """``d - 1`` coefficients."""
+        return dim - 1
+
+    def psi_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """See :func:`two_body_terms`."""
+        return two_body_terms(x, self.coeffs)

@@ -92,12 +92,21 @@ def main() -> None:
     for rep in range(args.repeats):
         plain = plain_its(overrides, args.steps, args.warmup)
         light = lightning_its(overrides, args.steps, args.warmup)
-        rows.append({"repeat": rep, "plain_its": plain, "lightning_its": light, "ratio": light / plain})
-        print(f"repeat {rep}: plain {plain:.1f} it/s, lightning {light:.1f} it/s, "
-              f"ratio {light / plain:.3f}", flush=True)
+        rows.append(
+            {"repeat": rep, "plain_its": plain, "lightning_its": light, "ratio": light / plain}
+        )
+        print(
+            f"repeat {rep}: plain {plain:.1f} it/s, lightning {light:.1f} it/s, "
+            f"ratio {light / plain:.3f}",
+            flush=True,
+        )
     ratios = sorted(r["ratio"] for r in rows)
-    result = {"overrides": overrides, "steps": args.steps, "rows": rows,
-              "median_ratio": ratios[len(ratios) // 2]}
+    result = {
+        "overrides": overrides,
+        "steps": args.steps,
+        "rows": rows,
+        "median_ratio": ratios[len(ratios) // 2],
+    }
     if not args.smoke:
         RESULTS.mkdir(exist_ok=True)
         name = f"overhead_n{args.n_interior or 'default'}.json"

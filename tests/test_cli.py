@@ -75,9 +75,7 @@ def test_run_writes_summary_and_csv(tmp_path):
 
 def test_multirun_with_wandb_offline_and_no_logger(tmp_path):
     sweep = tmp_path / "sweep"
-    out = sdze_train(
-        "-m", *SMALL, "logger=wandb,none", f"hydra.sweep.dir={sweep}", cwd=tmp_path
-    )
+    out = sdze_train("-m", *SMALL, "logger=wandb,none", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     for job in ("0", "1"):
         assert json.loads((sweep / job / "summary.json").read_text())["steps"] == 20
@@ -89,7 +87,9 @@ def test_multirun_with_wandb_offline_and_no_logger(tmp_path):
 def test_cfg_job_prints_resolved_config(tmp_path):
     out = sdze_train("--cfg", "job", "pde=poisson2d", "trainer.max_steps=7", cwd=tmp_path)
     assert out.returncode == 0
-    assert "max_steps: 7" in out.stdout and "_target_: sdze_lightning.problems.Poisson2D" in out.stdout
+    assert (
+        "max_steps: 7" in out.stdout and "_target_: sdze_lightning.problems.Poisson2D" in out.stdout
+    )
 
 
 @pytest.mark.parametrize(

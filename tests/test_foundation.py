@@ -26,7 +26,9 @@ def test_every_public_module_imports():
     import sdze_lightning.callbacks as callbacks
 
     names = [m.name for m in pkgutil.walk_packages(sdze_lightning.__path__, "sdze_lightning.")]
-    names += [m.name for m in pkgutil.walk_packages(callbacks.__path__, "sdze_lightning.callbacks.")]
+    names += [
+        m.name for m in pkgutil.walk_packages(callbacks.__path__, "sdze_lightning.callbacks.")
+    ]
     assert "sdze_lightning.callbacks.summary" in names and "sdze_lightning.cli" in names
     for name in names:
         importlib.import_module(name)

@@ -66,7 +66,9 @@ class ExactEstimator(Estimator):
                 out["grad_norm2"] = (g[:, :spatial_dim] ** 2).sum(dim=1)
                 if "dt" in ops:
                     if x.shape[1] == spatial_dim:
-                        raise ValueError("Operator 'dt' needs a time coordinate (time_dependent=True).")
+                        raise ValueError(
+                            "Operator 'dt' needs a time coordinate (time_dependent=True)."
+                        )
                     out["dt"] = g[:, -1]
             need_lap = "laplacian" in ops or "biharmonic" in ops
             order = 3 if "third" in ops else (2 if need_lap else 0)

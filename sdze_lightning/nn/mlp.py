@@ -112,7 +112,7 @@ def product_jet(a: Jet, b: Jet) -> Jet:
     out: Jet = []
     for k in range(order + 1):
         terms = [_mul(a[j], b[k - j]) for j in range(k + 1)]
-        terms = [math.comb(k, j) * t if t is not None else None for j, t in zip(range(k + 1), terms)]
+        terms = [math.comb(k, j) * t if t is not None else None for j, t in enumerate(terms)]
         out.append(_sum(*terms))
     return out
 
@@ -155,7 +155,7 @@ class MLP(nn.Module):
         sizes = [in_features] + [width] * depth + [out_features]
         # skip_init: nn.Linear's own initialisation would draw from the global RNG.
         self.layers = nn.ModuleList(
-            nn.utils.skip_init(nn.Linear, a, b) for a, b in zip(sizes[:-1], sizes[1:])
+            nn.utils.skip_init(nn.Linear, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
         gen = torch.Generator().manual_seed(seed)
         for layer in self.layers:

@@ -145,8 +145,16 @@ def test_hjb_quadrature_solves_hjb(float64):
         x = problem.sample_interior(32, torch.Generator().manual_seed(10))
         res = exact_residual(problem, x, solution=cole_hopf_quadrature)
         assert res.abs().max() < 1e-10
-        xb = problem.sample_boundary(16, torch.Generator().manual_seed(11))
-        assert torch.allclose(problem.boundary_target(xb), problem.exact_solution(xb))
+        xb = problem.sample_boundary(64, torch.Generator().manual_seed(11))
+        terminal = xb[:, -1] == 1.0
+        on_face = ((xb[:, :-1] == 0) | (xb[:, :-1] == 1)).any(dim=1)
+        assert (terminal | on_face).all() and terminal.any() and (~terminal).any()
+        # Terminal values are g exactly; face values are the (4096-sample) Monte Carlo
+        # reference: within 5 standard errors of the deterministic quadrature.
+        target, exact = problem.boundary_target(xb), cole_hopf_quadrature(xb)
+        assert torch.allclose(target[terminal], exact[terminal], atol=1e-12)
+        se = problem.lateral_reference.values_and_errors(xb[~terminal])[1]
+        assert ((target[~terminal] - exact[~terminal]).abs() < 5 * se).all()
 
 
 def test_poisson2d_exact_solution(float64):

@@ -111,6 +111,13 @@ class ColeHopfReference:
         """Reference ``u`` at points ``x`` ``(n, N + 1)`` (time last), in ``x``'s dtype."""
         return self.values_and_errors(x)[0].to(device=x.device, dtype=x.dtype)
 
+    def uncached(self, x: Tensor) -> Tensor:
+        """Like ``__call__`` but without the value cache (points drawn afresh every step)."""
+        if x.dim() != 2 or x.shape[1] != self.dim + 1:
+            raise ValueError(f"Expected points (n, {self.dim + 1}), got {tuple(x.shape)}.")
+        values = self._compute(x.detach().to("cpu", torch.float64))[0]
+        return values.to(device=x.device, dtype=x.dtype)
+
     def values_and_errors(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Float64 values and their Monte Carlo standard errors (delta method)."""
         if x.dim() != 2 or x.shape[1] != self.dim + 1:

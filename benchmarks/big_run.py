@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--max-minutes", type=float, default=1e9, help="stop the SDZE run after this")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--points", type=int, default=100,
+                    help="collocation points per step (the scaling study's 100 by default)")
     ap.add_argument("--baselines", action="store_true", help="try each baseline for one step")
     ap.add_argument("--skip-sdze", action="store_true", help="only the baselines")
     ap.add_argument("--baseline-mem-gb", type=float, default=20.0)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny, in-process")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=args.threads)
+    cfg = BenchConfig(threads=args.threads, points=args.points)
     if args.worker:
         job = json.loads(args.worker)
         limit_memory(job["mem_cap"])
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict = dict(machine=MACHINE, date=time.strftime("%Y-%m-%d"), cfg=cfg.dict())
     stem = "big_run_smoke" if args.smoke else "big_run"
+    if not args.smoke and args.points != 100:
+        stem += f"_{args.points}pts"
     if not args.skip_sdze:
         res = sdze_run(args.dim, args.steps, args.max_minutes * 60, cfg)
         rows = res.pop("rows")

@@ -85,13 +85,11 @@ import torch
 from sdze_lightning.callbacks._utils import device_of
 from torch import Tensor, nn
 
-from sdze_lightning.methods.base import is_zeroth_order
+from sdze_lightning.methods.base import PROBE_KEY_BASE, is_zeroth_order
 from sdze_lightning.problem import mix_seed
 
 log = logging.getLogger(__name__)
 
-#: First noise key used by the probes (far above the keys of training steps).
-PROBE_KEY_BASE = 1 << 40
 _SPATIAL_STREAM, _POINTS_STREAM, _DIRECTION_STREAM = 11, 12, 13
 
 

@@ -364,17 +364,122 @@ def test_monitor_uses_the_optimizer_probe_when_present():
 
 
 def test_monitor_with_sdze_in_a_run(tmp_path):
-    if importlib.util.find_spec("sdze_lightning.methods.sdze") is None:
-        pytest.skip("sdze_lightning.methods.sdze is not there yet (issue 4)")
     from sdze_lightning.methods.sdze import SDZE
 
     problem = poisson(method=functools.partial(SDZE, lr=1e-3, rank=2, queries=3))
     monitor = EstimatorVarianceMonitor(every_n_steps=2, probes=3, spatial_seeds=0)  # zo="auto"
     trainer(tmp_path, [monitor], max_steps=2, limit_val_batches=0).fit(problem)
     metrics = read_metrics(tmp_path / "csv" / "metrics.csv")
-    for key in ("zo_grad", "zo_grad_nocrns", "zo_proj_queries"):
+    for key in ("zo_grad", "zo_grad_nocrns", "zo_grad_queries", "zo_proj_queries"):
         assert math.isfinite(metrics["variance/" + key][0]), key
     assert metrics["variance/zo_crns_ratio"][0] > 1
+
+
+# ------------------------------------------------------------------ SDZE probe
+def sdze_poisson(estimator=None, dtype=torch.float64, **method_kwargs):
+    from sdze_lightning.methods.sdze import SDZE
+
+    kwargs = dict(lr=1e-2, rank=2, eps=1e-5 if dtype == torch.float64 else 1e-3, seed=3)
+    kwargs.update(method_kwargs)
+    problem = poisson(estimator=estimator, dtype=dtype)
+    return problem, SDZE(problem.net, **kwargs)
+
+
+def sdze_steps(problem, opt, steps):
+    losses = []
+    for _ in range(steps):
+        step = opt.zo_state["step"]
+        losses.append(float(opt.step(lambda step=step: problem.compute_loss(step, opt.noise_key))))
+    return losses
+
+
+def test_sdze_probe_is_the_two_point_estimate_in_subspace_coordinates():
+    # Each probe row must be (u_j . g_j) u_j with u_j from the probe stream and
+    # g_j the autodiff gradient, w.r.t. the subspace coordinates, of the loss
+    # with probe j's noise key. Central differences in float64 at eps = 1e-5
+    # are exact up to eps^2 * (third derivative) ~ 1e-10 relative, far below
+    # the 1e-6 tolerance; a wrong key, direction or scaling is off by O(1).
+    from sdze_lightning.methods.base import PROBE_KEY_BASE
+    from sdze_lightning.methods.sdze import _PROBES
+    from sdze_lightning.methods.seeds import generator
+
+    problem, opt = sdze_poisson()
+    sdze_steps(problem, opt, 2)  # nonzero coordinates and Adam state
+    step = opt.zo_state["step"]
+    est = opt.probe(lambda: problem.compute_loss(step, opt.noise_key), 3)
+    subs = opt.subspaces()
+    gen = generator("cpu", opt.seed, _PROBES, step)
+    assert est.shape == (3, sum(sub.size for sub in subs))
+    for j in range(3):
+        u = torch.cat([torch.randn(sub.size, generator=gen, dtype=torch.float64) for sub in subs])
+        offsets = [torch.zeros(sub.size, dtype=torch.float64, requires_grad=True) for sub in subs]
+        opt._install(offsets)
+        problem.compute_loss(step, PROBE_KEY_BASE + 2 * j).backward()
+        opt._install()
+        g = torch.cat([o.grad for o in offsets])
+        torch.testing.assert_close(est[j], (u @ g) * u, rtol=1e-6, atol=1e-9 * float(g.norm()))
+
+
+def test_sdze_probe_changes_nothing():
+    def run(probe):
+        problem, opt = sdze_poisson(dtype=torch.float32, period=2)
+        losses = []
+        for _ in range(5):  # crosses two window changes
+            losses += sdze_steps(problem, opt, 1)
+            if probe:
+                step = opt.zo_state["step"]
+                closure = lambda step=step: problem.compute_loss(step, opt.noise_key)  # noqa: E731
+                opt.probe(closure, 2)
+                opt.probe(closure, 2, crns=False)
+                assert opt.noise_key == 0
+        return losses, [p.detach().clone() for p in problem.parameters()], opt.state_dict()
+
+    rng = torch.random.get_rng_state()
+    losses_with, params_with, state_with = run(True)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    losses_without, params_without, state_without = run(False)
+    assert losses_with == losses_without
+    assert all(torch.equal(a, b) for a, b in zip(params_with, params_without, strict=True))
+    flat = lambda sd: [  # noqa: E731
+        v for st in sd["state"].values() for v in st.values() if isinstance(v, torch.Tensor)
+    ]
+    pairs = zip(flat(state_with), flat(state_without), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_sdze_probe_without_crns_is_far_noisier():
+    # Without CRNS the two evaluations of a probe use different collocation
+    # points and estimator coordinates: their difference, O(loss) here, is
+    # divided by 2 eps = 2e-3, against a directional derivative of O(|g|) with
+    # CRNS. A probe that ignored `crns` would give a ratio near 1.
+    problem, opt = sdze_poisson(estimator=OneRandomCoordinate(), dtype=torch.float32)
+    closure = lambda: problem.compute_loss(0, opt.noise_key)  # noqa: E731
+    on = total_variance(opt.probe(closure, 16))
+    off = total_variance(opt.probe(closure, 16, crns=False))
+    assert off > 100 * on
+
+
+def test_monitor_measures_sdze_own_estimate_when_q_is_one():
+    from sdze_lightning.methods.sdze import SDZE
+
+    problem, opt = sdze_poisson(dtype=torch.float32)
+    assert isinstance(opt, SDZE) and opt.queries == 1
+    sdze_steps(problem, opt, 1)
+    calls = []
+    probe = opt.probe
+
+    def spy(closure, n, crns=True):
+        calls.append((n, crns, out := probe(closure, n, crns=crns)))
+        return out
+
+    opt.probe = spy
+    monitor = EstimatorVarianceMonitor(spatial_seeds=0, probes=4)  # zo="auto", compare_crns
+    out = monitor.measure(problem, opt, step=1)
+    assert [(n, crns) for n, crns, _ in calls] == [(4, True), (4, False)]
+    m = sum(sub.size for sub in opt.subspaces())
+    assert all(est.shape == (4, m) for *_, est in calls)  # subspace, not parameter space
+    assert out["zo_grad"] == pytest.approx(total_variance(calls[0][2]))
+    assert out["zo_grad_nocrns"] == pytest.approx(total_variance(calls[1][2]))
 
 
 def test_monitor_leaves_rng_parameters_and_trajectory_alone(tmp_path):

@@ -18,6 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+#: First noise key of measurement probes (e.g.
+#: :class:`~sdze_lightning.callbacks.EstimatorVarianceMonitor`): far above the keys
+#: a training step uses (``0`` and ``1 .. 2 q``), so a probe never reuses a step's
+#: collocation points or estimator directions.
+PROBE_KEY_BASE = 1 << 40
+
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
     """Base class of forward-only optimizers.

@@ -34,20 +34,21 @@ layer and would not lower the peak.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.methods.base import PROBE_KEY_BASE
 from sdze_lightning.methods.seeds import generator
 from sdze_lightning.methods.subspace import LayerSubspace
 from sdze_lightning.methods.two_point import TwoPointOptimizer
 from sdze_lightning.methods.update_rules import RULE_STATE, check_rule, rule_step
 from sdze_lightning.nn.perturb import attach_hooks, linear_layers
 
-#: Stream tag of the step directions.
-_DIRECTIONS = 21
+#: Stream tags of the step directions and of the measurement probes' directions.
+_DIRECTIONS, _PROBES = 21, 22
 #: Values of ``carry``.
 CARRY_MODES: tuple[str, ...] = ("reset", "project")
 
@@ -143,6 +144,9 @@ class SDZE(TwoPointOptimizer):
         self._hooks = attach_hooks(self.layers)
         self._bases: tuple[int, list[LayerSubspace]] | None = None
         self._directions: list[list[Tensor]] = []
+        #: ``(q, m)`` per-query estimates ``s_j u_j`` of the last step in the
+        #: subspace coordinates (all layers concatenated), for variance monitors.
+        self.last_query_estimates: Tensor | None = None
 
     # --------------------------------------------------------------- bookkeeping
     def layer_state(self, index: int) -> dict[str, Tensor]:
@@ -233,6 +237,9 @@ class SDZE(TwoPointOptimizer):
 
     def _update(self, scalars: Tensor) -> None:
         grads = self.gradient(scalars)
+        self.last_query_estimates = torch.stack(
+            [s * torch.cat(u) for s, u in zip(scalars.tolist(), self._directions, strict=True)]
+        )
         self.zo_state["rule_step"] += 1
         t = self.zo_state["rule_step"]
         for i, g in enumerate(grads):
@@ -258,6 +265,62 @@ class SDZE(TwoPointOptimizer):
             sub.fold(st["coords"])
             st["coords"].zero_()
         self._install()
+
+    @torch.no_grad()
+    def probe(self, closure: Callable[[], Tensor], n: int, crns: bool = True) -> Tensor:
+        """``n`` independent SDZE gradient estimates at the current point, changing nothing.
+
+        Each probe is what a step with ``q = 1`` estimates: a Gaussian
+        direction ``u_j`` in the current window's subspace coordinates and the
+        two-point scalar ``c_j = (L(c + eps u_j) - L(c - eps u_j)) / (2 eps)``;
+        the estimate is ``c_j u_j``. The directions come from their own
+        counter-based stream (seed, step), so the parameters, the coordinates,
+        the update-rule state, the step counter and every generator are as
+        before; only :attr:`noise_key` is set during the evaluations and reset
+        after. A window change that the next step would make is not made: the
+        probes measure the subspace the last step worked in. Under data
+        parallelism each pair of loss values is averaged across ranks like a
+        step's (every rank must probe).
+
+        Args:
+            closure: Evaluates the loss (forward only) for :attr:`noise_key`.
+            n: Number of probes (``2 n`` loss evaluations).
+            crns: Whether the two evaluations of a probe share the noise key
+                (collocation points and estimator directions). Probe ``j``
+                uses key ``PROBE_KEY_BASE + 2 j`` (and ``+ 1`` for the minus
+                evaluation without CRNS), never a training step's key.
+
+        Returns:
+            Float64 tensor ``(n, m)``, ``m`` = number of subspace coordinates
+            of all layers (the coordinates are orthonormal in parameter space,
+            so variances are those of the parameter-space estimates).
+
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"probe needs a positive number of probes, got {n!r}.")
+        subs = self.subspaces()
+        first = self.layers[0].weight
+        gen = generator(first.device, self.seed, _PROBES, self.zo_state["step"])
+        saved_key = self.noise_key
+        rows: list[Tensor] = []
+        try:
+            for j in range(n):
+                u = [
+                    torch.randn(sub.size, generator=gen, device=first.device, dtype=first.dtype)
+                    for sub in subs
+                ]
+                values = []
+                for sign in (1, -1):
+                    self.noise_key = PROBE_KEY_BASE + 2 * j + (0 if crns or sign > 0 else 1)
+                    self._install([(sign * self.eps) * ui for ui in u])
+                    values.append(torch.as_tensor(closure()).detach().reshape(()))
+                pair = self._reduce(torch.stack(values).to(torch.float64).view(1, 2))
+                scalar = float(self.scalars(pair)[0])
+                rows.append(scalar * torch.cat(u).to(torch.float64))
+        finally:
+            self._install()
+            self.noise_key = saved_key
+        return torch.stack(rows)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict` and re-install the offsets it holds."""

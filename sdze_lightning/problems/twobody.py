@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from sdze_lightning.kernels import fused_call
 from sdze_lightning.problems.ball import BallProblem
 
 #: Columns per chunk when the source is evaluated one point at a time (large d):
 #: the temporaries of a chunk stay in cache (about 3.7x faster at d = 1e6 than whole rows).
 COLUMN_CHUNK = 1 << 15
+#: Rows longer than this use the fused (``torch.compile``) kernel when it is available:
+#: one pass over the block, no ``N x d`` temporary (:mod:`sdze_lightning.kernels`).
+FUSED_MIN_DIM = 1 << 16
+
+
+def _two_body_core(
+    x: Tensor, c: Tensor, dot: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The three sums of :func:`two_body_terms`; ``dot(t)`` is ``sum_i t[:, i] c_i``."""
+    a, b = x[:, :-1], x[:, 1:]
+    # sin and cos of x once (a and b are overlapping views), and phi_aa + phi_bb = a - phi:
+    # about 3x fewer passes over the N x d block than term by term.
+    sx, cx = torch.sin(x), torch.cos(x)
+    sin_a, cos_a, sin_b, cos_b = sx[:, :-1], cx[:, :-1], sx[:, 1:], cx[:, 1:]
+    phi = a + cos_b + b * cos_a
+    phi_a = 1 - b * sin_a
+    phi_b = cos_a - sin_b
+    s, co = torch.sin(phi), torch.cos(phi)
+    psi = dot(s)
+    lap = dot(co * (a - phi)) - dot(s * (phi_a * phi_a + phi_b * phi_b))
+    euler = dot(co * (a * phi_a + b * phi_b))
+    return psi, lap, euler
+
+
+def _matvec(c: Tensor) -> Callable[[Tensor], Tensor]:
+    """``t -> t @ c``."""
+    return lambda t: t @ c
+
+
+def _two_body_fused(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_two_body_core` with elementwise row reductions, for ``torch.compile`` to fuse."""
+    return _two_body_core(x, c, lambda t: (t * c).sum(dim=1))
 
 
 def two_body_terms(x: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -21,33 +56,29 @@ def two_body_terms(x: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     * ``x . grad sin(phi) = cos(phi) (a phi_a + b phi_b)``,
 
     with ``phi_a = 1 - b sin a``, ``phi_b = cos a - sin b``, ``phi_aa = -b cos a``,
-    ``phi_bb = -cos b``: ``O(d)`` per point.
+    ``phi_bb = -cos b``: ``O(d)`` per point. Rows longer than
+    :data:`FUSED_MIN_DIM` go through one fused kernel when ``torch.compile``
+    works here (and no gradient with respect to ``x`` is wanted); otherwise
+    single long rows are summed over cache-sized column chunks.
 
     Returns:
         ``(psi, Delta psi, x . grad psi)``, each ``(N,)``.
 
     """
+    c = coeffs.to(x.dtype)
+    if x.shape[1] > FUSED_MIN_DIM and not (torch.is_grad_enabled() and x.requires_grad):
+        fused = fused_call(_two_body_fused, x, c)
+        if fused is not None:
+            return fused
     if x.shape[0] == 1 and x.shape[1] > 2 * COLUMN_CHUNK:
         # the sum over pairs (i, i+1) splits into column chunks overlapping by one column
         parts = [
-            two_body_terms(x[:, j : j + COLUMN_CHUNK + 1], coeffs[j : j + COLUMN_CHUNK])
+            _two_body_core(x[:, j : j + COLUMN_CHUNK + 1], cj, _matvec(cj))
             for j in range(0, x.shape[1] - 1, COLUMN_CHUNK)
+            for cj in (c[j : j + COLUMN_CHUNK],)
         ]
         return tuple(torch.stack(p).sum(0) for p in zip(*parts, strict=True))
-    a, b = x[:, :-1], x[:, 1:]
-    c = coeffs.to(x.dtype)
-    # sin and cos of x once (a and b are overlapping views), and phi_aa + phi_bb = a - phi:
-    # about 3x fewer passes over the N x d block than term by term.
-    sx, cx = torch.sin(x), torch.cos(x)
-    sin_a, cos_a, sin_b, cos_b = sx[:, :-1], cx[:, :-1], sx[:, 1:], cx[:, 1:]
-    phi = a + cos_b + b * cos_a
-    phi_a = 1 - b * sin_a
-    phi_b = cos_a - sin_b
-    s, co = torch.sin(phi), torch.cos(phi)
-    psi = s @ c
-    lap = (co * (a - phi)) @ c - (s * (phi_a * phi_a + phi_b * phi_b)) @ c
-    euler = (co * (a * phi_a + b * phi_b)) @ c
-    return psi, lap, euler
+    return _two_body_core(x, c, _matvec(c))
 
 
 class TwoBody(BallProblem):

@@ -51,6 +51,33 @@ def apply_operator(name: str, u: Tensor, lap: Tensor) -> Tensor:
     raise ValueError(f"Unknown operator {name!r}; choose one of {BALL_OPERATORS}.")
 
 
+def checked_dim(kwargs: dict[str, Any], default: int, minimum: int, what: str) -> int:
+    """Fill in ``kwargs["dim"]`` (``default`` when absent) and check it before it is used.
+
+    The type check repeats the one of :class:`~sdze_lightning.problem.PINNProblem`
+    (same message) because the problems need ``dim`` before they call it.
+
+    Args:
+        kwargs: The problem's keyword arguments (updated in place).
+        default: ``dim`` when the config gives none.
+        minimum: Smallest dimension the problem is defined for.
+        what: Name of what needs the dimension, for the error message.
+
+    Returns:
+        The dimension.
+
+    Raises:
+        ValueError: ``dim`` is not a positive integer or is below ``minimum``.
+
+    """
+    dim = kwargs.setdefault("dim", default)
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+        raise ValueError(f"pde.dim must be a positive integer, got {dim!r}.")
+    if dim < minimum:
+        raise ValueError(f"{what} needs pde.dim >= {minimum}, got {dim}.")
+    return dim
+
+
 def coefficients(n: int, seed: int) -> Tensor:
     """``n`` standard normal coefficients ``c_i`` from a generator seeded with ``seed``."""
     gen = torch.Generator().manual_seed(seed)
@@ -60,32 +87,39 @@ def coefficients(n: int, seed: int) -> Tensor:
 class BallProblem(PINNProblem):
     """``L u = f`` on the unit ball, ``u = (1 - |x|^2) psi`` exact, hard boundary constraint.
 
-    Subclasses define ``psi`` through :meth:`psi_terms` and the number of
-    coefficients through :meth:`n_coefficients`.
+    Subclasses define ``psi`` through :meth:`psi_terms` and its interaction
+    order through :attr:`body` (``psi`` is a sum over the ``d - body + 1``
+    windows ``x_i .. x_{i+body-1}``, one coefficient each).
 
     Args:
         operator: ``"poisson"``, ``"allen_cahn"`` or ``"sine_gordon"``.
         coeff_seed: Seed of the coefficients ``c_i ~ N(0, 1)`` (a buffer: it
             follows the module's device and dtype).
-        **kwargs: :class:`~sdze_lightning.problem.PINNProblem` arguments.
+        **kwargs: :class:`~sdze_lightning.problem.PINNProblem` arguments
+            (``dim`` defaults to 100, at least :attr:`body`).
 
     """
 
     operators = ("u", "laplacian")
+    #: Coordinates per term of ``psi`` (2: two-body, 3: three-body); also the smallest ``dim``.
+    body: int = 2
+    #: Name of the solution in error messages.
+    solution_name: str = "This solution"
 
     def __init__(self, operator: str = "allen_cahn", coeff_seed: int = 0, **kwargs: Any) -> None:
         if operator not in BALL_OPERATORS:
             raise ValueError(f"pde.operator must be one of {BALL_OPERATORS}, got {operator!r}.")
+        checked_dim(kwargs, 100, self.body, self.solution_name)
         super().__init__(**kwargs)
         self.operator = operator
         self.coeff_seed = coeff_seed
         self.register_buffer("coeffs", coefficients(self.n_coefficients(self.dim), coeff_seed))
         self.constraint = BallConstraint(1.0)
 
-    @staticmethod
-    @abstractmethod
-    def n_coefficients(dim: int) -> int:
-        """Number of coefficients ``c_i`` at dimension ``dim``."""
+    @classmethod
+    def n_coefficients(cls, dim: int) -> int:
+        """Number of coefficients ``c_i`` at dimension ``dim``: ``d - body + 1``."""
+        return dim - cls.body + 1
 
     @abstractmethod
     def psi_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

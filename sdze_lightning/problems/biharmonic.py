@@ -10,7 +10,7 @@ from torch import Tensor
 from sdze_lightning.constraints import BallConstraint, ProductConstraint
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.problem import PINNProblem
-from sdze_lightning.problems.ball import SOURCE_BLOCK, coefficients
+from sdze_lightning.problems.ball import SOURCE_BLOCK, checked_dim, coefficients
 from sdze_lightning.problems.threebody import three_body_terms
 
 
@@ -46,9 +46,7 @@ class BiharmonicAnnulus(PINNProblem):
     operators = ("biharmonic",)
 
     def __init__(self, coeff_seed: int = 0, **kwargs: Any) -> None:
-        kwargs.setdefault("dim", 5)
-        if kwargs["dim"] < 3:
-            raise ValueError(f"The three-body solution needs pde.dim >= 3, got {kwargs['dim']}.")
+        checked_dim(kwargs, 5, 3, "The three-body solution")
         super().__init__(**kwargs)
         self.coeff_seed = coeff_seed
         self.register_buffer("coeffs", coefficients(self.dim - 2, coeff_seed))

@@ -10,7 +10,13 @@ from torch import Tensor
 
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.problem import PINNProblem
-from sdze_lightning.problems.ball import BALL_OPERATORS, SOURCE_BLOCK, apply_operator, coefficients
+from sdze_lightning.problems.ball import (
+    BALL_OPERATORS,
+    SOURCE_BLOCK,
+    apply_operator,
+    checked_dim,
+    coefficients,
+)
 
 
 class HardCube(PINNProblem):
@@ -65,9 +71,7 @@ class HardCube(PINNProblem):
     ) -> None:
         if operator not in BALL_OPERATORS:
             raise ValueError(f"pde.operator must be one of {BALL_OPERATORS}, got {operator!r}.")
-        kwargs.setdefault("dim", 10)
-        if kwargs["dim"] < 2:
-            raise ValueError(f"HardCube needs pde.dim >= 2, got {kwargs['dim']}.")
+        checked_dim(kwargs, 10, 2, "HardCube")
         super().__init__(n_boundary=n_boundary, **kwargs)
         self.operator = operator
         self.kappa = float(kappa)

@@ -81,16 +81,8 @@ class ThreeBody(BallProblem):
     ``pde=poisson_threebody``, ``allen_cahn_threebody``, ``sine_gordon_threebody``.
     """
 
-    def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("dim", 100)
-        if kwargs["dim"] < 3:
-            raise ValueError(f"The three-body solution needs pde.dim >= 3, got {kwargs['dim']}.")
-        super().__init__(**kwargs)
-
-    @staticmethod
-    def n_coefficients(dim: int) -> int:
-        """``d - 2`` coefficients."""
-        return dim - 2
+    body = 3
+    solution_name = "The three-body solution"
 
     def psi_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """See :func:`three_body_terms`."""

@@ -90,16 +90,8 @@ class TwoBody(BallProblem):
     ``pde=poisson_twobody``, ``allen_cahn_twobody``, ``sine_gordon_twobody``.
     """
 
-    def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("dim", 100)
-        if kwargs["dim"] < 2:
-            raise ValueError(f"The two-body solution needs pde.dim >= 2, got {kwargs['dim']}.")
-        super().__init__(**kwargs)
-
-    @staticmethod
-    def n_coefficients(dim: int) -> int:
-        """``d - 1`` coefficients."""
-        return dim - 1
+    body = 2
+    solution_name = "The two-body solution"
 
     def psi_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """See :func:`two_body_terms`."""

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from hydra import compose, initialize_config_dir
 
 from sdze_lightning.cli import build_problem
@@ -323,17 +323,7 @@ def small_overrides(cfg) -> list[str]:
 
 
 def quiet_fit(problem, steps=5):
-    trainer = L.Trainer(
-        max_steps=steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(max_steps=steps, max_epochs=-1)
     trainer.fit(problem)
     return trainer
 
@@ -367,6 +357,15 @@ def test_custom_example_is_short_and_trains():
     before = problem.relative_l2_error()
     quiet_fit(problem, steps=60)
     assert problem.relative_l2_error() < before
+
+
+def test_readme_links_the_example_and_explains_the_contract():
+    text = (REPO / "README.md").read_text().split("## Write a new PDE", 1)[1].split("\n## ", 1)[0]
+    assert "(examples/custom_pde.py)" in text and "examples/pde/custom_pde.yaml" in text
+    for needed in ("sample_interior", "residual", "operators", "Optional", "d.laplacian"):
+        assert needed in text, needed
+    for accessor in ("grad_norm2", "laplacian", "dt", "third", "biharmonic"):
+        assert f"`{accessor}" in text, accessor
 
 
 def test_custom_example_solution_is_exact(float64):

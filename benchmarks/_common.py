@@ -129,6 +129,20 @@ def build(method: str, dim: int, cfg: BenchConfig, n_eval: int = 0):
     return problem, make_optimizer(opt_name, net, cfg)
 
 
+def warm_fused_kernels() -> None:
+    """Compile the fused two-body source now (a no-op when fused kernels are off).
+
+    Long rows (``d > FUSED_MIN_DIM``) go through ``torch.compile``; compiling
+    costs seconds and hundreds of MiB once per process, which must not land in
+    a measured step.
+    """
+    from sdze_lightning.problems.twobody import FUSED_MIN_DIM, two_body_terms
+
+    x = torch.rand(2, FUSED_MIN_DIM + 2)
+    for rows in (2, 1):
+        two_body_terms(x[:rows], torch.ones(FUSED_MIN_DIM + 1))
+
+
 def train_step(problem, opt, k: int) -> float:
     """One step as ``PINNProblem.training_step`` runs it (no Trainer); returns the loss.
 

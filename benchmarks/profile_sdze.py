@@ -35,7 +35,15 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MACHINE, RESULTS, BenchConfig, build, forward_pass, train_step  # noqa: E402
+from _common import (  # noqa: E402
+    MACHINE,
+    RESULTS,
+    BenchConfig,
+    build,
+    forward_pass,
+    train_step,
+    warm_fused_kernels,
+)
 
 #: Operators that make up the input pass (matrix products with the batch).
 INPUT_PASS_OPS = ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear")
@@ -66,6 +74,7 @@ def profile_dim(dim: int, cfg: BenchConfig, steps: int, out: Path) -> dict:
     """Profile ``steps`` SDZE steps at ``dim``; return the class totals."""
     torch.set_num_threads(cfg.threads)
     problem, opt = build("sdze", dim, cfg)
+    warm_fused_kernels()
     train_step(problem, opt, 0)
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

@@ -61,6 +61,7 @@ from _common import (  # noqa: E402
     reset_peak,
     rss,
     train_step,
+    warm_fused_kernels,
 )
 
 MiB = 2**20
@@ -74,6 +75,7 @@ def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> d
         for k in range(2):
             train_step(problem, opt, k)
         del problem, opt
+    warm_fused_kernels()
     reset_peak()
     base = rss()
     row = dict(method=method, dim=dim, status="ok", load=load_average())

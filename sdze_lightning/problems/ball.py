@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdze_lightning.constraints import BallConstraint
+from sdze_lightning.constraints import BallConstraint, row_sq_norm
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.problem import PINNProblem
 
@@ -138,14 +138,14 @@ class BallProblem(PINNProblem):
     def exact_solution(self, x: Tensor) -> Tensor:
         """``(1 - |x|^2) psi(x)``."""
         blocks = self._blocks(x)
-        return torch.cat([(1 - xb.square().sum(1)) * self.psi_terms(xb)[0] for xb in blocks])
+        return torch.cat([(1 - row_sq_norm(xb)) * self.psi_terms(xb)[0] for xb in blocks])
 
     def source(self, x: Tensor) -> Tensor:
         """``f = L u_exact``, analytic, ``O(d)`` per point."""
         out = []
         for xb in self._blocks(x):
             psi, lap_psi, euler = self.psi_terms(xb)
-            b = 1 - xb.square().sum(dim=1)
+            b = 1 - row_sq_norm(xb)
             u = b * psi
             lap = b * lap_psi - 4 * euler - 2 * self.dim * psi
             out.append(apply_operator(self.operator, u, lap))

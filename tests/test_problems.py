@@ -415,3 +415,9 @@ def test_zoo_accuracy_smoke(tmp_path):
     assert {r["problem"] for r in records} == set(zoo_accuracy.PROBLEMS)
     assert all(r["steps"] == 3 and math.isfinite(r["rel_l2"]) for r in records)
     assert (tmp_path / "zoo_accuracy_smoke.csv").exists()
+    # the --table plan covers every shipped problem with Adam and SDZE, and renders
+    assert set(zoo_accuracy.TABLE) == set(zoo_accuracy.PROBLEMS) == set(pde_configs())
+    for runs in zoo_accuracy.TABLE.values():
+        assert {"adam", "sdze"} <= {method for method, *_ in runs}
+    table = zoo_accuracy.render(records)
+    assert all(f"| {name} |" in table for name in zoo_accuracy.PROBLEMS)

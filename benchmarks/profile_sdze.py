@@ -60,6 +60,10 @@ def classify(events, dim: int) -> dict:
         has_d = any(n >= min(dim - 2, 8192) for s in shapes if isinstance(s, (list, tuple))
                     for n in s if isinstance(n, int))
         t = ev.self_cpu_time_total / 1e6
+        if ev.key.startswith("## Call CompiledFxGraph"):  # the fused source: shapes not recorded
+            totals["other_passes_over_d"] += t
+            by_op["fused two-body source (torch.compile)"] += t
+            continue
         if not has_d:
             totals["dimension_free"] += t
             continue

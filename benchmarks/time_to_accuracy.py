@@ -2,8 +2,8 @@
 
 Two-body Allen-Cahn on the unit ball, shared setup (MLP 4x128 tanh, 100 fresh
 points per step, 16 directions), trained through ``lightning.Trainer.fit`` as
-users run it: SDZE with its shipped config defaults (``configs/method/sdze.yaml``:
-lr 1e-3, rank 4, period 100, Adam in the subspace) and ``taylor`` on 16
+users run it: SDZE with the shipped config (``configs/method/sdze.yaml``: rank 4,
+period 100, Adam in the subspace; lr ``--sdze-lr``, default 1e-2) and ``taylor`` on 16
 coordinate directions; Adam (lr 1e-3) with ``hte`` on 16 Rademacher
 directions. Each run gets the same training wall-time budget (``--budget-s``;
 the evaluations are not counted); every ``--eval-every`` steps a callback
@@ -73,25 +73,39 @@ class WallClockEval(L.Callback):
             trainer.should_stop = True
 
 
+#: ``--problem`` choices: two-body Allen-Cahn on the unit ball (hard constraint) and the
+#: zoo's hard problem, Allen-Cahn on the cube with a boundary loss (``pde=allen_cahn_cube``).
+PROBLEMS = ("twobody", "cube")
+
+
+def make_problem(problem: str, dim: int, seed: int, cfg: BenchConfig, **kwargs):
+    """The problem of ``--problem`` at ``dim`` (``kwargs``: network, estimator, method, ...)."""
+    from sdze_lightning.problems import HardCube, TwoBody
+
+    if problem == "twobody":
+        return TwoBody(dim=dim, operator="allen_cahn", n_interior=cfg.points, seed=seed, **kwargs)
+    return HardCube(dim=dim, operator="allen_cahn", n_interior=cfg.points,
+                    n_boundary=cfg.points, seed=seed, **kwargs)
+
+
 def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
-        cfg: BenchConfig) -> dict:
+        cfg: BenchConfig, problem_name: str = "twobody", sdze_lr: float = 1e-2) -> dict:
     """One training run through ``Trainer.fit``; returns the curve and the final error."""
     import functools
 
     from sdze_lightning.methods import SDZE
     from sdze_lightning.nn import MLP
-    from sdze_lightning.problems import TwoBody
 
     torch.set_num_threads(cfg.threads)
     if method == "sdze":
         est = make_estimator("taylor", cfg.directions)
-        opt = functools.partial(SDZE, lr=cfg.lr, rank=cfg.rank, period=cfg.period, seed=seed)
+        opt = functools.partial(SDZE, lr=sdze_lr, rank=cfg.rank, period=cfg.period, seed=seed)
     else:
         est = make_estimator("hte", cfg.directions)
         opt = functools.partial(torch.optim.Adam, lr=cfg.lr)
     net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=seed)
-    problem = TwoBody(dim=dim, operator="allen_cahn", net=net, estimator=est, method=opt,
-                      n_interior=cfg.points, n_eval=n_eval, seed=seed)
+    problem = make_problem(problem_name, dim, seed, cfg, net=net, estimator=est, method=opt,
+                           n_eval=n_eval)
     cb = WallClockEval(budget_s, every)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10**9, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
@@ -99,12 +113,12 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
                         num_sanity_val_steps=0, callbacks=[cb])
     trainer.fit(problem)
     final = problem.relative_l2_error()
-    return dict(method=method, dim=dim, seed=seed, steps=trainer.global_step,
+    return dict(problem=problem_name, method=method, dim=dim, seed=seed, steps=trainer.global_step,
                 train_s=cb._train_s, final_rel_l2=final,
                 s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn") -> None:
     """Relative L2 error against training wall time, one panel per d."""
     import matplotlib
 
@@ -123,7 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
                         label=r["method"] if r["seed"] == 0 else None)
         ax.set_xlabel("training wall time (s)")
         ax.set_ylabel("relative L2 error")
-        ax.set_title(f"two-body Allen-Cahn, d = {dim}")
+        ax.set_title(f"{title}, d = {dim}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(MACHINE)
@@ -135,6 +149,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run every (d, method, seed)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--problem", choices=PROBLEMS, default="twobody")
     ap.add_argument("--dims", type=int, nargs="+", default=[1000])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seeds", type=int, default=3)
@@ -142,6 +157,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--n-eval", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sdze-lr", type=float, default=1e-2,
+                    help="SDZE learning rate (Adam uses 1e-3); 1e-2 is the best of a sweep on "
+                         "two-body Allen-Cahn d = 1e3 (benchmarks/README.md, issue 4)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
@@ -154,7 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for dim in args.dims:
         for method in args.methods:
             for seed in range(args.seeds):
-                r = run(method, dim, seed, args.budget_s, args.eval_every, args.n_eval, cfg)
+                r = run(method, dim, seed, args.budget_s, args.eval_every, args.n_eval, cfg,
+                        args.problem, args.sdze_lr)
                 rows.append(r)
                 print(f"d={dim:>6} {method:9s} seed {seed}: {r['steps']} steps in "
                       f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "
@@ -163,6 +182,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"d={dim:>6} {method:9s} mean final rel L2 {statistics.mean(errs):.3e} "
                   f"(min {min(errs):.3e}, max {max(errs):.3e})", flush=True)
     stem = "time_to_accuracy_smoke" if args.smoke else "time_to_accuracy"
+    if args.problem != "twobody":
+        stem += f"_{args.problem}"
+    stem += "".join(f"_{d}" for d in args.dims) if args.dims != [1000] and not args.smoke else ""
     with open(args.out / f"{stem}.csv", "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["method", "dim", "seed", "step", "train_s", "rel_l2"])
@@ -171,8 +193,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 wr.writerow([r["method"], r["dim"], r["seed"], step, f"{t:.3f}", f"{e:.6e}"])
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(),
-         "budget_s": args.budget_s, "rows": rows}, indent=2))
-    plot(rows, args.out / f"{stem}.png")
+         "budget_s": args.budget_s, "sdze_lr": args.sdze_lr, "problem": args.problem,
+         "rows": rows}, indent=2))
+    title = "two-body Allen-Cahn" if args.problem == "twobody" else "Allen-Cahn on the cube"
+    plot(rows, args.out / f"{stem}.png", title)
     return rows
 
 

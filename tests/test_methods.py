@@ -240,8 +240,10 @@ def _regression(seed: int = 0):
         functools.partial(SDZE, lr=0.05, rank=4, period=10, update="adam", queries=2),
         functools.partial(SDZE, lr=0.05, rank=4, period=10, update="adam", carry="project"),
         functools.partial(MeZO, lr=0.02, queries=2),
+        functools.partial(MeZO, lr=0.02, queries=2, normalize=True),
     ],
-    ids=["sdze-plain", "sdze-momentum", "sdze-adam", "sdze-adam-project", "mezo"],
+    ids=["sdze-plain", "sdze-momentum", "sdze-adam", "sdze-adam-project", "mezo",
+         "mezo-normalized"],
 )
 def test_zo_steps_lower_convex_loss(factory):
     net, closure = _regression()
@@ -387,6 +389,38 @@ def test_mezo_restores_parameters_up_to_round_off():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_mezo_normalized_step_is_independent_of_loss_scale(normalize):
+    """normalize=True: the same trajectory for L and 1e6 L (plain MeZO: not)."""
+    params = []
+    for scale in (1.0, 1e6):
+        net, closure = _regression()
+        opt = MeZO(net, lr=0.01, queries=2, normalize=normalize)
+        for _ in range(5):
+            opt.step(lambda closure=closure, scale=scale: scale * closure())
+        params.append(torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+    same = torch.allclose(params[0], params[1], rtol=1e-9, atol=1e-12)
+    assert same == normalize
+
+
+def test_mezo_normalized_state_round_trip_resumes_exactly():
+    net, closure = _regression()
+    opt = MeZO(net, lr=0.01, normalize=True, norm_beta=0.9, seed=3)
+    for _ in range(3):
+        opt.step(closure)
+    saved_net = copy.deepcopy(net.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    assert saved_opt["state"]["zo"]["norm_step"] == 3 and saved_opt["state"]["zo"]["sq_avg"] > 0
+    expected = [float(opt.step(closure)) for _ in range(4)]
+    net2, closure2 = _regression()
+    net2.load_state_dict(saved_net)
+    opt2 = MeZO(net2, lr=0.01, normalize=True, norm_beta=0.9, seed=3)
+    opt2.load_state_dict(saved_opt)
+    assert [float(opt2.step(closure2)) for _ in range(4)] == expected
+    with pytest.raises(ValueError, match="norm_beta"):
+        MeZO(net, normalize=True, norm_beta=1.0)
+
+
 def test_lr_scheduler_drives_sdze_learning_rate():
     net, closure = _regression()
     opt = SDZE(net, lr=0.1)
@@ -418,7 +452,8 @@ def test_pde_aware_matches_hand_computed_update():
         r = theta[0] * xs + theta[1] ** 2 * ys - cs
         return r, boundary_w * (theta[0] + theta[1] - 1) ** 2
 
-    opt = PDEAware([theta], lr=0.1, betas=(0.9, 0.8), eps=1e-3)
+    opt = PDEAware([theta], lr=0.1, betas=(0.9, 0.8), eps=1e-3, first_moment="residual",
+                   adam_floor=False)  # the paper's rule exactly
     m = torch.zeros(2, dtype=F64)
     v = torch.zeros(2, dtype=F64)
     for _ in range(3):
@@ -432,7 +467,10 @@ def test_pde_aware_matches_hand_computed_update():
         torch.testing.assert_close(theta.detach(), expected, rtol=1e-13, atol=1e-13)
 
 
-def test_pde_aware_loss_mode_uses_total_loss_gradient():
+@pytest.mark.parametrize("adam_floor", [False, True])
+def test_pde_aware_loss_mode_uses_total_loss_gradient(adam_floor):
+    """Two steps of the default first moment; with the floor, coordinate b (loss gradient^2
+    43.6 > mean g_i^2 6.27) takes Adam's denominator, coordinate a (1.48 < 1.75) the paper's."""
     theta = nn.Parameter(torch.tensor([0.5, -1.5], dtype=F64))
     xs = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
     ys = torch.tensor([0.3, 1.0, -1.0], dtype=F64)
@@ -447,16 +485,35 @@ def test_pde_aware_loss_mode_uses_total_loss_gradient():
         return loss
 
     opt = PDEAware([theta], lr=0.1, betas=(0.5, 0.5), eps=1e-3, first_moment="loss",
-                   chunk_size=2)
-    a, b = 0.5, -1.5
-    r = a * xs + b * b * ys - 1
-    gi = torch.stack([xs, 2 * b * ys], dim=1)
-    grad = (2 * r[:, None] * gi).mean(0)
-    expected = torch.tensor([a, b], dtype=F64) - 0.1 * (0.5 * grad) / (
-        (0.5 * (gi**2).mean(0)).sqrt() + 1e-3
-    )
-    opt.step(closure, residuals=residuals)
-    torch.testing.assert_close(theta.detach(), expected, rtol=1e-13, atol=1e-13)
+                   chunk_size=2, adam_floor=adam_floor)
+    m, v, s = (torch.zeros(2, dtype=F64) for _ in range(3))
+    floor_used = []
+    for _ in range(2):
+        a, b = float(theta[0]), float(theta[1])
+        r = a * xs + b * b * ys - 1
+        gi = torch.stack([xs, 2 * b * ys], dim=1)
+        grad = (2 * r[:, None] * gi).mean(0)
+        m, v, s = 0.5 * m + 0.5 * grad, 0.5 * v + 0.5 * (gi**2).mean(0), 0.5 * s + 0.5 * grad**2
+        denom = torch.maximum(v, s) if adam_floor else v
+        floor_used.append((s > v).tolist())
+        expected = torch.tensor([a, b], dtype=F64) - 0.1 * m / (denom.sqrt() + 1e-3)
+        opt.step(closure, residuals=residuals)
+        torch.testing.assert_close(theta.detach(), expected, rtol=1e-13, atol=1e-13)
+    assert floor_used[0] == [False, True]  # the example exercises both branches
+
+
+def test_pde_aware_defaults_are_loss_and_floor():
+    """Class and shipped config agree: the variant that trains, not the paper's rule."""
+    from omegaconf import OmegaConf
+
+    from sdze_lightning.cli import compose_config
+
+    opt = PDEAware([nn.Parameter(torch.zeros(2))])
+    assert (opt.first_moment, opt.adam_floor) == ("loss", True)
+    cfg = OmegaConf.to_container(compose_config(["method=pde_aware"], "unused").method)
+    assert (cfg["first_moment"], cfg["adam_floor"]) == ("loss", True)
+    with pytest.raises(ValueError, match="first_moment"):
+        PDEAware([nn.Parameter(torch.zeros(2))], first_moment="mean")
 
 
 def test_pde_aware_needs_residuals():
@@ -489,20 +546,53 @@ def test_trainer_fit_pde_aware_on_allen_cahn1d(make_trainer):
     from sdze_lightning.problems import AllenCahn1D
 
     losses = {}
-    for mode in ("residual", "loss"):
+    variants = {
+        "default": {},
+        "authors": dict(first_moment="loss", adam_floor=False),
+        "paper": dict(first_moment="residual", adam_floor=False),
+    }
+    for name, kwargs in variants.items():
         problem = AllenCahn1D(net=MLP(2, width=16, depth=2, seed=0), n_interior=64,
                               n_boundary=32, n_eval=0,
-                              method=functools.partial(PDEAware, first_moment=mode))
+                              method=functools.partial(PDEAware, **kwargs))
         start = float(problem.compute_loss(0, 0).detach())
         trainer = make_trainer(max_steps=25)
         trainer.fit(problem)
         assert trainer.global_step == 25
-        losses[mode] = (start, problem.last_loss)
-    # the authors'-code variant (first moment from the loss gradient) descends; the paper's
-    # rule (first moment = mean residual gradient) is not a descent method for the squared
-    # residual: only check that it runs and stays finite.
-    assert losses["loss"][1] < 0.5 * losses["loss"][0]
-    assert math.isfinite(losses["residual"][1])
+        losses[name] = (start, problem.last_loss)
+    # the first moment from the loss gradient descends (with or without the floor); the
+    # paper's rule (first moment = mean residual gradient) is not a descent method for the
+    # squared residual: only check that it runs and stays finite.
+    assert losses["default"][1] < 0.7 * losses["default"][0]  # the floor caps early steps
+    assert losses["authors"][1] < 0.5 * losses["authors"][0]
+    assert math.isfinite(losses["paper"][1])
+
+
+@pytest.mark.parametrize("first_moment", ["loss", "residual"])
+def test_trainer_fit_pde_aware_on_poisson2d_output_bias(first_moment, make_trainer):
+    """Delta u = f: the residual does not depend on the output bias, so its v is 0.
+
+    Without the floor (the paper's denominator) the bias moves by ~lr m / eps and the
+    boundary loss overflows within a few steps, with either first moment; with the floor
+    (default) the bias moves by at most about lr per step, and the loss goes down.
+    """
+    steps, lr = 20, 1e-3
+
+    def problem(floor: bool) -> Poisson2D:
+        return Poisson2D(net=MLP(2, width=16, depth=2, seed=0), n_interior=64, n_boundary=32,
+                         n_eval=0, method=functools.partial(PDEAware, lr=lr, adam_floor=floor,
+                                                            first_moment=first_moment))
+
+    with pytest.raises(NonFiniteLossError, match="boundary"):
+        make_trainer(max_steps=steps).fit(problem(floor=False))
+    floored = problem(floor=True)
+    bias0 = floored.net.layers[-1].bias.detach().clone()
+    start = float(floored.compute_loss(0, 0).detach())
+    make_trainer(max_steps=steps).fit(floored)
+    assert float((floored.net.layers[-1].bias.detach() - bias0).abs().max()) <= steps * lr
+    assert math.isfinite(floored.last_loss)
+    if first_moment == "loss":
+        assert floored.last_loss < start
 
 
 def test_lightning_checkpoint_resume_is_exact(make_trainer, tmp_path):

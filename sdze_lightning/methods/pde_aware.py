@@ -17,7 +17,7 @@ term)``.
 
 The paper's rule is available exactly (``first_moment="residual",
 adam_floor=False``), but it is **not the default**, because out of the box it
-fails on the two benchmark problems it was checked on:
+fails on the two problems it was checked on (Allen-Cahn 1D, Poisson 2D):
 
 * its first moment is the gradient of the *mean residual*, which is not a
   descent direction of the squared-residual loss (the sign of ``g_i`` is not
@@ -26,12 +26,15 @@ fails on the two benchmark problems it was checked on:
   ``m`` from the gradient of the total loss, from the closure's backward;
 * a parameter the residual does not depend on (the output bias under
   ``Delta u = f``: Poisson 2D) has ``v = 0`` exactly and is moved by
-  ``lr m / eps``, ``1e5 m`` at the defaults: the loss explodes. With
-  ``adam_floor=True`` (default) the denominator is ``sqrt(max(v, s)) + eps``,
-  ``s`` the moving average (``b2``) of the squared first-moment input, i.e.
-  Adam's second moment: no coordinate moves by more than Adam's step would
-  move it, and where ``v >= s`` (per-point residual gradients larger than the
-  loss gradient) the rule is the paper's. It costs a third state tensor.
+  ``lr m / eps``, ``1e5 m`` at the defaults: the boundary loss overflows
+  within ~6 steps, **with either first moment** (the authors' variant too).
+  With ``adam_floor=True`` (default) the denominator is
+  ``sqrt(max(v, s)) + eps``, ``s`` the moving average (``b2``) of the squared
+  first-moment input, i.e. Adam's second moment (without bias correction): no
+  coordinate moves by more than ``lr m / sqrt(s)``, Adam's step with the same
+  ``m``, and where ``v >= s`` (per-point residual gradients larger than the
+  loss gradient) the rule is the paper's. This is not in the paper; it costs
+  a third state tensor.
 
 Measured evidence (final relative L2 / loss, both modes, both floors):
 ``benchmarks/results/method_accuracy.md``; the tests in ``tests/test_methods.py``

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -61,10 +62,31 @@ def mem_available() -> int:
     return 0
 
 
+#: Step index of the fixed evaluation batch (never a training step's index).
+EVAL_STEP = 10**9
+
+
+def fixed_batch_loss(problem) -> float:
+    """Loss on one fixed batch (points and estimator directions of :data:`EVAL_STEP`).
+
+    The training losses are each on fresh points; at large d their spread across batches
+    hides any trend, so whether training lowers the loss is read from this one.
+    """
+    with torch.no_grad():
+        loss = float(problem.compute_loss(EVAL_STEP, 0))
+    problem._points = {}
+    return loss
+
+
 def sdze_run(
-    dim: int, steps: int, max_seconds: float, cfg: BenchConfig, log_every: int = 1
+    dim: int, steps: int, max_seconds: float, cfg: BenchConfig, log_every: int = 1,
+    eval_every: int = 0,
 ) -> dict:
-    """Train SDZE at ``dim`` for ``steps`` steps (or until ``max_seconds``); per-step log."""
+    """Train SDZE at ``dim`` for ``steps`` steps (or until ``max_seconds``); per-step log.
+
+    With ``eval_every > 0`` the loss on a fixed batch is evaluated before the first step,
+    every ``eval_every`` steps and after the last (excluded from the step times).
+    """
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     problem, opt = build("sdze", dim, cfg)
@@ -73,6 +95,10 @@ def sdze_run(
     print(f"d={dim}: {params:,} parameters, built in {build_s:.1f} s, RSS {rss() / GiB:.2f} GiB",
           flush=True)
     rows = []
+    evals: list[tuple[int, float]] = []
+    if eval_every:
+        evals.append((0, fixed_batch_loss(problem)))
+        print(f"fixed-batch loss before training {evals[-1][1]:.6g}", flush=True)
     t_run = time.perf_counter()
     for k in range(steps):
         t0 = time.perf_counter()
@@ -82,7 +108,13 @@ def sdze_run(
         if k % log_every == 0 or k == steps - 1:
             print(f"step {k:4d}  loss {loss:.5g}  {dt:.2f} s/step  RSS {rss() / GiB:.2f} GiB  "
                   f"peak {peak_rss_total() / GiB:.2f} GiB  load {load_average():.1f}", flush=True)
-        if time.perf_counter() - t_run > max_seconds and k < steps - 1:
+        stop = time.perf_counter() - t_run > max_seconds and k < steps - 1
+        if eval_every and ((k + 1) % eval_every == 0 or k == steps - 1 or stop):
+            t_eval = time.perf_counter()
+            evals.append((k + 1, fixed_batch_loss(problem)))
+            t_run += time.perf_counter() - t_eval
+            print(f"fixed-batch loss after {k + 1} steps {evals[-1][1]:.6g}", flush=True)
+        if stop:
             print(f"stopping after {k + 1} steps: --max-minutes reached", flush=True)
             break
     losses = [r["loss"] for r in rows]
@@ -93,7 +125,8 @@ def sdze_run(
         steps_done=len(rows), steps_requested=steps, build_s=build_s,
         median_s_per_step=statistics.median(r["seconds"] for r in rows),
         peak_rss_bytes=peak_rss_total(), loss_first_tenth=first, loss_last_tenth=last,
-        loss_falls=last < first, rows=rows,
+        loss_falls=last < first, rows=rows, fixed_batch_losses=evals,
+        fixed_batch_loss_falls=(evals[-1][1] < evals[0][1]) if len(evals) > 1 else None,
     )
 
 
@@ -154,6 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--max-minutes", type=float, default=1e9, help="stop the SDZE run after this")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="SDZE learning rate (default: BenchConfig.lr)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="loss on a fixed batch every this many steps (0: off)")
     ap.add_argument("--points", type=int, default=100,
                     help="collocation points per step (the scaling study's 100 by default)")
     ap.add_argument("--baselines", action="store_true", help="try each baseline for one step")
@@ -166,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = BenchConfig(threads=args.threads, points=args.points)
+    if args.lr is not None:
+        cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.worker:
         job = json.loads(args.worker)
         limit_memory(job["mem_cap"])
@@ -173,14 +212,17 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.smoke:
         cfg = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
-        args.dim, args.steps = 300, 6
+        args.dim, args.steps, args.eval_every = 300, 6, 3
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict = dict(machine=MACHINE, date=time.strftime("%Y-%m-%d"), cfg=cfg.dict())
     stem = "big_run_smoke" if args.smoke else "big_run"
     if not args.smoke and args.points != 100:
         stem += f"_{args.points}pts"
+    if not args.smoke and args.eval_every:
+        stem += "_eval"
     if not args.skip_sdze:
-        res = sdze_run(args.dim, args.steps, args.max_minutes * 60, cfg)
+        res = sdze_run(args.dim, args.steps, args.max_minutes * 60, cfg,
+                       eval_every=args.eval_every)
         rows = res.pop("rows")
         summary["sdze"] = res
         with open(args.out / f"{stem}.csv", "w", newline="") as f:

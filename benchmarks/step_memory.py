@@ -129,6 +129,7 @@ def measure(method: str, dim: int, cfg: dict) -> dict:
     for k in range(2):
         step(problem, opt, k)
     del problem, opt
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
     from _common import warm_fused_kernels  # imports this module: import here, not on top
 
     warm_fused_kernels()

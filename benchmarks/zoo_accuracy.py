@@ -11,6 +11,7 @@ evaluates the final (not best) model on the problem's held-out points. Results g
     python benchmarks/zoo_accuracy.py --table --problems kdv1d biharmonic
     python benchmarks/zoo_accuracy.py --runs adam:exact sdze:taylor --problems burgers1d --steps 500
     python benchmarks/zoo_accuracy.py --render benchmarks/results/zoo_table.json  # markdown
+    python benchmarks/zoo_accuracy.py --merge a.json b.json --stem zoo_table    # one file
     python benchmarks/zoo_accuracy.py --smoke               # seconds: tiny sizes, 3 steps
 """
 
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--render", nargs="*", type=Path, default=None,
         help="print the markdown table of these result JSON files and exit",
     )
+    parser.add_argument(
+        "--merge", nargs="*", type=Path, default=None,
+        help="concatenate these result JSON files into <out>/<stem>.{csv,json} and exit",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None, help="output file stem")
     parser.add_argument(
@@ -190,6 +195,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.merge is not None:
+        records = [r for path in args.merge for r in json.loads(path.read_text())]
+        write(records, args.out, args.stem or "zoo_table")
+        return records
     if args.render is not None:
         print(render([r for path in args.render for r in json.loads(path.read_text())]))
         return []

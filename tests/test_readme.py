@@ -25,3 +25,20 @@ def test_readme_subclassing_example_runs(monkeypatch, tmp_path):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert 0 < namespace["problem"].relative_l2_error() < 10
+
+
+def test_readme_train_command_is_an_sdze_run_that_reports_its_error(tmp_path):
+    from sdze_lightning.cli import run
+
+    lines = [
+        line for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("python3 -m venv") and "sdze-train" in line
+    ]
+    assert len(lines) == 1
+    overrides = lines[0].split("sdze-train", 1)[1].split()
+    assert "method=sdze" in overrides
+    # the same job, 5 steps instead of 2000, without files and progress bar
+    overrides = [o for o in overrides if not o.startswith("trainer.max_steps=")]
+    summary = run([*overrides, "trainer.max_steps=5", "logger=none", "callbacks=none"], tmp_path)
+    assert summary["status"] == "completed" and summary["steps"] == 5
+    assert 0 < summary["rel_l2"] < 10

@@ -10,6 +10,7 @@ bit-identical estimates, which is what Common Random Numbers Synchronisation
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from typing import ClassVar
@@ -83,9 +84,31 @@ class Estimator(ABC):
         """Two estimators with half the random directions each.
 
         Used for the unbiased squared residual ``r_1 * r_2``. Deterministic
-        estimators cannot make independent halves and raise ``ValueError``.
+        estimators cannot make independent halves and raise ``ValueError``;
+        randomized ones return :meth:`split_directions`.
         """
         raise ValueError(
             f"estimator={self.name} is deterministic: the squared residual is already "
             "unbiased; use problem.squared_residual=biased."
         )
+
+    def split_directions(self, minimum: int) -> tuple[Estimator, Estimator]:
+        """Two copies with ``num_directions // 2`` random directions each (independent draws).
+
+        For randomized estimators, which keep their direction count in ``num_directions``.
+
+        Args:
+            minimum: Fewest ``num_directions`` that still give two usable halves.
+
+        Raises:
+            ValueError: ``num_directions`` is below ``minimum``.
+
+        """
+        if self.num_directions < minimum:
+            raise ValueError(
+                f"estimator={self.name} needs num_directions >= {minimum} for "
+                "squared_residual=unbiased (two independent halves)."
+            )
+        half = copy.copy(self)
+        half.num_directions = self.num_directions // 2
+        return half, copy.copy(half)

@@ -27,7 +27,6 @@ which cost ``K * d`` for ``W v`` instead of a column lookup.
 
 from __future__ import annotations
 
-import copy
 from abc import abstractmethod
 from collections.abc import Collection
 from typing import ClassVar
@@ -210,14 +209,7 @@ class DirectionalEstimator(Estimator):
 
     def halves(self) -> tuple[Estimator, Estimator]:
         """Two copies with ``num_directions // 2`` directions each (independent draws)."""
-        if self.num_directions < 2:
-            raise ValueError(
-                f"estimator={self.name} needs num_directions >= 2 for "
-                "squared_residual=unbiased (two independent halves)."
-            )
-        half = copy.copy(self)
-        half.num_directions = self.num_directions // 2
-        return half, copy.copy(half)
+        return self.split_directions(2)
 
     def estimate(
         self,

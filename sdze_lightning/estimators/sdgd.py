@@ -14,7 +14,6 @@ sums would weight the diagonal ``i = j`` terms by ``d/K`` and the mixed ones by
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection
 
 import torch
@@ -51,13 +50,7 @@ class SDGDEstimator(ExactEstimator):
 
     def halves(self) -> tuple[Estimator, Estimator]:
         """Two copies with ``num_directions // 2`` coordinates each (independent draws)."""
-        if self.num_directions < 2:
-            raise ValueError(
-                "estimator=sdgd needs num_directions >= 2 for squared_residual=unbiased."
-            )
-        half = copy.copy(self)
-        half.num_directions = self.num_directions // 2
-        return half, copy.copy(half)
+        return self.split_directions(2)
 
     def estimate(
         self,

@@ -39,7 +39,6 @@ shortcut: ``W x`` once per point, ``W xi_k`` once per direction).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection
 
 import torch
@@ -178,13 +177,7 @@ class SteinEstimator(Estimator):
 
     def halves(self) -> tuple[Estimator, Estimator]:
         """Two copies with ``num_directions // 2`` samples each (independent draws)."""
-        if self.num_directions < 4:
-            raise ValueError(
-                "estimator=stein needs num_directions >= 4 for squared_residual=unbiased."
-            )
-        half = copy.copy(self)
-        half.num_directions = self.num_directions // 2
-        return half, copy.copy(half)
+        return self.split_directions(4)
 
     def estimate(
         self,

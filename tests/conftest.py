@@ -14,6 +14,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 from sdze_lightning import Derivatives, PINNProblem  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (small ops; restored afterwards).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Sine1D(PINNProblem):
     """u'' = -pi^2 sin(pi x) on [0, 1] with u = sin(pi x); boundary by a loss term."""
 

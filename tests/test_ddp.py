@@ -23,6 +23,8 @@ from sdze_lightning.methods import SDZE
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: 1 thread is faster here
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 STEPS = 6  # the smoke configuration of benchmarks/ddp_bytes.py
 QUERIES = 2
@@ -79,14 +81,6 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     ddp_bytes.launch(__file__, [str(out)], timeout=300)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)], out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def single_process(cfg: dict) -> list[torch.Tensor]:

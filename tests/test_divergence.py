@@ -19,6 +19,8 @@ from sdze_lightning.methods import SDZE, MeZO, PDEAware
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: 1 thread is faster here
+
 BAD = 5  # the step whose residual is non-finite
 METHODS = {
     "sdze": (functools.partial(SDZE, lr=1e-2, rank=2, period=3, queries=2), "SDZE(step=5"),
@@ -103,14 +105,6 @@ def fit(problem, tmp_path, max_steps=8, snaps=None) -> tuple[L.Trainer, Snapshot
     )
     trainer.fit(problem)
     return trainer, snaps
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -22,6 +22,8 @@ from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.nn import MLP
 from sdze_lightning.nn.perturb import LowRankDelta, attach_hooks, linear_forward, linear_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: 1 thread is faster here
+
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 #: Few directions per estimator: the contract does not depend on the count.
 SMALL = {"exact": {}, "sdgd": {"num_directions": 2}, "hte": {"num_directions": 2},
@@ -35,14 +37,6 @@ def tol(dtype: torch.dtype) -> dict:
     # (unit roundoff 6e-8) < 1e-5
     return {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else \
         {"rtol": 1e-5, "atol": 1e-5}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_registered_estimator_is_covered():

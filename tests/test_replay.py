@@ -17,6 +17,8 @@ from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D
 from sdze_lightning.replay import MAGIC, SeedReplayLog, main, read_log, replay
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: 1 thread is faster here
+
 STEPS = 9
 Q = 2
 METHODS = {
@@ -63,14 +65,6 @@ def identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(
         sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
     )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

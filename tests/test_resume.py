@@ -27,6 +27,8 @@ from sdze_lightning.methods import SDZE, MeZO
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: 1 thread is faster here
+
 STEPS = 10
 EVERY = 4  # checkpoints after steps 4 and 8
 KILL_AT = 7  # killed at the start of step 7: last.ckpt is from step 4, steps 4-6 are lost
@@ -100,14 +102,6 @@ def resume(method: str, ckpt_dir: Path) -> tuple[dict[int, float], Poisson2D]:
     losses = LossLog()
     trainer(ckpt_dir, [losses]).fit(problem, ckpt_path="last")
     return losses.losses, problem
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_killed_run_resumes_bit_for_bit(tmp_path):

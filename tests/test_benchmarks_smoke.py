@@ -8,28 +8,15 @@ are ``slow``: they are the benchmarks themselves, reduced.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def test_scaling_smoke(tmp_path):
-    mod = _load("scaling")
+    mod = load_benchmark("scaling")
     rows = mod.main(["--smoke", "--methods", "sdze", "adam+hte", "--out", str(tmp_path)])
     assert {(r["method"], r["dim"]) for r in rows} == {
         (m, d) for m in ("sdze", "adam+hte") for d in (40, 80)
@@ -43,14 +30,14 @@ def test_scaling_smoke(tmp_path):
 
 
 def test_fit_slope_recovers_power_law():
-    mod = _load("scaling")
+    mod = load_benchmark("scaling")
     rows = [dict(status="ok", dim=d, t=3.0 * d**0.8) for d in (1e3, 1e4, 1e5)]
     assert mod.fit_slope(rows, "t") == pytest.approx(0.8)
     assert mod.fit_slope(rows[:1], "t") is None
 
 
 def test_big_run_smoke(tmp_path):
-    mod = _load("big_run")
+    mod = load_benchmark("big_run")
     summary = mod.main(["--smoke", "--baselines", "--out", str(tmp_path)])
     sd = summary["sdze"]
     assert sd["steps_done"] == 6 and sd["params"] > 0 and sd["peak_rss_bytes"] > 0
@@ -60,7 +47,7 @@ def test_big_run_smoke(tmp_path):
 
 
 def test_profile_smoke(tmp_path):
-    mod = _load("profile_sdze")
+    mod = load_benchmark("profile_sdze")
     (row,) = mod.main(["--smoke", "--out", str(tmp_path)])
     totals = row["totals"]
     # the batch product x W^T is a d-dependent matrix product: it must be classed as input pass
@@ -69,7 +56,7 @@ def test_profile_smoke(tmp_path):
 
 
 def test_time_to_accuracy_smoke(tmp_path):
-    mod = _load("time_to_accuracy")
+    mod = load_benchmark("time_to_accuracy")
     rows = mod.main(["--smoke", "--out", str(tmp_path)])
     assert {r["method"] for r in rows} == {"sdze", "adam+hte"}
     for r in rows:
@@ -80,7 +67,7 @@ def test_time_to_accuracy_smoke(tmp_path):
 @pytest.mark.slow
 def test_sdze_memory_below_adam_hte_at_1e4(tmp_path):
     """Peak RSS of one step at d = 1e4 (fresh subprocesses): SDZE below Adam+HTE."""
-    mod = _load("scaling")
+    mod = load_benchmark("scaling")
     rows = mod.main(["--dims", "10000", "--sdze-dims", "--methods", "sdze", "adam+hte",
                      "--reps", "1", "--out", str(tmp_path)])
     by = {r["method"]: r for r in rows}

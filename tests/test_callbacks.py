@@ -6,12 +6,12 @@ import csv
 import functools
 import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from conftest import load_benchmark
 from lightning.pytorch.loggers import CSVLogger
 from sdze_lightning.callbacks import (
     EstimatorVarianceMonitor,
@@ -634,10 +634,7 @@ def test_callback_configs_instantiate(group, tmp_path):
 
 # ------------------------------------------------------------------- benchmark
 def test_benchmark_smoke_mode(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "callbacks_cost.py"
-    spec = importlib.util.spec_from_file_location("bench_callbacks_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("callbacks_cost")
     threads = torch.get_num_threads()
     result = module.main(["--smoke", "--out", str(tmp_path)])
     assert torch.get_num_threads() == threads

@@ -15,13 +15,13 @@ max row norm of the gradient), so that a bias of half its size would be caught.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 
 from sdze_lightning.constraints import BallConstraint
 from sdze_lightning.directions import Directions
@@ -483,20 +483,14 @@ def test_hydra_configs_instantiate(name):
     assert type(est) is type(build_estimator(name))
 
 
-def _load_benchmark(name: str):
-    path = REPO / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_benchmark_smoke_modes(tmp_path):
     threads = torch.get_num_threads()
-    rows = _load_benchmark("stein_ablation").main(["--smoke", "--out", str(tmp_path)])
+    rows = load_benchmark("stein_ablation").main(["--smoke", "--out", str(tmp_path)])
     assert {r["estimator"] for r in rows} >= {"stein-vanilla", "stein-cv", "stein-antithetic"}
     assert all(math.isfinite(r["lap_l1"]) for r in rows)
-    rows = _load_benchmark("first_layer_scaling").main(["--smoke", "--out", str(tmp_path)])
+    rows = load_benchmark("first_layer_scaling").main(["--smoke", "--out", str(tmp_path)])
     assert {r["estimator"] for r in rows} == {"fd", "stein", "taylor"}
     assert all(r["ratio"] > 0 for r in rows)
     torch.set_num_threads(threads)

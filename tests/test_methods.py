@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import load_benchmark
 from torch import nn
 
 from sdze_lightning.directions import Directions
@@ -637,25 +638,16 @@ def test_trainer_fit_warns_with_backprop_estimator(make_trainer, caplog):
 
 
 # ----------------------------------------------------------------------- benchmarks
-def _load_benchmark(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_benchmark_smoke_modes(tmp_path):
     threads = torch.get_num_threads()
-    rows = _load_benchmark("crns_variance").main(["--smoke", "--out", str(tmp_path)])
+    rows = load_benchmark("crns_variance").main(["--smoke", "--out", str(tmp_path)])
     assert {r["eps"] for r in rows} == {1e-2, 1e-3, 1e-4}
     assert all(r["ratio"] > 1 for r in rows)
-    rows = _load_benchmark("subspace_variance").main(["--smoke", "--out", str(tmp_path)])
+    rows = load_benchmark("subspace_variance").main(["--smoke", "--out", str(tmp_path)])
     assert rows[-1]["method"].startswith("full space")
-    rows = _load_benchmark("step_memory").main(["--smoke", "--out", str(tmp_path)])
+    rows = load_benchmark("step_memory").main(["--smoke", "--out", str(tmp_path)])
     assert {r["method"] for r in rows} == {"sdze", "mezo", "adam-hte"}
     assert (tmp_path / "step_memory_smoke.csv").exists()
     torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from conftest import load_benchmark
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdze_lightning.estimators.taylor import TaylorEstimator
@@ -165,13 +166,7 @@ def test_sdze_replay_command_matches_the_checkpoint(tmp_path, capsys):
 
 
 def test_replay_size_benchmark_smoke(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "replay_size.py"
-    spec = importlib.util.spec_from_file_location("replay_size", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("replay_size")
     row = bench.main(["--smoke", "--out", str(tmp_path)])
     assert row["bit_identical"] and row["records"] == row["steps"]
     assert row["log_bytes_per_step"] == 16 + 16 * row["queries"]

@@ -23,6 +23,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from step_memory import peak, reset_peak, rss  # noqa: E402
+from step_memory import step as train_step  # noqa: E402
 
 RESULTS = HERE / "results"
 MACHINE = "2-core CPU, 24 GB RAM, torch " + torch.__version__
@@ -141,30 +142,6 @@ def warm_fused_kernels() -> None:
     x = torch.rand(2, FUSED_MIN_DIM + 2)
     for rows in (2, 1):
         two_body_terms(x[:rows], torch.ones(FUSED_MIN_DIM + 1))
-
-
-def train_step(problem, opt, k: int) -> float:
-    """One step as ``PINNProblem.training_step`` runs it (no Trainer); returns the loss.
-
-    A zeroth-order step whose loss is not finite (MeZO diverging) returns NaN:
-    its evaluations ran, its update was skipped, and the timing still counts.
-    """
-    from sdze_lightning.divergence import NonFiniteLossError
-    from sdze_lightning.methods import is_zeroth_order
-
-    if is_zeroth_order(opt):
-        with problem.net.first_layer_cache():
-            try:
-                loss = opt.step(lambda: problem.compute_loss(k, opt.noise_key))
-            except NonFiniteLossError:  # diverged (MeZO): evaluations done, update skipped
-                loss = torch.tensor(float("nan"))
-    else:
-        opt.zero_grad(set_to_none=True)
-        loss = problem.compute_loss(k, 0)
-        loss.backward()
-        opt.step()
-    problem._points = {}
-    return float(loss.detach())
 
 
 def forward_pass(problem, step: int = 0) -> tuple[float, float]:

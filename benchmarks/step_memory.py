@@ -103,7 +103,12 @@ def build(method: str, dim: int, cfg: dict):
 
 
 def step(problem, opt, k: int) -> float:
-    """One training step as ``PINNProblem.training_step`` runs it (without Lightning)."""
+    """One training step as ``PINNProblem.training_step`` runs it (without Lightning).
+
+    Returns the loss; a zeroth-order step whose loss is not finite (MeZO diverging)
+    returns NaN: its evaluations ran, its update was skipped, and its time and memory
+    still count. The other scripts use it as ``_common.train_step``.
+    """
     from sdze_lightning.divergence import NonFiniteLossError
     from sdze_lightning.methods import is_zeroth_order
 
@@ -111,7 +116,7 @@ def step(problem, opt, k: int) -> float:
         with problem.net.first_layer_cache():
             try:
                 loss = opt.step(lambda: problem.compute_loss(k, opt.noise_key))
-            except NonFiniteLossError:  # diverged: the step's memory was still spent
+            except NonFiniteLossError:  # diverged: evaluations done, update skipped
                 loss = torch.tensor(float("nan"))
     else:
         opt.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdze_lightning.constraints import BallConstraint, ProductConstraint
+from sdze_lightning.constraints import BallConstraint, ProductConstraint, row_sq_norm
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.problem import PINNProblem
 from sdze_lightning.problems.ball import SOURCE_BLOCK, checked_dim, coefficients
@@ -65,7 +65,7 @@ class BiharmonicAnnulus(PINNProblem):
         """``(1 - |x|^2)(4 - |x|^2) psi(x)``."""
         out = []
         for xb in self._blocks(x):
-            s = xb.square().sum(dim=1)
+            s = row_sq_norm(xb)
             out.append((1 - s) * (4 - s) * three_body_terms(xb, self.coeffs).psi)
         return torch.cat(out)
 
@@ -75,7 +75,7 @@ class BiharmonicAnnulus(PINNProblem):
         out = []
         for xb in self._blocks(x):
             t = three_body_terms(xb, self.coeffs, fourth_order=True)
-            s = xb.square().sum(dim=1)
+            s = row_sq_norm(xb)
             big_b = (1 - s) * (4 - s)
             lap_b = (4 * d + 8) * s - 10 * d
             slope = 4 * s - 10  # grad B = slope * x

@@ -40,8 +40,8 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
-    "MACHINE", "METHODS", "RESULTS", "BenchConfig", "build", "forward_pass", "limit_memory",
-    "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
+    "MACHINE", "METHODS", "RESULTS", "SMOKE", "BenchConfig", "build", "forward_pass",
+    "limit_memory", "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
 ]
 
 
@@ -78,6 +78,10 @@ class BenchConfig:
     def dict(self) -> dict:
         """Plain dict (JSON)."""
         return asdict(self)
+
+
+#: The tiny setup of every script's ``--smoke`` mode (the numbers mean nothing).
+SMOKE = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
 
 
 def make_estimator(name: str, k: int):

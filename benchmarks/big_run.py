@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     MACHINE,
     RESULTS,
+    SMOKE,
     BenchConfig,
     build,
     limit_memory,
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(baseline_worker(job["method"], job["dim"], BenchConfig(**job["cfg"]))))
         return {}
     if args.smoke:
-        cfg = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
+        cfg = SMOKE
         args.dim, args.steps, args.eval_every = 300, 6, 3
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict = dict(machine=MACHINE, date=time.strftime("%Y-%m-%d"), cfg=cfg.dict())

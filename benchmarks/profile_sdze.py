@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     MACHINE,
     RESULTS,
+    SMOKE,
     BenchConfig,
     build,
     forward_pass,
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     cfg = BenchConfig(threads=args.threads)
     if args.smoke:
-        cfg = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
+        cfg = SMOKE
         args.dims, args.steps = [300], 1
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [profile_dim(d, cfg, args.steps, args.out) for d in args.dims]

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     MACHINE,
     METHODS,
     RESULTS,
+    SMOKE,
     BenchConfig,
     build,
     forward_pass,
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  job["cap"], job["reps"])))
         return []
     if args.smoke:
-        cfg = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
+        cfg = SMOKE
         args.dims, args.sdze_dims, args.reps = [40, 80], [], 1
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, d) for d in args.dims for m in args.methods]

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MACHINE, RESULTS, BenchConfig, make_estimator  # noqa: E402
+from _common import MACHINE, RESULTS, SMOKE, BenchConfig, make_estimator  # noqa: E402
 
 #: Method name -> (estimator name, optimizer factory taking the network and the seed).
 METHODS = ("sdze", "adam+hte")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     cfg = BenchConfig(threads=args.threads)
     if args.smoke:
-        cfg = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
+        cfg = SMOKE
         args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []

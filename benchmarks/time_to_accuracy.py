@@ -4,13 +4,19 @@ Two-body Allen-Cahn on the unit ball, shared setup (MLP 4x128 tanh, 100 fresh
 points per step, 16 directions), trained through ``lightning.Trainer.fit`` as
 users run it: SDZE with the shipped config (``configs/method/sdze.yaml``: rank 4,
 period 100, Adam in the subspace; lr ``--sdze-lr``, default 1e-2) and ``taylor`` on 16
-coordinate directions; Adam (lr 1e-3) with ``hte`` on 16 Rademacher
+coordinate directions; Adam (lr ``--adam-lr``, default 1e-3) with ``hte`` on 16 Rademacher
 directions. Each run gets the same training wall-time budget (``--budget-s``;
 the evaluations are not counted); every ``--eval-every`` steps a callback
 records the training wall time and the relative L2 error on ``--n-eval``
 held-out points. Reported: the final (not best) error per seed and its mean,
 for ``--seeds`` seeds. Reference (issue 7): STDE's JAX code on this machine
 reaches 6.3e-4 at d = 1e3 after 216 s (10,000 steps).
+
+Reference lines (``floors``, in the JSON, the log and the plot): the error of the
+best network output of the form ``e(x) c`` (a constant behind the hard
+constraint's factor ``e``, 1 without one) and ``e(x) (c + a.x)`` (affine, for
+``d <= --affine-max-dim``). A method whose error stops at the constant line has
+learned the mean of the solution and nothing that depends on ``x``.
 
     python benchmarks/time_to_accuracy.py                         # d = 1e3, 3 seeds, 216 s
     python benchmarks/time_to_accuracy.py --dims 1000 10000 --budget-s 120
@@ -88,8 +94,58 @@ def make_problem(problem: str, dim: int, seed: int, cfg: BenchConfig, **kwargs):
                     n_boundary=cfg.points, seed=seed, **kwargs)
 
 
+@torch.no_grad()
+def floors(problem, affine_max_dim: int = 2000, fit_seed: int = 12345) -> dict:
+    """Relative L2 errors of the best constant and the best affine network output.
+
+    The model is ``u = e(x) n(x)`` (``e``: the hard constraint's factor, 1 without
+    one). Best constant ``n = c``: least squares on the held-out points
+    themselves (closed form), so no constant does better on them. Best affine
+    ``n = c + a.x``: least squares on ``4 d`` fresh points of another stream,
+    evaluated on the held-out points; skipped (``None``) above ``affine_max_dim``.
+    Everything in float64.
+
+    Returns:
+        ``{"constant": err, "constant_value": c, "affine": err or None}``.
+
+    """
+    def envelope(x):
+        if problem.constraint is None:
+            return torch.ones(len(x), dtype=torch.float64)
+        return problem.constraint.value(x).reshape(-1).double()
+
+    xs, refs = zip(*problem.eval_batches(), strict=True)
+    x = torch.cat(xs).double()
+    ref = torch.cat(refs).reshape(-1).double()
+    e = envelope(x)
+    c = (e @ ref) / (e @ e)
+    out = {"constant": float((e * c - ref).norm() / ref.norm()), "constant_value": float(c),
+           "affine": None}
+    dim = x.shape[1]
+    if dim <= affine_max_dim:
+        gen = torch.Generator().manual_seed(fit_seed)
+        xf = problem.sample_interior(4 * dim, gen)
+        uf = problem.exact_solution(xf).reshape(-1).double()
+        xf = xf.double()
+
+        def design(z):
+            return torch.cat([torch.ones(len(z), 1, dtype=z.dtype), z], 1) * envelope(z)[:, None]
+
+        coef = torch.linalg.lstsq(design(xf), uf[:, None]).solution
+        out["affine"] = float(((design(x) @ coef).reshape(-1) - ref).norm() / ref.norm())
+    return out
+
+
+def mean_floors(items: list[dict]) -> dict:
+    """Mean of :func:`floors` results over runs (``None`` stays ``None``)."""
+    keys = ("constant", "affine")
+    return {k: None if any(f[k] is None for f in items) else statistics.mean(f[k] for f in items)
+            for k in keys}
+
+
 def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
-        cfg: BenchConfig, problem_name: str = "twobody", sdze_lr: float = 1e-2) -> dict:
+        cfg: BenchConfig, problem_name: str = "twobody", sdze_lr: float = 1e-2,
+        sdze_queries: int = 1, affine_max_dim: int = 2000, adam_lr: float = 1e-3) -> dict:
     """One training run through ``Trainer.fit``; returns the curve and the final error."""
     import functools
 
@@ -99,13 +155,15 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
     torch.set_num_threads(cfg.threads)
     if method == "sdze":
         est = make_estimator("taylor", cfg.directions)
-        opt = functools.partial(SDZE, lr=sdze_lr, rank=cfg.rank, period=cfg.period, seed=seed)
+        opt = functools.partial(SDZE, lr=sdze_lr, rank=cfg.rank, period=cfg.period,
+                                queries=sdze_queries, seed=seed)
     else:
         est = make_estimator("hte", cfg.directions)
-        opt = functools.partial(torch.optim.Adam, lr=cfg.lr)
+        opt = functools.partial(torch.optim.Adam, lr=adam_lr)
     net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=seed)
     problem = make_problem(problem_name, dim, seed, cfg, net=net, estimator=est, method=opt,
                            n_eval=n_eval)
+    floor = floors(problem, affine_max_dim)  # the held-out points depend on the seed
     cb = WallClockEval(budget_s, every)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10**9, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
@@ -115,11 +173,13 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
     final = problem.relative_l2_error()
     return dict(problem=problem_name, method=method, dim=dim, seed=seed, steps=trainer.global_step,
                 train_s=cb._train_s, final_rel_l2=final,
-                s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve)
+                s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve,
+                floors=floor)
 
 
-def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn") -> None:
-    """Relative L2 error against training wall time, one panel per d."""
+def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn",
+         floor: dict | None = None) -> None:
+    """Relative L2 error against training wall time, one panel per d (dashed: ``floors``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,6 +195,10 @@ def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn") -> No
             _, t, e = zip(*r["curve"], strict=True)
             ax.semilogy(t, e, color=colors[r["method"]], alpha=0.7,
                         label=r["method"] if r["seed"] == 0 else None)
+        for key, style in (("constant", "--"), ("affine", ":")):
+            level = (floor or {}).get(dim, {}).get(key)
+            if level is not None:
+                ax.axhline(level, color="gray", ls=style, label=f"best {key} n(x)")
         ax.set_xlabel("training wall time (s)")
         ax.set_ylabel("relative L2 error")
         ax.set_title(f"{title}, d = {dim}")
@@ -160,20 +224,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sdze-lr", type=float, default=1e-2,
                     help="SDZE learning rate (Adam uses 1e-3); 1e-2 is the best of a sweep on "
                          "two-body Allen-Cahn d = 1e3 (benchmarks/README.md, issue 4)")
+    ap.add_argument("--adam-lr", type=float, default=1e-3)
+    ap.add_argument("--sdze-rank", type=int, default=BenchConfig.rank)
+    ap.add_argument("--sdze-period", type=int, default=BenchConfig.period)
+    ap.add_argument("--sdze-queries", type=int, default=1)
+    ap.add_argument("--affine-max-dim", type=int, default=2000,
+                    help="largest d for the best-affine reference line")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=args.threads)
+    cfg = BenchConfig(threads=args.threads, rank=args.sdze_rank, period=args.sdze_period)
     if args.smoke:
         cfg = SMOKE
         args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    floor: dict[int, dict] = {}
     for dim in args.dims:
         for method in args.methods:
             for seed in range(args.seeds):
                 r = run(method, dim, seed, args.budget_s, args.eval_every, args.n_eval, cfg,
-                        args.problem, args.sdze_lr)
+                        args.problem, args.sdze_lr, args.sdze_queries, args.affine_max_dim,
+                        args.adam_lr)
                 rows.append(r)
                 print(f"d={dim:>6} {method:9s} seed {seed}: {r['steps']} steps in "
                       f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "
@@ -181,10 +254,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             errs = [r["final_rel_l2"] for r in rows if r["dim"] == dim and r["method"] == method]
             print(f"d={dim:>6} {method:9s} mean final rel L2 {statistics.mean(errs):.3e} "
                   f"(min {min(errs):.3e}, max {max(errs):.3e})", flush=True)
+        floor[dim] = mean_floors([r["floors"] for r in rows if r["dim"] == dim])
+        print(f"d={dim:>6} reference: best constant n {floor[dim]['constant']:.3e}, best affine "
+              f"n {floor[dim]['affine']}", flush=True)
     stem = "time_to_accuracy_smoke" if args.smoke else "time_to_accuracy"
     if args.problem != "twobody":
         stem += f"_{args.problem}"
     stem += "".join(f"_{d}" for d in args.dims) if args.dims != [1000] and not args.smoke else ""
+    stem += f"_{args.tag}" if args.tag else ""
     with open(args.out / f"{stem}.csv", "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["method", "dim", "seed", "step", "train_s", "rel_l2"])
@@ -193,10 +270,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 wr.writerow([r["method"], r["dim"], r["seed"], step, f"{t:.3f}", f"{e:.6e}"])
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(),
-         "budget_s": args.budget_s, "sdze_lr": args.sdze_lr, "problem": args.problem,
-         "rows": rows}, indent=2))
+         "budget_s": args.budget_s, "sdze_lr": args.sdze_lr, "sdze_queries": args.sdze_queries,
+         "adam_lr": args.adam_lr,
+         "problem": args.problem, "floors": floor, "rows": rows}, indent=2))
     title = "two-body Allen-Cahn" if args.problem == "twobody" else "Allen-Cahn on the cube"
-    plot(rows, args.out / f"{stem}.png", title)
+    plot(rows, args.out / f"{stem}.png", title, floor)
     return rows
 
 

@@ -61,7 +61,14 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert {r["method"] for r in rows} == {"sdze", "adam+hte"}
     for r in rows:
         assert r["steps"] > 0 and 0 < r["final_rel_l2"] < 10 and r["curve"]
+        # c = 0 has error exactly 1, so the least-squares constant is at most 1; at d = 50 the
+        # solution's x-dependent part is large enough that an affine output does far better.
+        floor = r["floors"]
+        assert 0 < floor["constant"] <= 1
+        assert floor["affine"] is not None and floor["affine"] < 0.5 * floor["constant"]
     assert (tmp_path / "time_to_accuracy_smoke.png").exists()
+    saved = json.loads((tmp_path / "time_to_accuracy_smoke.json").read_text())
+    assert set(saved["floors"]["50"]) == {"constant", "affine"}
 
 
 @pytest.mark.slow
@@ -72,3 +79,36 @@ def test_sdze_memory_below_adam_hte_at_1e4(tmp_path):
                      "--reps", "1", "--out", str(tmp_path)])
     by = {r["method"]: r for r in rows}
     assert by["sdze"]["peak_bytes"] < by["adam+hte"]["peak_bytes"]
+
+
+def test_floors_of_an_affine_solution():
+    """``floors`` of a solution ``e(x) (2 + a.x)``: exact affine fit, inexact constant one."""
+    import torch
+
+    from sdze_lightning.constraints import BallConstraint
+
+    mod = load_benchmark("time_to_accuracy")
+    a = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    class Affine:
+        constraint = BallConstraint(1.0)
+
+        def sample_interior(self, n, gen):
+            return torch.rand(n, 3, generator=gen, dtype=torch.float64) - 0.5
+
+        def exact_solution(self, x):
+            return (self.constraint.value(x).reshape(-1) * (2 + x @ a))[:, None]
+
+        def eval_batches(self):
+            x = self.sample_interior(500, torch.Generator().manual_seed(1))
+            yield x, self.exact_solution(x)
+
+    floor = mod.floors(Affine())
+    assert floor["affine"] < 1e-10
+    # No constant does better on the held-out points (least squares), and x-dependence is left.
+    x, ref = next(Affine().eval_batches())
+    e, ref = BallConstraint(1.0).value(x).reshape(-1), ref.reshape(-1)
+    for c in torch.linspace(0.0, 4.0, 81, dtype=torch.float64):
+        assert floor["constant"] <= float((e * c - ref).norm() / ref.norm()) + 1e-12
+    best = float((e * floor["constant_value"] - ref).norm() / ref.norm())
+    assert floor["constant"] == pytest.approx(best) and floor["constant"] > 0.1

@@ -145,7 +145,8 @@ def mean_floors(items: list[dict]) -> dict:
 
 def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
         cfg: BenchConfig, problem_name: str = "twobody", sdze_lr: float = 1e-2,
-        sdze_queries: int = 1, affine_max_dim: int = 2000, adam_lr: float = 1e-3) -> dict:
+        sdze_queries: int = 1, affine_max_dim: int = 2000, adam_lr: float = 1e-3,
+        sdze_cosine_steps: int = 0) -> dict:
     """One training run through ``Trainer.fit``; returns the curve and the final error."""
     import functools
 
@@ -160,9 +161,13 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
     else:
         est = make_estimator("hte", cfg.directions)
         opt = functools.partial(torch.optim.Adam, lr=adam_lr)
+    scheduler = None
+    if method == "sdze" and sdze_cosine_steps:
+        scheduler = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR,
+                                      T_max=sdze_cosine_steps)
     net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=seed)
     problem = make_problem(problem_name, dim, seed, cfg, net=net, estimator=est, method=opt,
-                           n_eval=n_eval)
+                           n_eval=n_eval, scheduler=scheduler)
     floor = floors(problem, affine_max_dim)  # the held-out points depend on the seed
     cb = WallClockEval(budget_s, every)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10**9, logger=False,
@@ -228,6 +233,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sdze-rank", type=int, default=BenchConfig.rank)
     ap.add_argument("--sdze-period", type=int, default=BenchConfig.period)
     ap.add_argument("--sdze-queries", type=int, default=1)
+    ap.add_argument("--sdze-cosine-steps", type=int, default=0,
+                    help="cosine decay of SDZE's lr to 0 over this many steps (0: constant lr)")
     ap.add_argument("--affine-max-dim", type=int, default=2000,
                     help="largest d for the best-affine reference line")
     ap.add_argument("--tag", default="", help="suffix of the result files")
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for seed in range(args.seeds):
                 r = run(method, dim, seed, args.budget_s, args.eval_every, args.n_eval, cfg,
                         args.problem, args.sdze_lr, args.sdze_queries, args.affine_max_dim,
-                        args.adam_lr)
+                        args.adam_lr, args.sdze_cosine_steps)
                 rows.append(r)
                 print(f"d={dim:>6} {method:9s} seed {seed}: {r['steps']} steps in "
                       f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "
@@ -271,7 +278,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(),
          "budget_s": args.budget_s, "sdze_lr": args.sdze_lr, "sdze_queries": args.sdze_queries,
-         "adam_lr": args.adam_lr,
+         "adam_lr": args.adam_lr, "sdze_cosine_steps": args.sdze_cosine_steps,
+         "sdze_rank": cfg.rank, "sdze_period": cfg.period,
          "problem": args.problem, "floors": floor, "rows": rows}, indent=2))
     title = "two-body Allen-Cahn" if args.problem == "twobody" else "Allen-Cahn on the cube"
     plot(rows, args.out / f"{stem}.png", title, floor)

@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--n-eval", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sdze-lr", type=float, default=1e-2,
-                    help="SDZE learning rate (Adam uses 1e-3); 1e-2 is the best of a sweep on "
-                         "two-body Allen-Cahn d = 1e3 (benchmarks/README.md, issue 4)")
+                    help="SDZE learning rate; 1e-2 is the best of a sweep on two-body Allen-Cahn "
+                         "d = 1e3 (benchmarks/README.md, issue 4); 0.1 was better at d = 1e4")
     ap.add_argument("--adam-lr", type=float, default=1e-3)
     ap.add_argument("--sdze-rank", type=int, default=BenchConfig.rank)
     ap.add_argument("--sdze-period", type=int, default=BenchConfig.period)
@@ -262,8 +262,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"d={dim:>6} {method:9s} mean final rel L2 {statistics.mean(errs):.3e} "
                   f"(min {min(errs):.3e}, max {max(errs):.3e})", flush=True)
         floor[dim] = mean_floors([r["floors"] for r in rows if r["dim"] == dim])
+        affine = floor[dim]["affine"]
         print(f"d={dim:>6} reference: best constant n {floor[dim]['constant']:.3e}, best affine "
-              f"n {floor[dim]['affine']}", flush=True)
+              f"n {'-' if affine is None else format(affine, '.3e')}", flush=True)
     stem = "time_to_accuracy_smoke" if args.smoke else "time_to_accuracy"
     if args.problem != "twobody":
         stem += f"_{args.problem}"

@@ -144,7 +144,7 @@ def mean_floors(items: list[dict]) -> dict:
 
 
 def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
-        cfg: BenchConfig, problem_name: str = "twobody", sdze_lr: float = 1e-2,
+        cfg: BenchConfig, *, problem_name: str = "twobody", sdze_lr: float = 1e-2,
         sdze_queries: int = 1, affine_max_dim: int = 2000, adam_lr: float = 1e-3,
         sdze_cosine_steps: int = 0) -> dict:
     """One training run through ``Trainer.fit``; returns the curve and the final error."""
@@ -252,8 +252,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for method in args.methods:
             for seed in range(args.seeds):
                 r = run(method, dim, seed, args.budget_s, args.eval_every, args.n_eval, cfg,
-                        args.problem, args.sdze_lr, args.sdze_queries, args.affine_max_dim,
-                        args.adam_lr, args.sdze_cosine_steps)
+                        problem_name=args.problem, sdze_lr=args.sdze_lr,
+                        sdze_queries=args.sdze_queries, affine_max_dim=args.affine_max_dim,
+                        adam_lr=args.adam_lr, sdze_cosine_steps=args.sdze_cosine_steps)
                 rows.append(r)
                 print(f"d={dim:>6} {method:9s} seed {seed}: {r['steps']} steps in "
                       f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "

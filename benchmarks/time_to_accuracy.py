@@ -98,9 +98,10 @@ def make_problem(problem: str, dim: int, seed: int, cfg: BenchConfig, **kwargs):
 def floors(problem, affine_max_dim: int = 2000, fit_seed: int = 12345) -> dict:
     """Relative L2 errors of the best constant and the best affine network output.
 
-    The model is ``u = e(x) n(x)`` (``e``: the hard constraint's factor, 1 without
-    one). Best constant ``n = c``: least squares on the held-out points
-    themselves (closed form), so no constant does better on them. Best affine
+    The model is ``u = e(x) n(x)`` (``e``: the factor of ``problem.constraint``,
+    1 without one; a custom ``hard_constraint`` override is not modelled). Best
+    constant ``n = c``: least squares on the held-out points themselves (closed
+    form), so no constant does better on them. Best affine
     ``n = c + a.x``: least squares on ``4 d`` fresh points of another stream,
     evaluated on the held-out points; skipped (``None``) above ``affine_max_dim``.
     Everything in float64.

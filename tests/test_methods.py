@@ -16,7 +16,7 @@ from sdze_lightning.directions import Directions
 from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
 from sdze_lightning.methods import SDZE, MeZO, PDEAware
 from sdze_lightning.methods.subspace import orthonormal_basis
-from sdze_lightning.nn import MLP
+from sdze_lightning.nn import MLP, perturb
 from sdze_lightning.nn.perturb import LowRankDelta, attach_hooks, linear_layers
 from sdze_lightning.problem import NonFiniteLossError
 from sdze_lightning.problems import Poisson2D
@@ -178,6 +178,37 @@ def test_shared_wx_cache_is_invalidated_by_the_fold():
             opt.step(closure)
     assert len(diffs) == 16
     assert max(diffs) < 1e-12
+
+
+def test_dense_effective_weight_matches_implicit_form_and_sees_in_place_updates(monkeypatch):
+    """Small layers use the cached ``W + A C B^T`` (no grad): same values as the implicit
+    form, and an in-place change of the coordinates or the weight is not served stale."""
+    net = MLP(5, width=6, depth=2, seed=0).double()
+    opt = SDZE(net, rank=2, eps=0.1, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(len(opt.layers)):
+        opt.layer_state(i)["coords"].copy_(
+            torch.randn(opt.layer_state(i)["coords"].shape, generator=gen, dtype=F64))
+    opt._install()
+    x = torch.randn(4, 5, generator=gen, dtype=F64)
+    dirs = Directions(5, index=torch.tensor([0, 3]))
+    with torch.no_grad():
+        dense = net.jets(x, dirs, 2)
+        assert net.layers[1].zo_delta._dense is not None  # the dense route was taken
+        monkeypatch.setattr(perturb, "DENSE_MAX_NUMEL", 0)
+        implicit = net.jets(x, dirs, 2)
+        monkeypatch.undo()
+    for a, b in zip(dense, implicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        before = net(x)
+        opt.layer_state(1)["coords"].mul_(-2.0)  # C is a view of these coordinates
+        after_coords = net(x)
+        net.layers[2].weight.add_(0.5)
+        after_weight = net(x)
+    ref = explicit_copy(net)
+    assert not torch.allclose(before, after_coords)
+    torch.testing.assert_close(after_weight, ref(x), rtol=1e-12, atol=1e-12)
 
 
 def test_bases_orthonormal_seeded_and_refreshed():

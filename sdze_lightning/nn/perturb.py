@@ -14,7 +14,7 @@ built from ``nn.Linear`` layers gets the same offset through a forward hook
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ class LowRankDelta:
     B: Tensor
     C: Tensor
     cb: Tensor | None
+    _dense: tuple[tuple, Tensor, Tensor | None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def linear(self, x: Tensor) -> Tensor:
         """Return ``x Delta W^T`` (no bias term) for ``x`` of shape ``(..., in)``."""
@@ -53,10 +56,56 @@ class LowRankDelta:
         """Return ``Delta b`` or ``None``."""
         return None if self.cb is None else self.A @ self.cb
 
+    @torch.no_grad()
+    def effective(self, layer: nn.Linear) -> tuple[Tensor, Tensor | None]:
+        """``(W + A C B^T, b + A c_b)`` of ``layer``, formed once and cached.
+
+        The cache is keyed by the in-place versions of the weight, the bias and
+        the coordinates (``C`` and ``c_b`` are views of the optimizer's
+        coordinate vector), so an in-place update of any of them is seen.
+        """
+        w, bias = layer.weight, layer.bias
+        key = (
+            w.data_ptr(), w.dtype, w._version, self.C._version,
+            None if bias is None else bias._version,
+            None if self.cb is None else self.cb._version,
+        )
+        if self._dense is None or self._dense[0] != key:
+            left = self.A @ self.C.to(self.A.dtype)
+            weight = torch.addmm(w, left.to(w.dtype), self.B.T.to(w.dtype))
+            if bias is not None and self.cb is not None:
+                bias = bias + self.bias().to(bias.dtype)
+            self._dense = (key, weight, bias)
+        return self._dense[1], self._dense[2]
+
 
 def delta_of(module: nn.Module) -> LowRankDelta | None:
     """Return the active offset of ``module`` (``None`` when unperturbed)."""
     return getattr(module, "zo_delta", None)
+
+
+#: Weights with at most this many entries are perturbed explicitly when no gradient is
+#: recorded: ``W + A C B^T`` is formed once per offset (:meth:`LowRankDelta.effective`)
+#: and every product is one ``F.linear``, instead of the three thin products and the
+#: add of the implicit form per call. Larger weights (the first layer at large input
+#: dimension) stay implicit: a dense copy would be parameter-sized.
+DENSE_MAX_NUMEL = 1 << 20
+
+
+def _dense_ok(layer: nn.Linear, x: Tensor) -> bool:
+    """Whether :func:`linear_forward` may use the cached dense weight of the offset.
+
+    Only in float32/float64 without autocast: rounding ``W + A C B^T`` to bfloat16
+    would wipe out a perturbation of relative size 1e-3.
+    """
+    w = layer.weight
+    return (
+        w.numel() <= DENSE_MAX_NUMEL
+        and w.dtype in (torch.float32, torch.float64)
+        and x.dtype == w.dtype
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
 def linear_forward(layer: nn.Linear, x: Tensor, bias: bool = True) -> Tensor:
@@ -65,8 +114,11 @@ def linear_forward(layer: nn.Linear, x: Tensor, bias: bool = True) -> Tensor:
     ``bias=False`` gives the linear part only, as needed for the derivative
     coefficients of a Taylor jet or for a direction ``W v``.
     """
-    out = F.linear(x, layer.weight, layer.bias if bias else None)
     delta = delta_of(layer)
+    if delta is not None and _dense_ok(layer, x):
+        weight, b = delta.effective(layer)
+        return F.linear(x, weight, b if bias else None)
+    out = F.linear(x, layer.weight, layer.bias if bias else None)
     if delta is not None:
         out = out + delta.linear(x.to(delta.B.dtype)).to(out.dtype)
         if bias and delta.cb is not None:

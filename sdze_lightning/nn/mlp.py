@@ -260,7 +260,9 @@ class MLP(nn.Module):
         if not 0 <= order <= 4:
             raise ValueError(f"Jet order must be between 0 and 4, got {order}.")
         h0 = self.first_layer(x)
-        wv = self.first_layer_directions(dirs)[:, None, :]  # (K, 1, m)
+        # contiguous: a column lookup is a transposed view, whose products would be too
+        # (every later matrix product would then copy its input first)
+        wv = self.first_layer_directions(dirs).contiguous()[:, None, :]  # (K, 1, m)
         jet: Jet = [h0] + [wv] + [None] * (order - 1) if order >= 1 else [h0]
         for layer in self.layers[1:]:
             jet = compose_jet(_act_derivatives(self.activation, jet[0], order), jet)

@@ -52,6 +52,8 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
         extra["seed"] = cfg.seed
     if "divergence" not in cfg.pde and cfg.get("divergence") is not None:
         extra["divergence"] = cfg.divergence
+    if "prefetch" not in cfg.pde and cfg.get("prefetch") is not None:
+        extra["prefetch"] = cfg.prefetch
     scheduler = instantiate(cfg.scheduler) if _group(cfg, "scheduler") is not None else None
     problem = instantiate(
         cfg.pde,

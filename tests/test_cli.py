@@ -61,6 +61,14 @@ def test_build_problem_injects_components():
     assert problem.seed == cfg.seed
 
 
+def test_prefetch_option_reaches_the_problem():
+    with initialize_config_module("sdze_lightning.configs", version_base="1.3"):
+        default = compose("config", overrides=["model.width=8", "model.depth=1"])
+        on = compose("config", overrides=["model.width=8", "model.depth=1", "prefetch=true"])
+    assert build_problem(default).prefetch is False
+    assert build_problem(on).prefetch is True
+
+
 def test_run_writes_summary_and_csv(tmp_path):
     run = tmp_path / "run"
     out = sdze_train(*SMALL, "logger=csv", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -99,6 +107,7 @@ def test_cfg_job_prints_resolved_config(tmp_path):
         ("estimator=no_such_estimator", "Could not find 'estimator/no_such_estimator'"),
         ("trainer.precision=16-mixed", "precision=16-mixed is not supported"),
         ("pde.n_interior=0", "pde.n_interior must be a positive integer"),
+        ("prefetch=maybe", "pde.prefetch must be true or false"),
     ],
 )
 def test_bad_input_fails_early_without_results(tmp_path, override, message):

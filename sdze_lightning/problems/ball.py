@@ -115,6 +115,8 @@ class BallProblem(PINNProblem):
         self.coeff_seed = coeff_seed
         self.register_buffer("coeffs", coefficients(self.n_coefficients(self.dim), coeff_seed))
         self.constraint = BallConstraint(1.0)
+        #: Source terms of live batches: ``id(x) -> (weakref to x, x._version, source)``.
+        self._sources: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 
     @classmethod
     def n_coefficients(cls, dim: int) -> int:
@@ -155,16 +157,27 @@ class BallProblem(PINNProblem):
         """``L u - f``."""
         return apply_operator(self.operator, d.u, d.laplacian) - self._source_of(x)
 
+    def prepare_batch(self, x: Tensor) -> None:
+        """Compute the source of ``x`` ahead (on the prefetch thread)."""
+        self._source_of(x)
+
     def _source_of(self, x: Tensor) -> Tensor:
         """``source(x)``, reused while ``x`` is the same unmodified tensor.
 
         The paired evaluations of a zeroth-order step (CRNS) share their points,
         so the ``O(N d)`` source is computed once per step, not once per
-        evaluation. Only a weak reference to ``x`` is kept.
+        evaluation. Only weak references to the points are kept; entries of
+        freed batches are dropped. The cache holds several batches (the current
+        one and the one the prefetch thread prepares); a dict, whose single
+        operations are atomic under the GIL, so both threads may use it.
         """
-        hit = getattr(self, "_source_hit", None)
+        cache = self._sources
+        hit = cache.get(id(x))
         if hit is not None and hit[0]() is x and hit[1] == x._version:
             return hit[2]
         f = self.source(x)
-        self._source_hit = (weakref.ref(x), x._version, f)
+        for key, entry in list(cache.items()):
+            if entry[0]() is None:
+                cache.pop(key, None)
+        cache[id(x)] = (weakref.ref(x), x._version, f)
         return f

@@ -1,0 +1,115 @@
+"""Prefetching the next batch on a background thread: same numbers, other thread, clean stop."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import threading
+
+import pytest
+import torch
+
+from sdze_lightning.estimators import build_estimator
+from sdze_lightning.methods import SDZE
+from sdze_lightning.nn import MLP
+from sdze_lightning.prefetch import BatchPrefetcher
+from sdze_lightning.problems import TwoBody
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("sdze-prefetch")]
+
+
+def test_prefetcher_builds_the_next_step_on_its_thread_and_rebuilds_on_a_jump():
+    built: list[tuple[int, str]] = []
+
+    def make(step: int) -> torch.Tensor:
+        built.append((step, threading.current_thread().name))
+        return torch.full((3,), float(step))
+
+    pf = BatchPrefetcher(make)
+    assert torch.equal(pf.get(0), torch.zeros(3))
+    assert pf.pending_step == 1
+    assert torch.equal(pf.get(1), torch.ones(3))
+    assert torch.equal(pf.get(5), torch.full((3,), 5.0))  # a jump: step 2 is dropped
+    pf.close()
+    pf.close()  # idempotent
+    assert pf.pending_step is None
+    main = threading.current_thread().name
+    by_step = dict(built)
+    assert by_step[0] == main and by_step[5] == main  # built on demand
+    assert by_step[1].startswith("sdze-prefetch")  # built ahead, on the other thread
+    assert not _prefetch_threads()
+
+
+def test_prefetcher_raises_a_background_error_at_the_step_that_needs_it():
+    def make(step: int) -> torch.Tensor:
+        if step == 1:
+            raise RuntimeError("sampler failed at step 1")
+        return torch.zeros(1)
+
+    pf = BatchPrefetcher(make)
+    pf.get(0)
+    with pytest.raises(RuntimeError, match="step 1"):
+        pf.get(1)
+    pf.close()
+
+
+def test_prefetcher_builds_without_grad_and_copies_without_its_thread():
+    pf = BatchPrefetcher(lambda step: torch.ones(2, requires_grad=True) * step)
+    pf.get(0)
+    clone = copy.deepcopy(pf)
+    assert clone.pending_step is None
+    assert pf.get(1).grad_fn is None  # made under no_grad
+    pf.close()
+
+
+def _two_body(prefetch: bool) -> TwoBody:
+    return TwoBody(
+        dim=12, operator="allen_cahn", net=MLP(12, width=8, depth=2, seed=0),
+        estimator=build_estimator("taylor", num_directions=4, distribution="coordinate"),
+        method=functools.partial(SDZE, lr=1e-2, rank=2, period=3), n_interior=16, n_eval=64,
+        seed=3, prefetch=prefetch,
+    )
+
+
+def test_training_with_prefetch_is_identical_and_sources_come_from_the_thread(
+    make_trainer, monkeypatch
+):
+    """Same losses and weights to the bit; the source of every batch after the first is
+    computed once, on the prefetch thread, and the thread is gone after fit."""
+    calls: list[str] = []
+    original = TwoBody.source
+
+    def counted(self, x):
+        calls.append(threading.current_thread().name)
+        return original(self, x)
+
+    results = {}
+    for prefetch in (False, True):
+        calls.clear()
+        monkeypatch.setattr(TwoBody, "source", counted)
+        problem = _two_body(prefetch)
+        losses: list[float] = []
+        problem.on_train_batch_end = lambda *a, p=problem, out=losses: out.append(p.last_loss)
+        make_trainer(max_steps=8).fit(problem)
+        monkeypatch.setattr(TwoBody, "source", original)
+        results[prefetch] = (losses, [p.detach().clone() for p in problem.parameters()],
+                             list(calls))
+    assert results[True][0] == results[False][0] and len(results[True][0]) == 8
+    for a, b in zip(results[True][1], results[False][1], strict=True):
+        assert torch.equal(a, b)
+    on_main = [c for c in results[True][2] if not c.startswith("sdze-prefetch")]
+    assert not any(c.startswith("sdze-prefetch") for c in results[False][2])
+    # steps 1..7 moved to the thread (step 8 may also have been built there before fit
+    # ended, then dropped); no batch's source is computed twice
+    assert len(on_main) == len(results[False][2]) - 7
+    assert len(results[True][2]) - len(on_main) in (7, 8)
+    assert not _prefetch_threads()
+
+
+def test_prefetch_must_be_a_bool():
+    with pytest.raises(ValueError, match="pde.prefetch"):
+        _two_body(prefetch="yes")

@@ -61,6 +61,8 @@ class BenchConfig:
             initialisation: larger values diverge within a few steps).
         threads: ``torch.set_num_threads``.
         seed: Seed of the problem, the network and the method.
+        prefetch: Build the next batch (and its source) on a background thread
+            (``PINNProblem(prefetch=True)``).
 
     """
 
@@ -74,6 +76,7 @@ class BenchConfig:
     mezo_lr: float = 1e-9
     threads: int = 1
     seed: int = 0
+    prefetch: bool = False
 
     def dict(self) -> dict:
         """Plain dict (JSON)."""
@@ -130,7 +133,8 @@ def build(method: str, dim: int, cfg: BenchConfig, n_eval: int = 0):
     net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
     problem = TwoBody(dim=dim, operator="allen_cahn", net=net,
                       estimator=make_estimator(est_name, cfg.directions),
-                      n_interior=cfg.points, n_eval=n_eval, seed=cfg.seed)
+                      n_interior=cfg.points, n_eval=n_eval, seed=cfg.seed,
+                      prefetch=cfg.prefetch)
     return problem, make_optimizer(opt_name, net, cfg)
 
 

@@ -118,6 +118,7 @@ def sdze_run(
         if stop:
             print(f"stopping after {k + 1} steps: --max-minutes reached", flush=True)
             break
+    problem.stop_prefetch()
     losses = [r["loss"] for r in rows]
     tenth = max(1, len(losses) // 10)
     first, last = statistics.mean(losses[:tenth]), statistics.mean(losses[-tenth:])
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="loss on a fixed batch every this many steps (0: off)")
     ap.add_argument("--points", type=int, default=100,
                     help="collocation points per step (the scaling study's 100 by default)")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="build the next batch and its source on a background thread")
     ap.add_argument("--baselines", action="store_true", help="try each baseline for one step")
     ap.add_argument("--skip-sdze", action="store_true", help="only the baselines")
     ap.add_argument("--baseline-mem-gb", type=float, default=20.0)
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny, in-process")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=args.threads, points=args.points)
+    cfg = BenchConfig(threads=args.threads, points=args.points, prefetch=args.prefetch)
     if args.lr is not None:
         cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.worker:
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(baseline_worker(job["method"], job["dim"], BenchConfig(**job["cfg"]))))
         return {}
     if args.smoke:
-        cfg = SMOKE
+        cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
         args.dim, args.steps, args.eval_every = 300, 6, 3
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict = dict(machine=MACHINE, date=time.strftime("%Y-%m-%d"), cfg=cfg.dict())
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         stem += f"_{args.points}pts"
     if not args.smoke and args.eval_every:
         stem += "_eval"
+    if not args.smoke and args.prefetch:
+        stem += "_prefetch"
     if not args.skip_sdze:
         res = sdze_run(args.dim, args.steps, args.max_minutes * 60, cfg,
                        eval_every=args.eval_every)

@@ -22,6 +22,13 @@ marked ``past cap``). In each worker:
 4. time one plain forward pass ``net(x)`` of the batch (no grad) and the sampling
    of the batch: the target "SDZE step <= 3x one forward pass" at d = 1e6.
 
+``--huge-pages`` starts the workers with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch
+puts CPU tensors of 2 MiB and more on transparent huge pages: fewer page faults
+for the fresh ``N x d`` batch of every step, same results; every method gets it).
+``--prefetch`` builds every problem with ``prefetch=True``: the next step's batch and
+its source are computed on a background thread while the step runs (same numbers;
+one more batch in memory, which the peak includes).
+
 Slopes: least-squares slope of log(time) and log(peak) against log(d) over
 d >= 1e3 (at smaller d the dimension-free remainder dominates).
 
@@ -36,8 +43,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -121,17 +130,24 @@ def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> d
     return row
 
 
-def run_worker(job: dict, mem_cap: int, cap: float, reps: int, timeout: float) -> dict:
+#: Worker environment of ``--huge-pages`` (read by PyTorch at its first allocation).
+HUGE_PAGES_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def run_worker(job: dict, mem_cap: int, cap: float, reps: int, timeout: float,
+               huge_pages: bool = False) -> dict:
     """Run :func:`measure` in a fresh subprocess; OOM / timeout become status rows."""
     job = dict(job, mem_cap=mem_cap, cap=cap, reps=reps)
+    env = dict(os.environ, **HUGE_PAGES_ENV) if huge_pages else None
     try:
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
-                              capture_output=True, text=True, timeout=timeout, check=False)
+                              capture_output=True, text=True, timeout=timeout, check=False,
+                              env=env)
     except subprocess.TimeoutExpired:
         return dict(method=job["method"], dim=job["dim"], status=f"timeout>{timeout:.0f}s")
     out = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and out:
-        return json.loads(out[-1])
+        return dict(json.loads(out[-1]), huge_pages=huge_pages)
     err = proc.stderr
     if "MemoryError" in err or "DefaultCPUAllocator" in err or "not enough memory" in err:
         status = f"OOM (RLIMIT_AS {mem_cap / 2**30:.0f} GiB)"
@@ -216,13 +232,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--mem-cap-gb", type=float, default=16.0)
     ap.add_argument("--threads", type=int, default=1,
                     help="1: on a shared 2-core machine 2 threads spin and slow down 10x")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="problems build the next batch on a background thread (all methods)")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="workers with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="in-process, tiny (numbers meaningless)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other rows of an earlier results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=args.threads)
+    cfg = BenchConfig(threads=args.threads, prefetch=args.prefetch)
     if args.worker:
         job = json.loads(args.worker)
         limit_memory(int(job["mem_cap"]))
@@ -230,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  job["cap"], job["reps"])))
         return []
     if args.smoke:
-        cfg = SMOKE
+        cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
         args.dims, args.sdze_dims, args.reps = [40, 80], [], 1
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, d) for d in args.dims for m in args.methods]
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             job = dict(method=method, dim=dim, cfg=cfg.dict())
             row = run_worker(job, int(args.mem_cap_gb * 2**30), args.cap, args.reps,
-                             timeout=4 * args.cap + 120)
+                             timeout=4 * args.cap + 120, huge_pages=args.huge_pages)
         rows.append(row)
         last[method] = row
         if row["status"] == "ok":
@@ -283,7 +303,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         wr.writerows(rows)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"cfg": cfg.dict(), "machine": MACHINE, "date": time.strftime("%Y-%m-%d"),
-         "cap_s": args.cap, "rows": rows, "slopes": slopes}, indent=2))
+         "cap_s": args.cap, "huge_pages": args.huge_pages, "rows": rows, "slopes": slopes},
+        indent=2))
     plot(rows, args.out / f"{stem}.png")
     print(markdown_table(rows))
     return rows

@@ -112,6 +112,7 @@ def step(problem, opt, k: int) -> float:
     from sdze_lightning.divergence import NonFiniteLossError
     from sdze_lightning.methods import is_zeroth_order
 
+    problem.begin_step(k)  # takes the prefetched batch when the problem prefetches
     if is_zeroth_order(opt):
         with problem.net.first_layer_cache():
             try:

@@ -29,6 +29,15 @@ def test_scaling_smoke(tmp_path):
         assert (tmp_path / f"scaling_smoke.{ext}").exists()
 
 
+def test_scaling_smoke_with_prefetch_gives_the_same_losses(tmp_path):
+    """--prefetch changes when batches are built, not what is computed."""
+    mod = load_benchmark("scaling")
+    plain = mod.main(["--smoke", "--methods", "sdze", "--out", str(tmp_path / "plain")])
+    ahead = mod.main(["--smoke", "--methods", "sdze", "--prefetch", "--out", str(tmp_path)])
+    assert [r["last_loss"] for r in ahead] == [r["last_loss"] for r in plain]
+    assert json.loads((tmp_path / "scaling_smoke.json").read_text())["cfg"]["prefetch"] is True
+
+
 def test_fit_slope_recovers_power_law():
     mod = load_benchmark("scaling")
     rows = [dict(status="ok", dim=d, t=3.0 * d**0.8) for d in (1e3, 1e4, 1e5)]
@@ -36,9 +45,12 @@ def test_fit_slope_recovers_power_law():
     assert mod.fit_slope(rows[:1], "t") is None
 
 
-def test_big_run_smoke(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_big_run_smoke(tmp_path, prefetch):
     mod = load_benchmark("big_run")
-    summary = mod.main(["--smoke", "--baselines", "--out", str(tmp_path)])
+    summary = mod.main(["--smoke", "--baselines", "--out", str(tmp_path)]
+                       + (["--prefetch"] if prefetch else []))
+    assert summary["cfg"]["prefetch"] is prefetch
     sd = summary["sdze"]
     assert sd["steps_done"] == 6 and sd["params"] > 0 and sd["peak_rss_bytes"] > 0
     assert summary["baselines"][0]["status"] == "ok"

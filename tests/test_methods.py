@@ -573,6 +573,19 @@ def test_trainer_fit_advances_global_step(method, make_trainer):
         assert all(layer.zo_delta is None for layer in problem.net.layers)  # folded at the end
 
 
+def test_sdze_trains_in_bfloat16(make_trainer):
+    """precision=bf16-true: the bases' QR runs in float32 (none in bfloat16), then casts."""
+    problem = poisson(method=functools.partial(SDZE, lr=1e-2, rank=2, period=2))
+    make_trainer(max_steps=4, precision="bf16-true").fit(problem)
+    assert next(problem.parameters()).dtype == torch.bfloat16
+    assert math.isfinite(problem.last_loss)
+    a = orthonormal_basis(20, 3, seed=0, window=0, layer=0, side=11, dtype=torch.bfloat16,
+                          device="cpu")
+    assert a.dtype == torch.bfloat16
+    # orthonormal to bfloat16 rounding (8 bits: 2^-8 relative per entry)
+    torch.testing.assert_close(a.float().T @ a.float(), torch.eye(3), rtol=0, atol=0.02)
+
+
 def test_trainer_fit_pde_aware_on_allen_cahn1d(make_trainer):
     """The paper's problem: residual gradients depend on every parameter."""
     from sdze_lightning.problems import AllenCahn1D

@@ -47,10 +47,12 @@ def orthonormal_basis(
     """
     gen = generator(device, seed, side, window, layer)
     g = torch.randn(rows, rank, generator=gen, dtype=dtype, device=device)
+    if dtype not in (torch.float32, torch.float64):  # no QR in bfloat16/float16
+        g = g.float()
     q, r = torch.linalg.qr(g, mode="reduced")
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1
-    return q * signs
+    return (q * signs).to(dtype)
 
 
 @dataclass

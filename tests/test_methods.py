@@ -211,6 +211,31 @@ def test_dense_effective_weight_matches_implicit_form_and_sees_in_place_updates(
     torch.testing.assert_close(after_weight, ref(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", ["grad", "autocast", "bfloat16", "large"])
+def test_dense_effective_weight_is_not_used_where_it_would_be_wrong(case, monkeypatch):
+    """Gradient recording, autocast, bfloat16 weights and large layers keep the implicit form."""
+    net = MLP(3, width=6, depth=2, seed=0)
+    if case == "bfloat16":
+        net = net.to(torch.bfloat16)
+    opt = SDZE(net, rank=2, seed=0)
+    opt._install([torch.ones(sub.size, dtype=sub.A.dtype) for sub in opt.subspaces()])
+    x = torch.rand(4, 3, dtype=net.layers[0].weight.dtype)
+    if case == "large":
+        monkeypatch.setattr(perturb, "DENSE_MAX_NUMEL", 35)  # hidden layer: 36 entries
+    context = {
+        "grad": torch.enable_grad(),
+        "autocast": torch.autocast("cpu", dtype=torch.bfloat16),
+    }.get(case, torch.no_grad())
+    with context:
+        net(x)
+    assert net.layers[1].zo_delta._dense is None
+    with torch.no_grad():
+        monkeypatch.undo()
+        if case in ("grad", "autocast", "large"):  # and the dense form is taken otherwise
+            net(x)
+            assert net.layers[1].zo_delta._dense is not None
+
+
 def test_bases_orthonormal_seeded_and_refreshed():
     a = orthonormal_basis(50, 4, seed=1, window=0, layer=0, side=11, dtype=F64, device="cpu")
     torch.testing.assert_close(a.T @ a, torch.eye(4, dtype=F64), rtol=0, atol=1e-12)

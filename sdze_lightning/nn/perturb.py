@@ -62,7 +62,11 @@ class LowRankDelta:
 
         The cache is keyed by the in-place versions of the weight, the bias and
         the coordinates (``C`` and ``c_b`` are views of the optimizer's
-        coordinate vector), so an in-place update of any of them is seen.
+        coordinate vector), so an in-place update of any of them is seen. ``A``
+        and ``B`` are not in the key: they are fixed for the life of an offset
+        (a new window installs new offset objects). The copy lives as long as
+        the offset is installed: one extra weight per small layer (at most
+        :data:`DENSE_MAX_NUMEL` entries each).
         """
         w, bias = layer.weight, layer.bias
         key = (
@@ -96,7 +100,9 @@ def _dense_ok(layer: nn.Linear, x: Tensor) -> bool:
     """Whether :func:`linear_forward` may use the cached dense weight of the offset.
 
     Only in float32/float64 without autocast: rounding ``W + A C B^T`` to bfloat16
-    would wipe out a perturbation of relative size 1e-3.
+    would wipe out a perturbation of relative size 1e-3. The two forms round
+    differently (float32: ~1e-7 relative); the evaluations of a zeroth-order
+    step all run without gradient, so they all take the same form.
     """
     w = layer.weight
     return (

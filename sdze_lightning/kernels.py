@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 _compiled: dict[Callable, Callable] = {}
 _failed: set[Callable] = set()
+#: TorchDynamo is not thread-safe; the prefetch thread (``sdze_lightning.prefetch``) and
+#: the main thread (validation, probes) may both call a kernel, so calls take turns.
+_lock = threading.Lock()
 
 
 def fused_enabled() -> bool:
@@ -51,11 +55,11 @@ def fused_call(fn: Callable[..., tuple[Tensor, ...]], *args: Tensor) -> tuple[Te
     """
     if not fused_enabled() or fn in _failed:
         return None
-    compiled = _compiled.get(fn)
-    if compiled is None:
-        compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
     try:
-        with torch.no_grad():
+        with _lock, torch.no_grad():
+            compiled = _compiled.get(fn)
+            if compiled is None:
+                compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
             return compiled(*args)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager code
         _failed.add(fn)

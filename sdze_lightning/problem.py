@@ -137,7 +137,11 @@ class PINNProblem(L.LightningModule):
         prefetch: Build the next step's interior batch (and :meth:`prepare_batch`)
             on a background thread while the current step runs
             (:mod:`sdze_lightning.prefetch`). Same numbers; faster steps at large
-            ``d`` where a core is free; one more batch in memory.
+            ``d`` where a core is free; one more batch in memory. ``sample_interior``
+            and ``prepare_batch`` then run on that thread: they must depend only on
+            their arguments and on state fixed before training (not on the network).
+            Prefetches the shared batch of CRNS steps and of first-order methods; a
+            zeroth-order method with ``crns=False`` gets no prefetching (warned).
 
     """
 
@@ -338,8 +342,9 @@ class PINNProblem(L.LightningModule):
     def prepare_batch(self, x: Tensor) -> None:
         """Compute and cache what depends on the interior batch ``x`` only.
 
-        Called for the next step's batch on the prefetch thread (``prefetch=True``);
-        e.g. an analytic source term. The default does nothing.
+        Called for the next step's batch on the prefetch thread (``prefetch=True``),
+        e.g. an analytic source term; it must not use the network or any state that
+        changes during training. The default does nothing.
         """
 
     def _training_batch(self, step: int) -> Tensor:
@@ -619,7 +624,21 @@ class PINNProblem(L.LightningModule):
         self._resumed_from = saved
 
     def on_train_start(self) -> None:
-        """After a resume: refuse a method seed other than the checkpoint's."""
+        """Drop a batch prefetched by an earlier fit; after a resume, refuse another method seed.
+
+        With ``prefetch=True`` and a zeroth-order method without CRNS (whose evaluations
+        never use the shared key-0 batch) prefetching is turned off with a warning.
+        """
+        self.stop_prefetch()
+        if self._prefetcher is not None and any(
+            getattr(o, "crns", True) is False for o in self._inner_optimizers()
+        ):
+            warnings.warn(
+                "prefetch=true has no effect with method.crns=false (each evaluation draws "
+                "its own points); prefetching is turned off.",
+                stacklevel=2,
+            )
+            self._prefetcher = None
         saved, self._resumed_from = getattr(self, "_resumed_from", None), None
         if not saved:
             return
@@ -733,17 +752,12 @@ class PINNProblem(L.LightningModule):
         kwargs: dict[str, Any] = {}
         if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
             kwargs["residuals"] = functools.partial(self.residual_batch, step)
-        self.begin_step(step)
         try:
-            with self._first_layer_cache():
-                loss = opt.step(closure=closure, **kwargs)
-        except NonFiniteLossError as err:
-            self._points = {}
-            report = NonFiniteLossError(step, {**bad, **err.terms}, err.method_state)
-            self._skip_or_stop(report, opt, inner)
-            loss = torch.full((), float("nan"), dtype=self.dtype)
-        else:
-            self._skips_in_a_row = 0
+            self.begin_step(step)
+            loss = self._step_or_skip(opt, inner, closure, kwargs, step, bad)
+        except BaseException:
+            self.stop_prefetch()  # Lightning skips teardown when fit raises
+            raise
         self._points = {}
         sched = self.lr_schedulers()
         if sched is not None:
@@ -755,6 +769,22 @@ class PINNProblem(L.LightningModule):
             self.log("train/boundary", terms["boundary"].detach())
         if self.skipped_steps:
             self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def _step_or_skip(
+        self, opt: Any, inner: Any, closure: Callable[[], Tensor], kwargs: dict[str, Any],
+        step: int, bad: dict[str, float],
+    ) -> Tensor:
+        """``opt.step(closure)``; a non-finite loss goes to the divergence policy (NaN loss)."""
+        try:
+            with self._first_layer_cache():
+                loss = opt.step(closure=closure, **kwargs)
+        except NonFiniteLossError as err:
+            self._points = {}
+            report = NonFiniteLossError(step, {**bad, **err.terms}, err.method_state)
+            self._skip_or_stop(report, opt, inner)
+            return torch.full((), float("nan"), dtype=self.dtype)
+        self._skips_in_a_row = 0
+        return loss
 
     def _skip_or_stop(self, err: NonFiniteLossError, opt: Any, inner: Any) -> None:
         """Apply the divergence policy to a non-finite step (nothing of it was applied)."""

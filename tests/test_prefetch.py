@@ -9,11 +9,14 @@ import threading
 import pytest
 import torch
 
+from sdze_lightning import kernels
 from sdze_lightning.estimators import build_estimator
 from sdze_lightning.methods import SDZE
 from sdze_lightning.nn import MLP
 from sdze_lightning.prefetch import BatchPrefetcher
-from sdze_lightning.problems import TwoBody
+from sdze_lightning.problem import NonFiniteLossError
+from sdze_lightning.problems import TwoBody, twobody
+from sdze_lightning.problems.twobody import _two_body_fused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,20 +69,21 @@ def test_prefetcher_builds_without_grad_and_copies_without_its_thread():
     pf.close()
 
 
-def _two_body(prefetch: bool) -> TwoBody:
+def _two_body(prefetch: bool, dim: int = 12, **kwargs) -> TwoBody:
+    kwargs.setdefault("method", functools.partial(SDZE, lr=1e-2, rank=2, period=3))
     return TwoBody(
-        dim=12, operator="allen_cahn", net=MLP(12, width=8, depth=2, seed=0),
+        dim=dim, operator="allen_cahn", net=MLP(dim, width=8, depth=2, seed=0),
         estimator=build_estimator("taylor", num_directions=4, distribution="coordinate"),
-        method=functools.partial(SDZE, lr=1e-2, rank=2, period=3), n_interior=16, n_eval=64,
-        seed=3, prefetch=prefetch,
+        n_interior=16, n_eval=64, seed=3, prefetch=prefetch, **kwargs,
     )
 
 
 def test_training_with_prefetch_is_identical_and_sources_come_from_the_thread(
     make_trainer, monkeypatch
 ):
-    """Same losses and weights to the bit; the source of every batch after the first is
-    computed once, on the prefetch thread, and the thread is gone after fit."""
+    """Same losses and weights to the bit (with validations in between); the source of
+    every batch after the first is computed once, on the prefetch thread, and the thread
+    is gone after fit."""
     calls: list[str] = []
     original = TwoBody.source
 
@@ -91,7 +95,7 @@ def test_training_with_prefetch_is_identical_and_sources_come_from_the_thread(
     for prefetch in (False, True):
         calls.clear()
         monkeypatch.setattr(TwoBody, "source", counted)
-        problem = _two_body(prefetch)
+        problem = _two_body(prefetch, steps_per_epoch=3)  # validation between steps too
         losses: list[float] = []
         problem.on_train_batch_end = lambda *a, p=problem, out=losses: out.append(p.last_loss)
         make_trainer(max_steps=8).fit(problem)
@@ -113,3 +117,57 @@ def test_training_with_prefetch_is_identical_and_sources_come_from_the_thread(
 def test_prefetch_must_be_a_bool():
     with pytest.raises(ValueError, match="pde.prefetch"):
         _two_body(prefetch="yes")
+
+
+def test_a_failed_fit_stops_the_thread_and_drops_its_batch(make_trainer):
+    """Lightning skips teardown when fit raises: training_step stops the prefetch itself."""
+    problem = _two_body(True)
+    original = problem.loss_terms
+
+    def nan_at_step_3(step, key=0):
+        out = original(step, key)
+        if step == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    problem.loss_terms = nan_at_step_3
+    with pytest.raises(NonFiniteLossError):
+        make_trainer(max_steps=8).fit(problem)
+    assert problem._prefetcher.pending_step is None
+    assert not _prefetch_threads()
+
+
+def test_a_batch_prefetched_before_fit_is_dropped_at_train_start(make_trainer):
+    problem = _two_body(True)
+    problem.begin_step(0)  # leaves step 1 pending, as a failed or manual run could
+    assert problem._prefetcher.pending_step == 1
+    problem.on_train_start()
+    assert problem._prefetcher.pending_step is None
+
+
+def test_prefetch_is_turned_off_without_crns(make_trainer):
+    problem = _two_body(True, method=functools.partial(SDZE, lr=1e-2, rank=2, crns=False))
+    with pytest.warns(UserWarning, match="crns=false"):
+        make_trainer(max_steps=2).fit(problem)
+    assert problem._prefetcher is None and not _prefetch_threads()
+
+
+def test_fused_source_on_the_prefetch_thread_gives_the_same_losses():
+    """Past FUSED_MIN_DIM the source is a torch.compile kernel, called from the thread."""
+    dim = twobody.FUSED_MIN_DIM + 8
+    losses = {}
+    for prefetch in (False, True):
+        problem = _two_body(prefetch, dim=dim)
+        opt = problem.method(problem.net)
+        out = []
+        for step in range(3):
+            problem.begin_step(step)
+            with problem.net.first_layer_cache():
+                loss = opt.step(lambda s=step, p=problem, o=opt: p.compute_loss(s, o.noise_key))
+                out.append(float(loss))
+            problem._points = {}
+        problem.stop_prefetch()
+        losses[prefetch] = out
+    assert losses[True] == losses[False]
+    if kernels.fused_enabled():
+        assert _two_body_fused in kernels._compiled and _two_body_fused not in kernels._failed

@@ -101,24 +101,27 @@ def sdze_run(
         evals.append((0, fixed_batch_loss(problem)))
         print(f"fixed-batch loss before training {evals[-1][1]:.6g}", flush=True)
     t_run = time.perf_counter()
-    for k in range(steps):
-        t0 = time.perf_counter()
-        loss = train_step(problem, opt, k)
-        dt = time.perf_counter() - t0
-        rows.append(dict(step=k, loss=loss, seconds=dt, rss_bytes=rss()))
-        if k % log_every == 0 or k == steps - 1:
-            print(f"step {k:4d}  loss {loss:.5g}  {dt:.2f} s/step  RSS {rss() / GiB:.2f} GiB  "
-                  f"peak {peak_rss_total() / GiB:.2f} GiB  load {load_average():.1f}", flush=True)
-        stop = time.perf_counter() - t_run > max_seconds and k < steps - 1
-        if eval_every and ((k + 1) % eval_every == 0 or k == steps - 1 or stop):
-            t_eval = time.perf_counter()
-            evals.append((k + 1, fixed_batch_loss(problem)))
-            t_run += time.perf_counter() - t_eval
-            print(f"fixed-batch loss after {k + 1} steps {evals[-1][1]:.6g}", flush=True)
-        if stop:
-            print(f"stopping after {k + 1} steps: --max-minutes reached", flush=True)
-            break
-    problem.stop_prefetch()
+    try:
+        for k in range(steps):
+            t0 = time.perf_counter()
+            loss = train_step(problem, opt, k)
+            dt = time.perf_counter() - t0
+            rows.append(dict(step=k, loss=loss, seconds=dt, rss_bytes=rss()))
+            if k % log_every == 0 or k == steps - 1:
+                print(f"step {k:4d}  loss {loss:.5g}  {dt:.2f} s/step  RSS {rss() / GiB:.2f} GiB  "
+                      f"peak {peak_rss_total() / GiB:.2f} GiB  load {load_average():.1f}",
+                      flush=True)
+            stop = time.perf_counter() - t_run > max_seconds and k < steps - 1
+            if eval_every and ((k + 1) % eval_every == 0 or k == steps - 1 or stop):
+                t_eval = time.perf_counter()
+                evals.append((k + 1, fixed_batch_loss(problem)))
+                t_run += time.perf_counter() - t_eval
+                print(f"fixed-batch loss after {k + 1} steps {evals[-1][1]:.6g}", flush=True)
+            if stop:
+                print(f"stopping after {k + 1} steps: --max-minutes reached", flush=True)
+                break
+    finally:
+        problem.stop_prefetch()
     losses = [r["loss"] for r in rows]
     tenth = max(1, len(losses) // 10)
     first, last = statistics.mean(losses[:tenth]), statistics.mean(losses[-tenth:])

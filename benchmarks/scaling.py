@@ -84,11 +84,12 @@ def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> d
         problem, opt = build(m, 64, cfg)
         for k in range(2):
             train_step(problem, opt, k)
+        problem.stop_prefetch()
         del problem, opt
     warm_fused_kernels()
     reset_peak()
     base = rss()
-    row = dict(method=method, dim=dim, status="ok", load=load_average())
+    row = dict(method=method, dim=dim, status="ok", load=load_average(), prefetch=cfg.prefetch)
     problem, opt = build(method, dim, cfg)
     row["params"] = sum(p.numel() for p in problem.net.parameters())
     row["param_bytes"] = row["params"] * 4

@@ -45,17 +45,23 @@ def test_fit_slope_recovers_power_law():
     assert mod.fit_slope(rows[:1], "t") is None
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_big_run_smoke(tmp_path, prefetch):
+def test_big_run_smoke(tmp_path):
     mod = load_benchmark("big_run")
-    summary = mod.main(["--smoke", "--baselines", "--out", str(tmp_path)]
-                       + (["--prefetch"] if prefetch else []))
-    assert summary["cfg"]["prefetch"] is prefetch
+    summary = mod.main(["--smoke", "--baselines", "--out", str(tmp_path)])
     sd = summary["sdze"]
     assert sd["steps_done"] == 6 and sd["params"] > 0 and sd["peak_rss_bytes"] > 0
     assert summary["baselines"][0]["status"] == "ok"
     saved = json.loads((tmp_path / "big_run_smoke.json").read_text())
     assert saved["sdze"]["dim"] == 300
+
+
+def test_big_run_smoke_with_prefetch_gives_the_same_losses(tmp_path):
+    mod = load_benchmark("big_run")
+    plain = mod.main(["--smoke", "--out", str(tmp_path / "plain")])["sdze"]
+    ahead = mod.main(["--smoke", "--prefetch", "--out", str(tmp_path)])
+    assert ahead["cfg"]["prefetch"] is True
+    assert ahead["sdze"]["fixed_batch_losses"] == plain["fixed_batch_losses"]
+    assert ahead["sdze"]["loss_last_tenth"] == plain["loss_last_tenth"]
 
 
 def test_profile_smoke(tmp_path):

@@ -88,6 +88,43 @@ class BatchPrefetcher(Generic[T]):
         return {"_make": self._make, "_executor": None, "_pending": None}
 
 
+class PreparePlacement:
+    """Chooses the thread that prepares a prefetched batch (e.g. its source term).
+
+    From smoothed per-step times of sampling a batch ``S``, preparing it ``P``
+    and the main thread's own work ``M`` (everything of a step but waiting for
+    and preparing its batch): preparing on the prefetch thread makes a step
+    about ``max(S + P, M)`` long, preparing on the main thread ``max(S, M + P)``;
+    :attr:`ahead` is whichever is shorter. Either way the numbers are the same;
+    only which core does the work changes.
+
+    Args:
+        smoothing: Weight of a new measurement in the running averages.
+
+    Attributes:
+        ahead: Prepare on the prefetch thread (the initial choice).
+        auto: Update :attr:`ahead` from the measurements (``False`` pins it).
+
+    """
+
+    def __init__(self, smoothing: float = 0.3) -> None:
+        self.smoothing = smoothing
+        self.ahead = True
+        self.auto = True
+        self.times: dict[str, float] = {}
+
+    def record(self, sample_s: float, prepare_s: float, main_s: float | None) -> None:
+        """Add one step's times (``main_s`` is ``None`` when unknown, e.g. the first step)."""
+        for key, value in (("sample", sample_s), ("prepare", prepare_s), ("main", main_s)):
+            if value is None:
+                continue
+            old = self.times.get(key)
+            self.times[key] = value if old is None else old + self.smoothing * (value - old)
+        if self.auto and len(self.times) == 3:
+            s, p, m = self.times["sample"], self.times["prepare"], self.times["main"]
+            self.ahead = max(s + p, m) <= max(s, m + p)
+
+
 def _drop(pending: tuple[int, Future] | None) -> None:
     """Cancel a pending build, or wait for it to finish and discard its result or error."""
     if pending is not None and not pending[1].cancel():

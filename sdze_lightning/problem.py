@@ -27,6 +27,7 @@ import copy
 import functools
 import logging
 import numbers
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -47,7 +48,7 @@ from sdze_lightning.methods.two_point import TwoPointOptimizer
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.nn.mlp import MLP
-from sdze_lightning.prefetch import BatchPrefetcher
+from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,9 @@ class PINNProblem(L.LightningModule):
         self._points: dict[tuple[int, int], Tensor] = {}
         self.prefetch = prefetch
         self._prefetcher = BatchPrefetcher(self._training_batch) if prefetch else None
+        #: Which thread prepares prefetched batches (chosen from measured times).
+        self._placement = PreparePlacement()
+        self._main_since: float | None = None
 
     # ------------------------------------------------------------- user contract
     def sample_interior(self, n: int, generator: torch.Generator) -> Tensor:
@@ -347,24 +351,44 @@ class PINNProblem(L.LightningModule):
         changes during training. The default does nothing.
         """
 
-    def _training_batch(self, step: int) -> Tensor:
-        """Interior points of training ``step`` (key 0), with :meth:`prepare_batch` done."""
+    def _training_batch(self, step: int) -> tuple[Tensor, float, float | None]:
+        """Interior points of training ``step`` (key 0) with the times of building them.
+
+        Returns ``(x, sampling seconds, prepare seconds)``; the last is ``None`` when
+        :meth:`prepare_batch` is left to the main thread (``_placement.ahead`` false).
+        """
+        t0 = time.perf_counter()
         x = self._sample_points(step, 0)
+        t1 = time.perf_counter()
+        if not self._placement.ahead:
+            return x, t1 - t0, None
         self.prepare_batch(x)
-        return x
+        return x, t1 - t0, time.perf_counter() - t1
 
     def begin_step(self, step: int) -> None:
         """Make the interior batch of training ``step`` ready (``prefetch=True``).
 
-        Takes it from the prefetch thread (waiting if it is not done) and starts
-        the batch of ``step + 1``; without prefetching, does nothing (the batch
-        is drawn when the loss first asks for it).
+        Takes it from the prefetch thread (waiting if it is not done), prepares it
+        here if the prefetch thread did not (:class:`~sdze_lightning.prefetch.PreparePlacement`
+        picks the less loaded thread) and starts the batch of ``step + 1``; without
+        prefetching, does nothing (the batch is drawn when the loss first asks for it).
         """
-        if self._prefetcher is not None:
-            self._points = {(step, 0): self._prefetcher.get(step)}
+        if self._prefetcher is None:
+            return
+        now = time.perf_counter()
+        main_s = None if self._main_since is None else now - self._main_since
+        x, sample_s, prepare_s = self._prefetcher.get(step)
+        if prepare_s is None:
+            t0 = time.perf_counter()
+            self.prepare_batch(x)
+            prepare_s = time.perf_counter() - t0
+        self._placement.record(sample_s, prepare_s, main_s)
+        self._points = {(step, 0): x}
+        self._main_since = time.perf_counter()
 
     def stop_prefetch(self) -> None:
         """Stop the prefetch thread and drop the batch it was building."""
+        self._main_since = None
         if self._prefetcher is not None:
             self._prefetcher.close()
 

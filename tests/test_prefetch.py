@@ -13,7 +13,7 @@ from sdze_lightning import kernels
 from sdze_lightning.estimators import build_estimator
 from sdze_lightning.methods import SDZE
 from sdze_lightning.nn import MLP
-from sdze_lightning.prefetch import BatchPrefetcher
+from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
 from sdze_lightning.problem import NonFiniteLossError
 from sdze_lightning.problems import TwoBody, twobody
 from sdze_lightning.problems.twobody import _two_body_fused
@@ -78,12 +78,14 @@ def _two_body(prefetch: bool, dim: int = 12, **kwargs) -> TwoBody:
     )
 
 
-def test_training_with_prefetch_is_identical_and_sources_come_from_the_thread(
-    make_trainer, monkeypatch
+@pytest.mark.parametrize("placement", ["ahead", "main", "auto"])
+def test_training_with_prefetch_is_identical_and_prepares_once_per_batch(
+    make_trainer, monkeypatch, placement
 ):
-    """Same losses and weights to the bit (with validations in between); the source of
-    every batch after the first is computed once, on the prefetch thread, and the thread
-    is gone after fit."""
+    """Same losses and weights to the bit (with validations in between) wherever the source
+    is prepared; pinned ahead, the source of every batch after the first is computed once,
+    on the prefetch thread; pinned on the main thread, never there. The thread is gone
+    after fit."""
     calls: list[str] = []
     original = TwoBody.source
 
@@ -96,6 +98,9 @@ def test_training_with_prefetch_is_identical_and_sources_come_from_the_thread(
         calls.clear()
         monkeypatch.setattr(TwoBody, "source", counted)
         problem = _two_body(prefetch, steps_per_epoch=3)  # validation between steps too
+        if placement != "auto":
+            problem._placement.auto = False
+            problem._placement.ahead = placement == "ahead"
         losses: list[float] = []
         problem.on_train_batch_end = lambda *a, p=problem, out=losses: out.append(p.last_loss)
         make_trainer(max_steps=8).fit(problem)
@@ -105,13 +110,36 @@ def test_training_with_prefetch_is_identical_and_sources_come_from_the_thread(
     assert results[True][0] == results[False][0] and len(results[True][0]) == 8
     for a, b in zip(results[True][1], results[False][1], strict=True):
         assert torch.equal(a, b)
-    on_main = [c for c in results[True][2] if not c.startswith("sdze-prefetch")]
     assert not any(c.startswith("sdze-prefetch") for c in results[False][2])
-    # steps 1..7 moved to the thread (step 8 may also have been built there before fit
-    # ended, then dropped); no batch's source is computed twice
-    assert len(on_main) == len(results[False][2]) - 7
-    assert len(results[True][2]) - len(on_main) in (7, 8)
+    on_main = [c for c in results[True][2] if not c.startswith("sdze-prefetch")]
+    on_thread = len(results[True][2]) - len(on_main)
+    if placement == "ahead":
+        # steps 1..7 moved to the thread (step 8 may also have been built there before
+        # fit ended, then dropped); no batch's source is computed twice
+        assert len(on_main) == len(results[False][2]) - 7
+        assert on_thread in (7, 8)
+    elif placement == "main":
+        assert on_thread == 0 and len(on_main) == len(results[False][2])
     assert not _prefetch_threads()
+
+
+def test_placement_prepares_where_the_step_gets_shorter():
+    """Ahead: step ~ max(S + P, M); on the main thread: max(S, M + P)."""
+    pl = PreparePlacement(smoothing=1.0)
+    assert pl.ahead  # before any measurement
+    pl.record(sample_s=0.1, prepare_s=0.5, main_s=None)
+    assert pl.ahead  # main thread's time not known yet
+    pl.record(sample_s=0.1, prepare_s=0.5, main_s=1.0)  # 1.0 ahead vs 1.5 on main
+    assert pl.ahead
+    pl.record(sample_s=0.8, prepare_s=0.7, main_s=0.5)  # 1.5 ahead vs 1.2 on main
+    assert not pl.ahead
+    pl.auto = False
+    pl.record(sample_s=0.1, prepare_s=0.5, main_s=1.0)
+    assert not pl.ahead  # pinned
+    smooth = PreparePlacement(smoothing=0.5)
+    smooth.record(1.0, 1.0, 1.0)
+    smooth.record(3.0, 1.0, 1.0)
+    assert smooth.times["sample"] == pytest.approx(2.0)
 
 
 def test_prefetch_must_be_a_bool():

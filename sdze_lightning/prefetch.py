@@ -10,7 +10,10 @@ enough; no process, no shared-memory copy.
 
 The batch of a step is a pure function of the step (seeded generators), so
 prefetching changes no number, only when it is computed. It costs one more
-batch in memory while a step runs.
+batch in memory while a step runs. Per-batch data (the source term) is
+computed on whichever thread has less to do (:class:`PreparePlacement`): at
+moderate ``d`` the prefetch thread has time to spare, at large ``d`` sampling
+alone keeps it as busy as the main thread.
 """
 
 from __future__ import annotations

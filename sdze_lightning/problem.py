@@ -135,11 +135,12 @@ class PINNProblem(L.LightningModule):
         divergence: On a NaN/Inf loss, ``"stop"`` training (raise
             :class:`~sdze_lightning.divergence.NonFiniteLossError`) or ``"skip"``
             the step (counted, not applied); see :mod:`sdze_lightning.divergence`.
-        prefetch: Build the next step's interior batch (and :meth:`prepare_batch`)
-            on a background thread while the current step runs
-            (:mod:`sdze_lightning.prefetch`). Same numbers; faster steps at large
-            ``d`` where a core is free; one more batch in memory. ``sample_interior``
-            and ``prepare_batch`` then run on that thread: they must depend only on
+        prefetch: Sample the next step's interior batch on a background thread while
+            the current step runs, and run :meth:`prepare_batch` on it on whichever
+            thread is less loaded (:mod:`sdze_lightning.prefetch`). Same numbers;
+            faster steps at large ``d`` where a core is free; one more batch in
+            memory. ``sample_interior`` and ``prepare_batch`` may then run on that
+            thread: they must depend only on
             their arguments and on state fixed before training (not on the network).
             Prefetches the shared batch of CRNS steps and of first-order methods; a
             zeroth-order method with ``crns=False`` gets no prefetching (warned).

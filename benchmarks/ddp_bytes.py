@@ -66,17 +66,18 @@ def method_factory(method: str, queries: int):
     return functools.partial(torch.optim.Adam, lr=1e-2)
 
 
-def make_problem(cfg: dict):
-    """The problem of a row; the smoke rows are the ones tests/test_ddp.py checks."""
+def make_problem(cfg: dict, **kwargs):
+    """The problem of a row (``kwargs``: more problem arguments, e.g. ``prefetch``); the
+    smoke rows are the ones tests/test_ddp.py checks."""
     est = TaylorEstimator(num_directions=2, distribution="rademacher")
     net = MLP(cfg["dim"], width=cfg["width"], depth=cfg["depth"], seed=0)
     method = method_factory(cfg["method"], cfg["queries"])
     if cfg["problem"] == "poisson2d":
         # 33 interior / 7 boundary points: shares of unequal size (17/16, 4/3) on 2 ranks
         return Poisson2D(net=net, n_interior=33, n_boundary=7, n_eval=64, estimator=est,
-                         method=method)
+                         method=method, **kwargs)
     return TwoBody(dim=cfg["dim"], operator="allen_cahn", net=net, n_interior=64, n_eval=0,
-                   estimator=est, method=method)
+                   estimator=est, method=method, **kwargs)
 
 
 def trainer(devices: int, steps: int, precision: str, callbacks=()) -> L.Trainer:

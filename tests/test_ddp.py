@@ -72,7 +72,19 @@ def worker(out: Path) -> None:
     trainer.fit(problem)
     skip = {"params": [p.detach().clone() for p in problem.net.parameters()],
             "global_step": trainer.global_step, "skipped": problem.skipped_steps}
-    torch.save({"rows": rows, "params": params, "skip": skip},
+    ahead = ddp_bytes.make_problem(smoke_rows("sdze")[0], prefetch=True)
+    sizes: list[int] = []
+    begin_step = ahead.begin_step
+
+    def recording_begin_step(step: int) -> None:  # the batch each step gets from the thread
+        begin_step(step)
+        sizes.append(ahead._points[(step, 0)].shape[0])
+
+    ahead.begin_step = recording_begin_step
+    ddp_bytes.trainer(2, STEPS, "64-true").fit(ahead)
+    prefetched = {"params": [p.detach().clone() for p in ahead.net.parameters()],
+                  "sizes": sizes}
+    torch.save({"rows": rows, "params": params, "skip": skip, "prefetch": prefetched},
                out / f"rank{trainer.global_rank}.pt")
 
 
@@ -123,6 +135,21 @@ def test_sdze_ddp_equals_single_process_on_the_union(ddp_results, cfg):
     init = [p.detach() for p in ddp_bytes.make_problem(cfg).net.parameters()]
     moved = max(float((a - b).abs().max()) for a, b in zip(ref, init, strict=True))
     assert moved > 1e-3
+
+
+def test_prefetching_ranks_build_their_own_shards(ddp_results):
+    """prefetch=True under DDP: each rank's prefetch thread builds its share of the batch
+    (the shard is set in setup, before the first batch); the result is the non-prefetching
+    single-process run on the union, to the tolerance of the test above."""
+    (rank0, rank1), _ = ddp_results
+    # 33 interior points: shares of 17 and 16, at every step
+    assert rank0["prefetch"]["sizes"] == [17] * STEPS
+    assert rank1["prefetch"]["sizes"] == [16] * STEPS
+    for a, b in zip(rank0["prefetch"]["params"], rank1["prefetch"]["params"], strict=True):
+        assert torch.equal(a, b)
+    ref = single_process(smoke_rows("sdze")[0])
+    for a, b in zip(rank0["prefetch"]["params"], ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_sdze_bytes_per_step_do_not_depend_on_parameter_count(ddp_results):

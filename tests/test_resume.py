@@ -97,8 +97,8 @@ def uninterrupted(method: str) -> tuple[dict[int, float], Poisson2D]:
     return losses.losses, problem
 
 
-def resume(method: str, ckpt_dir: Path) -> tuple[dict[int, float], Poisson2D]:
-    problem = make_problem(method, net_seed=123)  # other initial weights: all from the ckpt
+def resume(method: str, ckpt_dir: Path, **kwargs) -> tuple[dict[int, float], Poisson2D]:
+    problem = make_problem(method, net_seed=123, **kwargs)  # other weights: all from the ckpt
     losses = LossLog()
     trainer(ckpt_dir, [losses]).fit(problem, ckpt_path="last")
     return losses.losses, problem
@@ -137,6 +137,19 @@ def test_stopped_run_resumes_bit_for_bit(tmp_path, method):
     reference, ref_problem = uninterrupted(method)
     trainer(tmp_path, max_steps=EVERY).fit(make_problem(method))
     resumed, problem = resume(method, tmp_path)
+    assert [resumed[k] for k in range(EVERY, STEPS)] == [reference[k] for k in
+                                                         range(EVERY, STEPS)]
+    for a, b in zip(problem.net.parameters(), ref_problem.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_prefetching_run_stops_and_resumes_bit_for_bit(tmp_path):
+    """prefetch=True on both sides of a resume (the module converted to float64 by the
+    Trainer in between) gives the trajectory of the uninterrupted run without prefetching."""
+    reference, ref_problem = uninterrupted("sdze")
+    trainer(tmp_path, max_steps=EVERY).fit(make_problem("sdze", prefetch=True))
+    resumed, problem = resume("sdze", tmp_path, prefetch=True)
+    assert problem.points(0, 0).dtype == torch.float64
     assert [resumed[k] for k in range(EVERY, STEPS)] == [reference[k] for k in
                                                          range(EVERY, STEPS)]
     for a, b in zip(problem.net.parameters(), ref_problem.net.parameters(), strict=True):

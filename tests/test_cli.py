@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from sdze_lightning.cli import build_problem
+from sdze_lightning.cli import build_problem, compose_config, run
 from sdze_lightning.estimators.exact import ExactEstimator
 
 SMALL = [
@@ -67,6 +67,16 @@ def test_prefetch_option_reaches_the_problem():
         on = compose("config", overrides=["model.width=8", "model.depth=1", "prefetch=true"])
     assert build_problem(default).prefetch is False
     assert build_problem(on).prefetch is True
+
+
+def test_large_d_experiment_preset_trains(tmp_path):
+    """experiment=twobody_sdze_large (the performance study's setup), at a small d here."""
+    summary = run(["experiment=twobody_sdze_large", "pde.dim=300", "trainer.max_steps=3",
+                   "logger=none", "callbacks=none"], tmp_path)
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    cfg = compose_config(["experiment=twobody_sdze_large"], tmp_path)
+    assert cfg.prefetch is True and cfg.pde.dim == 100000
+    assert cfg.method._target_.endswith("SDZE") and cfg.estimator.distribution == "coordinate"
 
 
 def test_run_writes_summary_and_csv(tmp_path):

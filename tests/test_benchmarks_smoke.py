@@ -38,6 +38,28 @@ def test_scaling_smoke_with_prefetch_gives_the_same_losses(tmp_path):
     assert json.loads((tmp_path / "scaling_smoke.json").read_text())["cfg"]["prefetch"] is True
 
 
+@pytest.mark.parametrize("huge_pages", [False, True])
+def test_scaling_worker_environment(monkeypatch, huge_pages):
+    """--huge-pages starts the workers with THP_MEM_ALLOC_ENABLE=1 and marks their rows."""
+    import subprocess
+
+    mod = load_benchmark("scaling")
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["env"] = kwargs.get("env")
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
+
+    monkeypatch.setattr(mod.subprocess, "run", fake_run)
+    row = mod.run_worker(dict(method="sdze", dim=10, cfg={}), 1 << 30, 1.0, 1, 10.0,
+                         huge_pages=huge_pages)
+    assert row["huge_pages"] is huge_pages
+    if huge_pages:
+        assert seen["env"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    else:
+        assert seen["env"] is None  # the parent's environment, unchanged
+
+
 def test_fit_slope_recovers_power_law():
     mod = load_benchmark("scaling")
     rows = [dict(status="ok", dim=d, t=3.0 * d**0.8) for d in (1e3, 1e4, 1e5)]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 import sys
@@ -89,9 +90,10 @@ def make_problem(problem: str, dim: int, seed: int, cfg: BenchConfig, **kwargs):
     from sdze_lightning.problems import HardCube, TwoBody
 
     if problem == "twobody":
-        return TwoBody(dim=dim, operator="allen_cahn", n_interior=cfg.points, seed=seed, **kwargs)
+        return TwoBody(dim=dim, operator="allen_cahn", n_interior=cfg.points, seed=seed,
+                       prefetch=cfg.prefetch, **kwargs)
     return HardCube(dim=dim, operator="allen_cahn", n_interior=cfg.points,
-                    n_boundary=cfg.points, seed=seed, **kwargs)
+                    n_boundary=cfg.points, seed=seed, prefetch=cfg.prefetch, **kwargs)
 
 
 @torch.no_grad()
@@ -238,13 +240,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="cosine decay of SDZE's lr to 0 over this many steps (0: constant lr)")
     ap.add_argument("--affine-max-dim", type=int, default=2000,
                     help="largest d for the best-affine reference line")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="problems build the next batch on a background thread")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=args.threads, rank=args.sdze_rank, period=args.sdze_period)
+    cfg = BenchConfig(threads=args.threads, rank=args.sdze_rank, period=args.sdze_period,
+                      prefetch=args.prefetch)
     if args.smoke:
-        cfg = SMOKE
+        cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
         args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []

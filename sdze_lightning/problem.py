@@ -140,8 +140,8 @@ class PINNProblem(L.LightningModule):
             thread is less loaded (:mod:`sdze_lightning.prefetch`). Same numbers;
             faster steps at large ``d`` where a core is free; one more batch in
             memory. ``sample_interior`` and ``prepare_batch`` may then run on that
-            thread: they must depend only on
-            their arguments and on state fixed before training (not on the network).
+            thread: they must depend only on their arguments and on state fixed
+            before training (not on the network).
             Prefetches the shared batch of CRNS steps and of first-order methods; a
             zeroth-order method with ``crns=False`` gets no prefetching (warned).
 
@@ -229,7 +229,6 @@ class PINNProblem(L.LightningModule):
         self.rel_l2 = RelativeL2Error()
         self.last_loss: float = float("nan")
         self._points: dict[tuple[int, int], Tensor] = {}
-        self.prefetch = prefetch
         self._prefetcher = BatchPrefetcher(self._training_batch) if prefetch else None
         #: Which thread prepares prefetched batches (chosen from measured times).
         self._placement = PreparePlacement()
@@ -386,6 +385,11 @@ class PINNProblem(L.LightningModule):
         self._placement.record(sample_s, prepare_s, main_s)
         self._points = {(step, 0): x}
         self._main_since = time.perf_counter()
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether training batches are prefetched (see the ``prefetch`` argument)."""
+        return self._prefetcher is not None
 
     def stop_prefetch(self) -> None:
         """Stop the prefetch thread and drop the batch it was building."""

@@ -42,6 +42,7 @@ METHODS: dict[str, tuple[str, str]] = {
 __all__ = [
     "MACHINE", "METHODS", "RESULTS", "SMOKE", "BenchConfig", "build", "forward_pass",
     "limit_memory", "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
+    "add_prefetch_flag",
 ]
 
 
@@ -136,6 +137,13 @@ def build(method: str, dim: int, cfg: BenchConfig, n_eval: int = 0):
                       n_interior=cfg.points, n_eval=n_eval, seed=cfg.seed,
                       prefetch=cfg.prefetch)
     return problem, make_optimizer(opt_name, net, cfg)
+
+
+def add_prefetch_flag(parser) -> None:
+    """``--prefetch``: problems built with ``prefetch=True`` (:attr:`BenchConfig.prefetch`)."""
+    parser.add_argument("--prefetch", action="store_true",
+                        help="sample the next batch on a background thread (its source on "
+                             "the less loaded thread): PINNProblem(prefetch=True)")
 
 
 def warm_fused_kernels() -> None:

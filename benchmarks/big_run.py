@@ -43,6 +43,7 @@ from _common import (  # noqa: E402
     RESULTS,
     SMOKE,
     BenchConfig,
+    add_prefetch_flag,
     build,
     limit_memory,
     load_average,
@@ -145,8 +146,11 @@ def baseline_worker(method: str, dim: int, cfg: BenchConfig) -> dict:
         out["build_s"] = time.perf_counter() - t0
         out["stage"] = "step"
         t0 = time.perf_counter()
-        out["loss"] = train_step(problem, opt, 0)
-        out["step_s"] = time.perf_counter() - t0
+        try:
+            out["loss"] = train_step(problem, opt, 0)
+            out["step_s"] = time.perf_counter() - t0
+        finally:
+            problem.stop_prefetch()
         out["status"] = "ok"
     except (MemoryError, RuntimeError) as err:
         msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
@@ -198,8 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="loss on a fixed batch every this many steps (0: off)")
     ap.add_argument("--points", type=int, default=100,
                     help="collocation points per step (the scaling study's 100 by default)")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="build the next batch and its source on a background thread")
+    add_prefetch_flag(ap)
     ap.add_argument("--baselines", action="store_true", help="try each baseline for one step")
     ap.add_argument("--skip-sdze", action="store_true", help="only the baselines")
     ap.add_argument("--baseline-mem-gb", type=float, default=20.0)

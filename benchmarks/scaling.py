@@ -63,6 +63,7 @@ from _common import (  # noqa: E402
     RESULTS,
     SMOKE,
     BenchConfig,
+    add_prefetch_flag,
     build,
     forward_pass,
     limit_memory,
@@ -122,6 +123,9 @@ def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> d
     row["sdze_s_per_step"] = statistics.median(ref_times) if ref_times else row["s_per_step"]
     row["ratio_to_sdze"] = row["s_per_step"] / row["sdze_s_per_step"]
     row["steps_timed"] = len(times)
+    problem.stop_prefetch()  # no background build during the forward timing below
+    if ref is not None:
+        ref[0].stop_prefetch()
     fp = ref[0] if ref is not None else problem
     fwd = [forward_pass(fp, 100 + i) for i in range(2)]
     row["sample_s"] = min(f[0] for f in fwd)
@@ -233,8 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--mem-cap-gb", type=float, default=16.0)
     ap.add_argument("--threads", type=int, default=1,
                     help="1: on a shared 2-core machine 2 threads spin and slow down 10x")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="problems build the next batch on a background thread (all methods)")
+    add_prefetch_flag(ap)
     ap.add_argument("--huge-pages", action="store_true",
                     help="workers with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
     ap.add_argument("--out", type=Path, default=RESULTS)

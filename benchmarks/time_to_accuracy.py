@@ -41,7 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MACHINE, RESULTS, SMOKE, BenchConfig, make_estimator  # noqa: E402
+from _common import (  # noqa: E402
+    MACHINE,
+    RESULTS,
+    SMOKE,
+    BenchConfig,
+    add_prefetch_flag,
+    make_estimator,
+)
 
 #: Method name -> (estimator name, optimizer factory taking the network and the seed).
 METHODS = ("sdze", "adam+hte")
@@ -240,8 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="cosine decay of SDZE's lr to 0 over this many steps (0: constant lr)")
     ap.add_argument("--affine-max-dim", type=int, default=2000,
                     help="largest d for the best-affine reference line")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="problems build the next batch on a background thread")
+    add_prefetch_flag(ap)
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true")

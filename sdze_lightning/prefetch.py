@@ -11,9 +11,10 @@ enough; no process, no shared-memory copy.
 The batch of a step is a pure function of the step (seeded generators), so
 prefetching changes no number, only when it is computed. It costs one more
 batch in memory while a step runs. Per-batch data (the source term) is
-computed on whichever thread has less to do (:class:`PreparePlacement`): at
-moderate ``d`` the prefetch thread has time to spare, at large ``d`` sampling
-alone keeps it as busy as the main thread.
+split between the two threads so that they finish together
+(:class:`PreparePlacement`): at moderate ``d`` the prefetch thread has time to
+spare for all of it, at large ``d`` sampling alone keeps it about as busy as
+the main thread and the main thread takes most rows.
 """
 
 from __future__ import annotations
@@ -92,32 +93,38 @@ class BatchPrefetcher(Generic[T]):
 
 
 class PreparePlacement:
-    """Chooses the thread that prepares a prefetched batch (e.g. its source term).
+    """Splits the preparation of a prefetched batch (e.g. its source term) between threads.
 
-    From smoothed per-step times of sampling a batch ``S``, preparing it ``P``
-    and the main thread's own work ``M`` (everything of a step but waiting for
-    and preparing its batch): preparing on the prefetch thread makes a step
-    about ``max(S + P, M)`` long, preparing on the main thread ``max(S, M + P)``;
-    :attr:`ahead` is whichever is shorter. Either way the numbers are the same;
-    only which core does the work changes.
+    From smoothed per-step times of sampling a batch ``S``, preparing all of it
+    ``P`` and the main thread's own work ``M`` (everything of a step but waiting
+    for and preparing its batch): if the prefetch thread prepares a share ``s``
+    of the batch's rows and the main thread the rest, a step takes about
+    ``max(S + s P, M + (1 - s) P)``. :attr:`share` is the ``s`` in ``[0, 1]``
+    that balances the two, ``(M + P - S) / (2 P)`` clipped: the step is never
+    longer than with either whole-batch choice (``s = 1``: ``max(S + P, M)``;
+    ``s = 0``: ``max(S, M + P)``). Either way the numbers are the same; only
+    which core does the work changes.
 
     Args:
         smoothing: Weight of a new measurement in the running averages.
 
     Attributes:
-        ahead: Prepare on the prefetch thread (the initial choice).
-        auto: Update :attr:`ahead` from the measurements (``False`` pins it).
+        share: Fraction of the rows prepared on the prefetch thread (all at first).
+        auto: Update :attr:`share` from the measurements (``False`` pins it).
 
     """
 
     def __init__(self, smoothing: float = 0.3) -> None:
         self.smoothing = smoothing
-        self.ahead = True
+        self.share = 1.0
         self.auto = True
         self.times: dict[str, float] = {}
 
     def record(self, sample_s: float, prepare_s: float, main_s: float | None) -> None:
-        """Add one step's times (``main_s`` is ``None`` when unknown, e.g. the first step)."""
+        """Add one step's times (``main_s`` is ``None`` when unknown, e.g. the first step).
+
+        ``prepare_s`` is the time of preparing the whole batch, both threads' parts.
+        """
         for key, value in (("sample", sample_s), ("prepare", prepare_s), ("main", main_s)):
             if value is None:
                 continue
@@ -125,7 +132,11 @@ class PreparePlacement:
             self.times[key] = value if old is None else old + self.smoothing * (value - old)
         if self.auto and len(self.times) == 3:
             s, p, m = self.times["sample"], self.times["prepare"], self.times["main"]
-            self.ahead = max(s + p, m) <= max(s, m + p)
+            self.share = 1.0 if p <= 0 else min(1.0, max(0.0, (m + p - s) / (2 * p)))
+
+    def rows_ahead(self, n: int) -> int:
+        """Rows of an ``n``-row batch to prepare on the prefetch thread."""
+        return round(self.share * n)
 
 
 def _drop(pending: tuple[int, Future] | None) -> None:

@@ -136,8 +136,8 @@ class PINNProblem(L.LightningModule):
             :class:`~sdze_lightning.divergence.NonFiniteLossError`) or ``"skip"``
             the step (counted, not applied); see :mod:`sdze_lightning.divergence`.
         prefetch: Sample the next step's interior batch on a background thread while
-            the current step runs, and run :meth:`prepare_batch` on it on whichever
-            thread is less loaded (:mod:`sdze_lightning.prefetch`). Same numbers;
+            the current step runs, and split :meth:`prepare_batch` on it between
+            that thread and the main one (:mod:`sdze_lightning.prefetch`). Same numbers;
             faster steps at large ``d`` where a core is free; one more batch in
             memory. ``sample_interior`` and ``prepare_batch`` may then run on that
             thread: they must depend only on their arguments and on state fixed
@@ -343,46 +343,54 @@ class PINNProblem(L.LightningModule):
         full = self.sample_interior(self.n_interior, self.generator(step, key, STREAM_INTERIOR))
         return self.shard.take(full)
 
-    def prepare_batch(self, x: Tensor) -> None:
+    def prepare_batch(self, x: Tensor, rows: int | None = None) -> None:
         """Compute and cache what depends on the interior batch ``x`` only.
 
         Called for the next step's batch on the prefetch thread (``prefetch=True``),
         e.g. an analytic source term; it must not use the network or any state that
         changes during training. The default does nothing.
+
+        Args:
+            x: The batch.
+            rows: Prepare (about) the first ``rows`` rows only; the main thread
+                then calls it again with ``None`` to prepare the rest (it splits
+                the work between the threads, see
+                :class:`~sdze_lightning.prefetch.PreparePlacement`). A problem may
+                round ``rows`` or prepare everything at once.
+
         """
 
-    def _training_batch(self, step: int) -> tuple[Tensor, float, float | None]:
+    def _training_batch(self, step: int) -> tuple[Tensor, float, float]:
         """Interior points of training ``step`` (key 0) with the times of building them.
 
-        Returns ``(x, sampling seconds, prepare seconds)``; the last is ``None`` when
-        :meth:`prepare_batch` is left to the main thread (``_placement.ahead`` false).
+        Returns ``(x, sampling seconds, prepare seconds)``; the prefetch thread
+        prepares the share of rows that :attr:`_placement` gives it (none: 0 s).
         """
         t0 = time.perf_counter()
         x = self._sample_points(step, 0)
         t1 = time.perf_counter()
-        if not self._placement.ahead:
-            return x, t1 - t0, None
-        self.prepare_batch(x)
+        rows = self._placement.rows_ahead(len(x))
+        if rows > 0:
+            self.prepare_batch(x, rows)
         return x, t1 - t0, time.perf_counter() - t1
 
     def begin_step(self, step: int) -> None:
         """Make the interior batch of training ``step`` ready (``prefetch=True``).
 
-        Takes it from the prefetch thread (waiting if it is not done), prepares it
-        here if the prefetch thread did not (:class:`~sdze_lightning.prefetch.PreparePlacement`
-        picks the less loaded thread) and starts the batch of ``step + 1``; without
-        prefetching, does nothing (the batch is drawn when the loss first asks for it).
+        Takes it from the prefetch thread (waiting if it is not done), prepares
+        the rows the prefetch thread left (:class:`~sdze_lightning.prefetch.PreparePlacement`
+        splits them between the threads) and starts the batch of ``step + 1``;
+        without prefetching, does nothing (the batch is drawn when the loss first
+        asks for it).
         """
         if self._prefetcher is None:
             return
         now = time.perf_counter()
         main_s = None if self._main_since is None else now - self._main_since
-        x, sample_s, prepare_s = self._prefetcher.get(step)
-        if prepare_s is None:
-            t0 = time.perf_counter()
-            self.prepare_batch(x)
-            prepare_s = time.perf_counter() - t0
-        self._placement.record(sample_s, prepare_s, main_s)
+        x, sample_s, ahead_s = self._prefetcher.get(step)
+        t0 = time.perf_counter()
+        self.prepare_batch(x)
+        self._placement.record(sample_s, ahead_s + time.perf_counter() - t0, main_s)
         self._points = {(step, 0): x}
         self._main_since = time.perf_counter()
 

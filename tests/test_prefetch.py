@@ -15,7 +15,7 @@ from sdze_lightning.methods import SDZE
 from sdze_lightning.nn import MLP
 from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
 from sdze_lightning.problem import NonFiniteLossError
-from sdze_lightning.problems import TwoBody, twobody
+from sdze_lightning.problems import TwoBody, ball, twobody
 from sdze_lightning.problems.twobody import _two_body_fused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,33 +78,38 @@ def _two_body(prefetch: bool, dim: int = 12, **kwargs) -> TwoBody:
     )
 
 
-@pytest.mark.parametrize("placement", ["ahead", "main", "auto"])
+@pytest.mark.parametrize("placement", ["ahead", "main", "split", "auto"])
 def test_training_with_prefetch_is_identical_and_prepares_once_per_batch(
     make_trainer, monkeypatch, placement
 ):
     """Same losses and weights to the bit (with validations in between) wherever the source
-    is prepared; pinned ahead, the source of every batch after the first is computed once,
-    on the prefetch thread; pinned on the main thread, never there. The thread is gone
-    after fit."""
+    is prepared; pinned ahead, every source block of every batch after the first is computed
+    once, on the prefetch thread; pinned on the main thread, never there; split in half
+    (four blocks of 4 rows per 16-point batch), two blocks on each thread. The thread is
+    gone after fit."""
+    blocks = 1
+    if placement == "split":
+        blocks = 4
+        monkeypatch.setattr(ball, "SOURCE_BLOCK", 4 * 12)  # 4 rows of d = 12 per block
     calls: list[str] = []
-    original = TwoBody.source
+    original = TwoBody._block_source
 
-    def counted(self, x):
+    def counted(self, xb):
         calls.append(threading.current_thread().name)
-        return original(self, x)
+        return original(self, xb)
 
     results = {}
     for prefetch in (False, True):
         calls.clear()
-        monkeypatch.setattr(TwoBody, "source", counted)
+        monkeypatch.setattr(TwoBody, "_block_source", counted)
         problem = _two_body(prefetch, steps_per_epoch=3)  # validation between steps too
         if placement != "auto":
             problem._placement.auto = False
-            problem._placement.ahead = placement == "ahead"
+            problem._placement.share = {"ahead": 1.0, "main": 0.0, "split": 0.5}[placement]
         losses: list[float] = []
         problem.on_train_batch_end = lambda *a, p=problem, out=losses: out.append(p.last_loss)
         make_trainer(max_steps=8).fit(problem)
-        monkeypatch.setattr(TwoBody, "source", original)
+        monkeypatch.setattr(TwoBody, "_block_source", original)
         results[prefetch] = (losses, [p.detach().clone() for p in problem.parameters()],
                              list(calls))
     assert results[True][0] == results[False][0] and len(results[True][0]) == 8
@@ -113,29 +118,50 @@ def test_training_with_prefetch_is_identical_and_prepares_once_per_batch(
     assert not any(c.startswith("sdze-prefetch") for c in results[False][2])
     on_main = [c for c in results[True][2] if not c.startswith("sdze-prefetch")]
     on_thread = len(results[True][2]) - len(on_main)
-    if placement == "ahead":
-        # steps 1..7 moved to the thread (step 8 may also have been built there before
-        # fit ended, then dropped); no batch's source is computed twice
-        assert len(on_main) == len(results[False][2]) - 7
-        assert on_thread in (7, 8)
+    if placement in ("ahead", "split"):
+        # steps 1..7 moved (step 8 may also have been built there before fit ended, then
+        # dropped); no block of any batch is computed twice
+        ahead = blocks if placement == "ahead" else blocks // 2
+        assert len(on_main) == len(results[False][2]) - 7 * ahead
+        assert on_thread in (7 * ahead, 8 * ahead)
     elif placement == "main":
         assert on_thread == 0 and len(on_main) == len(results[False][2])
     assert not _prefetch_threads()
 
 
-def test_placement_prepares_where_the_step_gets_shorter():
-    """Ahead: step ~ max(S + P, M); on the main thread: max(S, M + P)."""
+def test_split_source_matches_the_whole_batch_source(monkeypatch):
+    """Blocks prepared in two calls (as the two threads do) give ``source(x)`` to the bit."""
+    monkeypatch.setattr(ball, "SOURCE_BLOCK", 3 * 12)  # 3 rows per block, 6 blocks of 16 rows
+    problem = _two_body(False)
+    x = problem.sample_interior(16, problem.generator(0))
+    problem.prepare_batch(x, rows=7)  # rounds to 2 blocks (6 rows)
+    entry = problem._sources[id(x)]
+    assert len(entry.parts) == 2 and entry.full is None
+    assert torch.equal(problem._source_of(x), problem.source(x))
+    x.mul_(1.0)  # modified in place: recomputed, not served from the cache
+    assert problem._sources[id(x)].version != x._version
+    assert torch.equal(problem._source_of(x), problem.source(x))
+
+
+def test_placement_balances_the_two_threads():
+    """A share s ahead makes a step ~ max(S + s P, M + (1 - s) P); s balances the two."""
     pl = PreparePlacement(smoothing=1.0)
-    assert pl.ahead  # before any measurement
+    assert pl.share == 1.0  # before any measurement
     pl.record(sample_s=0.1, prepare_s=0.5, main_s=None)
-    assert pl.ahead  # main thread's time not known yet
-    pl.record(sample_s=0.1, prepare_s=0.5, main_s=1.0)  # 1.0 ahead vs 1.5 on main
-    assert pl.ahead
-    pl.record(sample_s=0.8, prepare_s=0.7, main_s=0.5)  # 1.5 ahead vs 1.2 on main
-    assert not pl.ahead
+    assert pl.share == 1.0  # main thread's time not known yet
+    pl.record(sample_s=0.1, prepare_s=0.5, main_s=1.0)  # all ahead: 0.6 vs 1.0, still short
+    assert pl.share == 1.0
+    pl.record(sample_s=1.5, prepare_s=0.5, main_s=0.5)  # sampling alone outlasts the step
+    assert pl.share == 0.0
+    pl.record(sample_s=0.8, prepare_s=0.7, main_s=0.5)
+    s = pl.share
+    assert 0 < s < 1
+    assert 0.8 + s * 0.7 == pytest.approx(0.5 + (1 - s) * 0.7)  # both threads busy 1.0 s
+    assert max(0.8 + s * 0.7, 0.5 + (1 - s) * 0.7) < min(max(1.5, 0.5), max(0.8, 1.2))
+    assert pl.rows_ahead(100) == round(100 * s)
     pl.auto = False
     pl.record(sample_s=0.1, prepare_s=0.5, main_s=1.0)
-    assert not pl.ahead  # pinned
+    assert pl.share == s  # pinned
     smooth = PreparePlacement(smoothing=0.5)
     smooth.record(1.0, 1.0, 1.0)
     smooth.record(3.0, 1.0, 1.0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import weakref
 from abc import abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +39,16 @@ BALL_OPERATORS = ("poisson", "allen_cahn", "sine_gordon")
 
 #: Largest ``points x d`` block the source is computed in at once.
 SOURCE_BLOCK = 1 << 20
+
+
+@dataclass
+class _CachedSource:
+    """The source of one batch, complete (``full``) or its first blocks (``parts``)."""
+
+    ref: weakref.ref
+    version: int
+    parts: list[Tensor] = field(default_factory=list)
+    full: Tensor | None = None
 
 
 def apply_operator(name: str, u: Tensor, lap: Tensor) -> Tensor:
@@ -115,8 +126,8 @@ class BallProblem(PINNProblem):
         self.coeff_seed = coeff_seed
         self.register_buffer("coeffs", coefficients(self.n_coefficients(self.dim), coeff_seed))
         self.constraint = BallConstraint(1.0)
-        #: Source terms of live batches: ``id(x) -> (weakref to x, x._version, source)``.
-        self._sources: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        #: Source terms of live batches, by ``id`` of the batch.
+        self._sources: dict[int, _CachedSource] = {}
 
     @classmethod
     def n_coefficients(cls, dim: int) -> int:
@@ -144,22 +155,41 @@ class BallProblem(PINNProblem):
 
     def source(self, x: Tensor) -> Tensor:
         """``f = L u_exact``, analytic, ``O(d)`` per point."""
-        out = []
-        for xb in self._blocks(x):
-            psi, lap_psi, euler = self.psi_terms(xb)
-            b = 1 - row_sq_norm(xb)
-            u = b * psi
-            lap = b * lap_psi - 4 * euler - 2 * self.dim * psi
-            out.append(apply_operator(self.operator, u, lap))
-        return torch.cat(out)
+        return torch.cat([self._block_source(xb) for xb in self._blocks(x)])
+
+    def _block_source(self, xb: Tensor) -> Tensor:
+        """:meth:`source` of one block of :meth:`_blocks`."""
+        psi, lap_psi, euler = self.psi_terms(xb)
+        b = 1 - row_sq_norm(xb)
+        u = b * psi
+        lap = b * lap_psi - 4 * euler - 2 * self.dim * psi
+        return apply_operator(self.operator, u, lap)
 
     def residual(self, x: Tensor, d: Derivatives) -> Tensor:
         """``L u - f``."""
         return apply_operator(self.operator, d.u, d.laplacian) - self._source_of(x)
 
-    def prepare_batch(self, x: Tensor) -> None:
-        """Compute the source of ``x`` ahead (on the prefetch thread)."""
-        self._source_of(x)
+    def prepare_batch(self, x: Tensor, rows: int | None = None) -> None:
+        """Compute the source of ``x`` ahead, all of it or about its first ``rows`` rows.
+
+        ``rows`` is rounded to whole blocks of :meth:`_blocks`, so the source is
+        computed block by block exactly as :meth:`source` does (same numbers
+        however the rows are split between the threads).
+        """
+        self._fill_source(x, rows)
+
+    def _fill_source(self, x: Tensor, rows: int | None) -> _CachedSource:
+        """:meth:`prepare_batch`; returns the cache entry it filled."""
+        entry = self._source_entry(x)
+        if entry.full is not None:
+            return entry
+        blocks = self._blocks(x)
+        stop = len(blocks) if rows is None else min(len(blocks), round(rows / len(blocks[0])))
+        for xb in blocks[len(entry.parts) : stop]:
+            entry.parts.append(self._block_source(xb))
+        if len(entry.parts) == len(blocks):
+            entry.full, entry.parts = torch.cat(entry.parts), []
+        return entry
 
     def _source_of(self, x: Tensor) -> Tensor:
         """``source(x)``, reused while ``x`` is the same unmodified tensor.
@@ -169,15 +199,22 @@ class BallProblem(PINNProblem):
         evaluation. Only weak references to the points are kept; entries of
         freed batches are dropped. The cache holds several batches (the current
         one and the one the prefetch thread prepares); a dict, whose single
-        operations are atomic under the GIL, so both threads may use it.
+        operations are atomic under the GIL, so both threads may use it (each
+        batch's entry is filled by one thread at a time: the prefetch thread's
+        share of its blocks first, then the main thread's).
         """
+        full = self._fill_source(x, None).full
+        assert full is not None
+        return full
+
+    def _source_entry(self, x: Tensor) -> _CachedSource:
+        """The cache entry of ``x`` (a new, empty one if ``x`` is new or was modified)."""
         cache = self._sources
-        hit = cache.get(id(x))
-        if hit is not None and hit[0]() is x and hit[1] == x._version:
-            return hit[2]
-        f = self.source(x)
-        for key, entry in list(cache.items()):
-            if entry[0]() is None:
+        entry = cache.get(id(x))
+        if entry is not None and entry.ref() is x and entry.version == x._version:
+            return entry
+        for key, old in list(cache.items()):
+            if old.ref() is None and cache.get(key) is old:
                 cache.pop(key, None)
-        cache[id(x)] = (weakref.ref(x), x._version, f)
-        return f
+        entry = cache[id(x)] = _CachedSource(weakref.ref(x), x._version)
+        return entry

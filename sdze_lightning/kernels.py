@@ -9,11 +9,18 @@ reductions and no ``N x d`` temporary: about 10x faster and ``O(N)`` extra
 memory for the two-body source at ``d = 10^6`` on a CPU
 (``benchmarks/README.md``).
 
-Compilation costs tens of seconds once per process (cached across processes
-by Inductor), so callers use it only past a size where that pays off, and
-fall back to their eager code when it is unavailable: set the environment
-variable ``SDZE_FUSED=0`` to turn it off, and any compilation error is
-logged once and turns it off for that kernel.
+Kernels are built with Inductor's C++ wrapper (``cpp_wrapper``), whose entry
+point releases the GIL while the kernel runs. With the default Python wrapper
+the kernel holds the GIL for its whole run, so a source term computed on the
+prefetch thread (:mod:`sdze_lightning.prefetch`) stalls the main thread's
+Python between its own operators, and two threads cannot share the work. If
+the C++ wrapper fails to build, the default wrapper is tried next.
+
+Compilation costs seconds to tens of seconds once per process (cached across
+processes by Inductor), so callers use it only past a size where that pays
+off, and fall back to their eager code when it is unavailable: set the
+environment variable ``SDZE_FUSED=0`` to turn it off, and a kernel that fails
+to compile with every wrapper is logged once and turned off.
 """
 
 from __future__ import annotations
@@ -28,7 +35,13 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+#: ``torch.compile`` options to try, in order: the C++ wrapper (releases the GIL), then
+#: Inductor's default Python wrapper.
+COMPILE_OPTIONS: tuple[dict[str, bool], ...] = ({"cpp_wrapper": True}, {})
+
 _compiled: dict[Callable, Callable] = {}
+#: Index into :data:`COMPILE_OPTIONS` of each kernel's current (or next) attempt.
+_attempt: dict[Callable, int] = {}
 _failed: set[Callable] = set()
 #: TorchDynamo is not thread-safe; the prefetch thread (``sdze_lightning.prefetch``) and
 #: the main thread (validation, probes) may both call a kernel, so calls take turns.
@@ -55,13 +68,23 @@ def fused_call(fn: Callable[..., tuple[Tensor, ...]], *args: Tensor) -> tuple[Te
     """
     if not fused_enabled() or fn in _failed:
         return None
-    try:
-        with _lock, torch.no_grad():
-            compiled = _compiled.get(fn)
-            if compiled is None:
-                compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
-            return compiled(*args)
-    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager code
-        _failed.add(fn)
-        log.warning("torch.compile of %s failed (%s); using the eager version.", fn.__name__, err)
-        return None
+    with _lock, torch.no_grad():
+        while fn not in _failed:
+            attempt = _attempt.setdefault(fn, 0)
+            try:
+                compiled = _compiled.get(fn)
+                if compiled is None:
+                    options = COMPILE_OPTIONS[attempt]
+                    compiled = _compiled[fn] = torch.compile(fn, dynamic=True, options=options)
+                return compiled(*args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure: next wrapper, then eager
+                _compiled.pop(fn, None)
+                _attempt[fn] = attempt + 1
+                if attempt + 1 >= len(COMPILE_OPTIONS):
+                    _failed.add(fn)
+                    log.warning("torch.compile of %s failed (%s); using the eager version.",
+                                fn.__name__, err)
+                else:
+                    log.info("torch.compile of %s with %s failed (%s); trying %s.", fn.__name__,
+                             COMPILE_OPTIONS[attempt], err, COMPILE_OPTIONS[attempt + 1])
+    return None

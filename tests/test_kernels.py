@@ -59,3 +59,30 @@ def test_a_compiler_failure_falls_back_to_eager_once(monkeypatch, caplog):
     expected = twobody._two_body_core(x, c, lambda t: t @ c)
     for got, e in zip(twobody.two_body_terms(x, c), expected, strict=True):
         torch.testing.assert_close(got, e, rtol=1e-12, atol=1e-12 * float(e.abs().max()))
+
+
+def test_kernels_are_built_with_the_cpp_wrapper_first_then_the_default(monkeypatch, caplog):
+    """The C++ wrapper releases the GIL while the kernel runs (so the prefetch thread's source
+    does not stall the main thread); if it cannot be built, Inductor's default wrapper is used."""
+    assert kernels.COMPILE_OPTIONS[0] == {"cpp_wrapper": True}
+    tried: list[dict] = []
+
+    def fake_compile(f, **kwargs):
+        tried.append(kwargs["options"])
+        if kwargs["options"].get("cpp_wrapper"):
+            def fail(*args):
+                raise RuntimeError("no C++ wrapper here")
+            return fail
+        return f
+
+    def fn(x):
+        return (2 * x,)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with caplog.at_level(logging.INFO, logger="sdze_lightning.kernels"):
+        for _ in range(2):
+            (out,) = kernels.fused_call(fn, torch.ones(3))
+            assert torch.equal(out, torch.full((3,), 2.0))
+    assert tried == [{"cpp_wrapper": True}, {}]  # compiled once per option, then reused
+    assert fn not in kernels._failed
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from sdze_lightning.constraints import Constraint
 from sdze_lightning.directions import Directions
-from sdze_lightning.nn.mlp import MLP, Jet, product_jet
+from sdze_lightning.nn.mlp import MLP, Jet, product_jet, summed_top
 
 
 class ModelFunction:
@@ -109,19 +109,39 @@ class ModelFunction:
         pts = x[None, None] + t[:, None, None, None] * v[None, :, None, :]
         return fn(pts.reshape(-1, x.shape[1])).reshape(len(ts), v.shape[0], x.shape[0])
 
-    def jets(self, x: Tensor, dirs: Directions, order: int) -> Jet:
-        """Return ``[u, D_v u, ..., D_v^order u]``: ``(N,)`` then ``(K, N)`` each."""
-        if self.fast:
-            net_jet = [c[..., 0] for c in self.net.jets(x, dirs, order)]
-            if self.constraint is None:
-                return net_jet
-            out = product_jet(self.constraint.jet(x, dirs, order), net_jet)
-            shape = (dirs.count, x.shape[0])
-            return [out[0]] + [
-                torch.zeros(shape, dtype=x.dtype, device=x.device) if c is None else c.expand(shape)
-                for c in out[1:]
-            ]
-        return self._generic_jets(x, dirs, order)
+    def jets(self, x: Tensor, dirs: Directions, order: int, sum_top: bool = False) -> Jet:
+        """Return ``[u, D_v u, ..., D_v^order u]``: ``(N,)`` then ``(K, N)`` each.
+
+        With ``sum_top`` (and ``order >= 2``) the last entry is ``sum_k D_{v_k}^order u``,
+        shape ``(N,)``; on the first-layer route the network carries it summed
+        (:meth:`MLP.jets <sdze_lightning.nn.MLP.jets>`), which costs one row per
+        point instead of ``K`` in its products.
+        """
+        sum_top = sum_top and order >= 2
+        if not self.fast:
+            out = self._generic_jets(x, dirs, order)
+            if sum_top:
+                out[-1] = out[-1].sum(dim=0)
+            return out
+        net_jet = [c[..., 0] for c in self.net.jets(x, dirs, order, sum_top=sum_top)]
+        if self.constraint is None:
+            out = net_jet
+        else:
+            g = self.constraint.jet(x, dirs, order)
+            if sum_top:
+                out = summed_top(lambda j: product_jet(g, j), lambda top: g[0] * top,
+                                 net_jet, dirs.count)
+            else:
+                out = product_jet(g, net_jet)
+        shape = (dirs.count, x.shape[0])
+        per_direction, top = (out[1:-1], out[-1]) if sum_top else (out[1:], None)
+        full = [out[0]] + [
+            torch.zeros(shape, dtype=x.dtype, device=x.device) if c is None else c.expand(shape)
+            for c in per_direction
+        ]
+        if sum_top:
+            full.append(x.new_zeros(x.shape[0]) if top is None else top.reshape(x.shape[0]))
+        return full
 
     def _generic_jets(self, x: Tensor, dirs: Directions, order: int) -> Jet:
         v = dirs.materialize(x.dtype, x.device)

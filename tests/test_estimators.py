@@ -238,6 +238,38 @@ def test_taylor_jets_match_autodiff(constraint, kind):
         assert (dv[k] - ref).abs().max().item() <= 1e-10 * max(1.0, scale), k
 
 
+@pytest.mark.parametrize("constraint", [False, True])
+@pytest.mark.parametrize("kind", ["gaussian", "coordinate"])
+@pytest.mark.parametrize("orders", [{2}, {1, 2}, {1, 2, 3}, {4}])
+def test_taylor_summed_top_order_equals_the_mean_of_the_directions(constraint, kind, orders):
+    """Carrying the highest order summed over the directions through the network (one row
+    per point instead of K) gives the mean of the per-direction derivatives, the lower
+    orders unchanged; float64, so only summation order differs (~1e-16 relative)."""
+    d = 7
+    model = make_model(d, time=True, constraint=constraint, width=24)
+    x = make_points(5, d + 1)
+    dirs = sample_directions(kind, 5, d + 1, d, torch.Generator().manual_seed(3), torch.float64)
+    est = TaylorEstimator(5, kind)
+    u, means = est.directional_means(model, x, dirs, orders)
+    u_ref, per_direction = est.directional(model, x, dirs, orders)
+    torch.testing.assert_close(u, u_ref, rtol=0, atol=0)
+    for k in orders:
+        ref = per_direction[k] if k == 1 else per_direction[k].mean(dim=0)
+        assert means[k].shape == ref.shape, k
+        torch.testing.assert_close(means[k], ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    # the network really carries one summed row: shape (1, N, out) for the top order
+    jet = model.net.jets(x, dirs, max(orders), sum_top=True)
+    if max(orders) >= 2:
+        assert jet[-1].shape == (1, 5, 1) and jet[1].shape == (5, 5, 1)
+    # the generic route (torch.func.jvp, any network) agrees
+    if constraint:
+        generic = ModelFunction(model.net, compose=lambda p, out: model.constraint.value(p) * out)
+        assert not generic.fast
+        _, g = est.directional_means(generic, x, dirs, orders)
+        for k in orders:
+            torch.testing.assert_close(g[k], means[k], rtol=1e-10, atol=1e-10)
+
+
 def test_taylor_generic_path_matches_fast_path():
     """The torch.func.jvp fallback (any network) agrees with the MLP fast path."""
     d = 5

@@ -207,6 +207,29 @@ class DirectionalEstimator(Estimator):
 
         """
 
+    def directional_means(
+        self,
+        model: ModelFunction,
+        x: Tensor,
+        dirs: Directions,
+        orders: Collection[int],
+        u0: Tensor | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """:meth:`directional` with every order >= 2 averaged over the directions.
+
+        The operators use ``D_v u`` per direction (the gradient, ``|grad u|^2``)
+        but only the mean over the directions of the higher orders, which an
+        implementation may compute more cheaply (Taylor mode carries the highest
+        order summed through the network).
+
+        Returns:
+            ``u(x)`` ``(N,)`` and a dict order -> ``D_v u`` ``(K, N)`` for order 1,
+            ``mean_k D_{v_k}^k u`` ``(N,)`` for orders >= 2.
+
+        """
+        u, dv = self.directional(model, x, dirs, orders, u0)
+        return u, {k: v if k == 1 else v.mean(dim=0) for k, v in dv.items()}
+
     def halves(self) -> tuple[Estimator, Estimator]:
         """Two copies with ``num_directions // 2`` directions each (independent draws)."""
         return self.split_directions(2)
@@ -267,24 +290,24 @@ class DirectionalEstimator(Estimator):
         out: dict[str, Tensor] = {}
         u: Tensor | None = None
         if main is not None:
-            u, dv = self.directional(model, x, main, main_orders)
+            u, dv = self.directional_means(model, x, main, main_orders)
             scale = float(d) if dist == "coordinate" else 1.0
             if "grad" in ops:
                 out["grad"] = scatter_gradient(dv[1], main, d, scale)
             if "grad_norm2" in ops:
                 out["grad_norm2"] = scale * (dv[1] * dv[1]).mean(dim=0)
             if "laplacian" in ops:
-                out["laplacian"] = scale * dv[2].mean(dim=0)
+                out["laplacian"] = scale * dv[2]
             if 3 in dv and "third" in ops:
-                out["third"] = scale * dv[3].mean(dim=0)
+                out["third"] = scale * dv[3]
             if 4 in dv and "biharmonic" in ops:
-                out["biharmonic"] = dv[4].mean(dim=0) / 3
+                out["biharmonic"] = dv[4] / 3
         if third is not None:
-            u, dv = self.directional(model, x, third, {3}, u)
-            out["third"] = float(d) * dv[3].mean(dim=0)
+            u, dv = self.directional_means(model, x, third, {3}, u)
+            out["third"] = float(d) * dv[3]
         if bih is not None:
-            u, dv = self.directional(model, x, bih, {4}, u)
-            out["biharmonic"] = dv[4].mean(dim=0) / 3
+            u, dv = self.directional_means(model, x, bih, {4}, u)
+            out["biharmonic"] = dv[4] / 3
         if "dt" in ops:
             u, dv = self.directional(model, x, t_axis, {1}, u)
             out["dt"] = dv[1][0]

@@ -49,3 +49,25 @@ class TaylorEstimator(DirectionalEstimator):
         """Exact ``u`` and ``D_v^k u`` for ``k`` in ``orders`` from one jet pass."""
         jet = model.jets(x, dirs, max(orders))
         return jet[0], {k: jet[k] for k in orders}
+
+    def directional_means(
+        self,
+        model: ModelFunction,
+        x: Tensor,
+        dirs: Directions,
+        orders: Collection[int],
+        u0: Tensor | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """One jet pass with the highest order carried summed over the directions.
+
+        For a Laplacian from ``K`` directions the network's products then take
+        ``N (K + 2)`` rows instead of ``N (2 K + 1)`` (``sum_top`` of
+        :meth:`ModelFunction.jets`).
+        """
+        top = max(orders)
+        jet = model.jets(x, dirs, top, sum_top=True)
+        k = dirs.count
+        return jet[0], {
+            o: jet[o] if o == 1 else (jet[o] / k if o == top else jet[o].mean(dim=0))
+            for o in orders
+        }

@@ -5,7 +5,10 @@ Besides the plain forward pass, :class:`MLP` evaluates
 * ``line``: the network at ``x + t v`` for a few step sizes ``t`` and directions
   ``v`` (finite differences, Stein smoothing), and
 * ``jets``: the exact directional derivatives ``D_v^k u(x)``, ``k <= 4``, by a
-  hand-written Taylor-mode pass (no back-propagation, one pass per order),
+  hand-written Taylor-mode pass (no back-propagation, one pass per order);
+  with ``sum_top`` the highest order is carried summed over the directions
+  (one row per point instead of ``K``: the sum of a Laplacian-type estimate is
+  all an operator needs, and every layer is linear in that coefficient),
 
 both through the first-layer shortcut of the design: ``W (x + t v) = W x + t W v``
 with ``W x`` computed once per point and ``W v`` a column lookup for a
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -103,6 +106,34 @@ def compose_jet(derivs: Sequence[Tensor], h: Jet) -> Jet:
         )
     if order > 4:
         raise ValueError("Taylor-mode jets are implemented up to order 4.")
+    return out
+
+
+def summed_top(rule: Callable[[Jet], Jet], linear_top: Callable[[Tensor], Tensor],
+               jet: Jet, count: int) -> Jet:
+    """Apply a jet ``rule`` to a jet whose top coefficient is summed over the directions.
+
+    The top coefficient a jet rule returns is ``chain(lower orders) +
+    linear_top(top)``, linear in the incoming top. With the incoming top summed
+    over the ``count`` directions (shape ``(1, ...)``), the outgoing top is
+    ``sum_k chain_k + linear_top(top)``: the rule runs with the top left out
+    (``None``), its top is summed over the direction axis, and the linear part
+    is added. Entries of order >= 1 carry the direction axis first (size
+    ``count``, or 1 when the same for every direction).
+
+    Args:
+        rule: A jet rule (``compose_jet``, ``product_jet``) with its other argument bound.
+        linear_top: The part of the outgoing top that is linear in the incoming one.
+        jet: Lower orders per direction, the top summed over the directions (``None`` = 0).
+        count: Number of directions ``K``.
+
+    """
+    top = jet[-1]
+    out = rule(jet[:-1] + [None])
+    chain = out[-1]
+    if chain is not None:
+        chain = chain.expand(count, *chain.shape[1:]).sum(dim=0, keepdim=True)
+    out[-1] = _sum(chain, None if top is None else linear_top(top))
     return out
 
 
@@ -250,30 +281,49 @@ class MLP(nn.Module):
         h = h0[None, None] + t[:, None, None, None] * wv[None, :, None, :]
         return self.tail(h)
 
-    def jets(self, x: Tensor, dirs: Directions, order: int) -> Jet:
+    def jets(self, x: Tensor, dirs: Directions, order: int, sum_top: bool = False) -> Jet:
         """Exact directional derivatives ``D_v^k u(x)`` for ``k = 0..order``.
+
+        Args:
+            x: Points ``(N, in_features)``.
+            dirs: ``K`` directions.
+            order: Highest order, 0 to 4.
+            sum_top: Carry the highest order (>= 2) summed over the directions:
+                one row per point instead of ``K`` in every layer's product (the
+                lower orders stay per direction; the result is the same up to
+                rounding).
 
         Returns:
             A list: entry 0 is ``u(x)`` of shape ``(N, out)``, entry ``k >= 1`` is
-            ``D_v^k u(x)`` of shape ``(K, N, out)``.
+            ``D_v^k u(x)`` of shape ``(K, N, out)``; with ``sum_top``, the last
+            entry is ``sum_k D_{v_k}^order u(x)``, shape ``(1, N, out)``.
         """
         if not 0 <= order <= 4:
             raise ValueError(f"Jet order must be between 0 and 4, got {order}.")
+        sum_top = sum_top and order >= 2
         h0 = self.first_layer(x)
         # contiguous: a column lookup is a transposed view, whose products would be too
         # (every later matrix product would then copy its input first)
         wv = self.first_layer_directions(dirs).contiguous()[:, None, :]  # (K, 1, m)
         jet: Jet = [h0] + [wv] + [None] * (order - 1) if order >= 1 else [h0]
+        k = dirs.count
         for layer in self.layers[1:]:
-            jet = compose_jet(_act_derivatives(self.activation, jet[0], order), jet)
+            derivs = _act_derivatives(self.activation, jet[0], order)
+            if sum_top:
+                jet = summed_top(lambda j, f=derivs: compose_jet(f, j),
+                                 lambda top, f1=derivs[1]: f1 * top, jet, k)
+            else:
+                jet = compose_jet(derivs, jet)
             jet = [linear_forward(layer, jet[0])] + [
                 None if c is None else linear_forward(layer, c, bias=False) for c in jet[1:]
             ]
-        k = dirs.count
         shape = (k, *jet[0].shape)
-        return [jet[0]] + [
+        out = [jet[0]] + [
             torch.zeros(shape, dtype=jet[0].dtype, device=jet[0].device)
             if c is None
             else c.expand(shape)
             for c in jet[1:]
         ]
+        if sum_top:
+            out[-1] = out[-1][:1] if jet[-1] is None else jet[-1].expand(1, *jet[0].shape)
+        return out

@@ -26,7 +26,29 @@ from step_memory import peak, reset_peak, rss  # noqa: E402
 from step_memory import step as train_step  # noqa: E402
 
 RESULTS = HERE / "results"
-MACHINE = "2-core CPU, 24 GB RAM, torch " + torch.__version__
+
+
+def _cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``"CPU"`` where it is not readable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+def machine(device: str = "cpu") -> str:
+    """This machine in words: cores, CPU model and RAM (or the GPU) and the torch version."""
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()}-core {_cpu_name()}, {ram:.0f} GiB RAM, torch {torch.__version__}"
+
+
+MACHINE = machine()
 
 #: Method names of the scaling study: optimizer + spatial estimator.
 METHODS: dict[str, tuple[str, str]] = {
@@ -42,7 +64,7 @@ METHODS: dict[str, tuple[str, str]] = {
 __all__ = [
     "MACHINE", "METHODS", "RESULTS", "SMOKE", "BenchConfig", "build", "forward_pass",
     "limit_memory", "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
-    "add_prefetch_flag",
+    "add_prefetch_flag", "machine", "sync",
 ]
 
 
@@ -64,6 +86,7 @@ class BenchConfig:
         seed: Seed of the problem, the network and the method.
         prefetch: Build the next batch (and its source) on a background thread
             (``PINNProblem(prefetch=True)``).
+        device: Where the problem, network and optimizer live (``"cpu"``, ``"cuda"``).
 
     """
 
@@ -78,6 +101,7 @@ class BenchConfig:
     threads: int = 1
     seed: int = 0
     prefetch: bool = False
+    device: str = "cpu"
 
     def dict(self) -> dict:
         """Plain dict (JSON)."""
@@ -136,37 +160,49 @@ def build(method: str, dim: int, cfg: BenchConfig, n_eval: int = 0):
                       estimator=make_estimator(est_name, cfg.directions),
                       n_interior=cfg.points, n_eval=n_eval, seed=cfg.seed,
                       prefetch=cfg.prefetch)
+    problem.to(cfg.device)  # the network too (a submodule), before the optimizer sees it
     return problem, make_optimizer(opt_name, net, cfg)
 
 
 def add_prefetch_flag(parser) -> None:
     """``--prefetch``: problems built with ``prefetch=True`` (:attr:`BenchConfig.prefetch`)."""
     parser.add_argument("--prefetch", action="store_true",
-                        help="sample the next batch on a background thread (its source on "
-                             "the less loaded thread): PINNProblem(prefetch=True)")
+                        help="sample the next batch on a background thread (its source split "
+                             "between the two threads): PINNProblem(prefetch=True)")
 
 
-def warm_fused_kernels() -> None:
+def warm_fused_kernels(device: str = "cpu") -> None:
     """Compile the fused two-body source now (a no-op when fused kernels are off).
 
     Long rows (``d > FUSED_MIN_DIM``) go through ``torch.compile``; compiling
-    costs seconds and hundreds of MiB once per process, which must not land in
-    a measured step.
+    costs seconds and hundreds of MiB once per process (and device), which must
+    not land in a measured step.
     """
     from sdze_lightning.problems.twobody import FUSED_MIN_DIM, two_body_terms
 
-    x = torch.rand(2, FUSED_MIN_DIM + 2)
+    x = torch.rand(2, FUSED_MIN_DIM + 2, device=device)
     for rows in (2, 1):
-        two_body_terms(x[:rows], torch.ones(FUSED_MIN_DIM + 1))
+        two_body_terms(x[:rows], torch.ones(FUSED_MIN_DIM + 1, device=device))
+    sync(device)
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously); no-op on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
 
 
 def forward_pass(problem, step: int = 0) -> tuple[float, float]:
     """Seconds of sampling the batch and of one plain forward pass ``u(x)`` on it (no grad)."""
+    device = str(problem.device)
+    sync(device)
     t0 = time.perf_counter()
     x = problem.points(step, 0)
+    sync(device)
     t1 = time.perf_counter()
     with torch.no_grad():
         problem.net(x)
+    sync(device)
     t2 = time.perf_counter()
     problem._points = {}
     return t1 - t0, t2 - t1

@@ -25,9 +25,17 @@ marked ``past cap``). In each worker:
 ``--huge-pages`` starts the workers with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch
 puts CPU tensors of 2 MiB and more on transparent huge pages: fewer page faults
 for the fresh ``N x d`` batch of every step, same results; every method gets it).
-``--prefetch`` builds every problem with ``prefetch=True``: the next step's batch and
-its source are computed on a background thread while the step runs (same numbers;
-one more batch in memory, which the peak includes).
+``--prefetch`` builds every problem with ``prefetch=True``: the next step's batch is
+sampled on a background thread while the step runs, and its source is split between
+that thread and the main one (same numbers; one more batch in memory, which the peak
+includes; ``prefetch_share`` is the share of source rows left to the background thread).
+
+``--device cuda`` runs the same on a GPU (issue 7, item 4): the steps are timed with
+``torch.cuda.synchronize()`` around them, ``peak`` is the CUDA peak allocated memory
+(``torch.cuda.max_memory_allocated``) above what was allocated before the build,
+no address-space cap is set (CUDA maps far more virtual memory than it uses), and
+running out of GPU memory becomes an ``OOM (CUDA)`` row. ``--threads`` still sets
+the CPU threads of the host side.
 
 Slopes: least-squares slope of log(time) and log(peak) against log(d) over
 d >= 1e3 (at smaller d the dimension-free remainder dominates).
@@ -35,6 +43,7 @@ d >= 1e3 (at smaller d the dimension-free remainder dominates).
     python benchmarks/scaling.py                       # d = 1e2..1e5 all, 1e6 SDZE
     python benchmarks/scaling.py --dims 100 1000 --methods sdze adam+hte
     python benchmarks/scaling.py --smoke               # in-process, tiny (numbers meaningless)
+    python benchmarks/scaling.py --device cuda --sdze-dims 1000000 10000000   # on a GPU
 
 Results: ``results/scaling.{csv,json,png}``.
 """
@@ -68,14 +77,47 @@ from _common import (  # noqa: E402
     forward_pass,
     limit_memory,
     load_average,
+    machine,
     peak,
     reset_peak,
     rss,
+    sync,
     train_step,
     warm_fused_kernels,
 )
 
 MiB = 2**20
+
+
+def _on_cuda(cfg: BenchConfig) -> bool:
+    return cfg.device.startswith("cuda")
+
+
+def _reset_peak(cfg: BenchConfig) -> int:
+    """Reset the peak counter of ``cfg.device``; returns the memory in use now (bytes)."""
+    if _on_cuda(cfg):
+        sync(cfg.device)
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+        return torch.cuda.memory_allocated(cfg.device)
+    reset_peak()
+    return rss()
+
+
+def _peak(cfg: BenchConfig) -> int:
+    """Peak memory of ``cfg.device`` since :func:`_reset_peak` (CUDA allocated, or RSS)."""
+    if _on_cuda(cfg):
+        sync(cfg.device)
+        return torch.cuda.max_memory_allocated(cfg.device)
+    return peak()
+
+
+def _timed_step(problem, opt, k: int, device: str) -> tuple[float, float]:
+    """``(loss, seconds)`` of one training step, the device's queue drained at both ends."""
+    sync(device)
+    t0 = time.perf_counter()
+    loss = train_step(problem, opt, k)  # float(loss) also waits for the device
+    sync(device)
+    return loss, time.perf_counter() - t0
 
 
 def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> dict:
@@ -87,21 +129,19 @@ def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> d
             train_step(problem, opt, k)
         problem.stop_prefetch()
         del problem, opt
-    warm_fused_kernels()
-    reset_peak()
-    base = rss()
-    row = dict(method=method, dim=dim, status="ok", load=load_average(), prefetch=cfg.prefetch)
+    warm_fused_kernels(cfg.device)
+    base = _reset_peak(cfg)
+    row = dict(method=method, dim=dim, status="ok", load=load_average(), prefetch=cfg.prefetch,
+               device=cfg.device, memory=("CUDA peak allocated" if _on_cuda(cfg)
+                                          else "peak RSS"))
     problem, opt = build(method, dim, cfg)
     row["params"] = sum(p.numel() for p in problem.net.parameters())
     row["param_bytes"] = row["params"] * 4
     row["batch_bytes"] = cfg.points * dim * 4
-    reset_peak()
-    t0 = time.perf_counter()
-    row["first_loss"] = train_step(problem, opt, 0)
-    first = time.perf_counter() - t0
-    row["peak_bytes"] = peak() - base
+    _reset_peak(cfg)
+    row["first_loss"], row["first_step_s"] = _timed_step(problem, opt, 0, cfg.device)
+    row["peak_bytes"] = _peak(cfg) - base
     row["peak_ratio_params_batch"] = row["peak_bytes"] / (row["param_bytes"] + row["batch_bytes"])
-    row["first_step_s"] = first
 
     ref = None
     if method != "sdze":
@@ -110,19 +150,18 @@ def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> d
     times, ref_times = [], []
     t_start = time.perf_counter()
     for k in range(1, reps + 1):
-        t0 = time.perf_counter()
-        row["last_loss"] = train_step(problem, opt, k)
-        times.append(time.perf_counter() - t0)
+        row["last_loss"], seconds = _timed_step(problem, opt, k, cfg.device)
+        times.append(seconds)
         if ref is not None:
-            t0 = time.perf_counter()
-            train_step(*ref, k)
-            ref_times.append(time.perf_counter() - t0)
+            ref_times.append(_timed_step(*ref, k, cfg.device)[1])
         if time.perf_counter() - t_start > cap:
             break
     row["s_per_step"] = statistics.median(times)
     row["sdze_s_per_step"] = statistics.median(ref_times) if ref_times else row["s_per_step"]
     row["ratio_to_sdze"] = row["s_per_step"] / row["sdze_s_per_step"]
     row["steps_timed"] = len(times)
+    # share of the source's rows the prefetch thread prepared at the end (PreparePlacement)
+    row["prefetch_share"] = problem._placement.share if cfg.prefetch else None
     problem.stop_prefetch()  # no background build during the forward timing below
     if ref is not None:
         ref[0].stop_prefetch()
@@ -141,7 +180,10 @@ HUGE_PAGES_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 def run_worker(job: dict, mem_cap: int, cap: float, reps: int, timeout: float,
                huge_pages: bool = False) -> dict:
-    """Run :func:`measure` in a fresh subprocess; OOM / timeout become status rows."""
+    """Run :func:`measure` in a fresh subprocess; OOM / timeout become status rows.
+
+    ``mem_cap`` (an address-space cap) applies to CPU jobs only.
+    """
     job = dict(job, mem_cap=mem_cap, cap=cap, reps=reps)
     env = dict(os.environ, **HUGE_PAGES_ENV) if huge_pages else None
     try:
@@ -154,7 +196,9 @@ def run_worker(job: dict, mem_cap: int, cap: float, reps: int, timeout: float,
     if proc.returncode == 0 and out:
         return dict(json.loads(out[-1]), huge_pages=huge_pages)
     err = proc.stderr
-    if "MemoryError" in err or "DefaultCPUAllocator" in err or "not enough memory" in err:
+    if "CUDA out of memory" in err or "OutOfMemoryError" in err:
+        status = "OOM (CUDA)"
+    elif "MemoryError" in err or "DefaultCPUAllocator" in err or "not enough memory" in err:
         status = f"OOM (RLIMIT_AS {mem_cap / 2**30:.0f} GiB)"
     else:
         status = f"error rc={proc.returncode}"
@@ -189,7 +233,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, where: str = MACHINE) -> None:
     """Log-log plots: s/step, peak memory and time ratio to SDZE against d."""
     import matplotlib
 
@@ -212,14 +256,14 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].loglog([r["dim"] for r in sd],
                        [(r["param_bytes"] + r["batch_bytes"]) / MiB for r in sd], "k:",
                        label="params + batch")
-    for ax, title in zip(axes, ("s / step (absolute, loaded machine)", "peak RSS of a step (MiB)",
+    for ax, title in zip(axes, ("s / step (absolute)", "peak memory of a step (MiB)",
                                 "step time / SDZE step time (same process)"), strict=True):
         ax.set_xlabel("d")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
-    fig.suptitle("Two-body Allen-Cahn, MLP 4x128 tanh, 100 points, 16 directions; " + MACHINE)
+    fig.suptitle("Two-body Allen-Cahn, MLP 4x128 tanh, 100 points, 16 directions; " + where)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -240,21 +284,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_prefetch_flag(ap)
     ap.add_argument("--huge-pages", action="store_true",
                     help="workers with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda[:N] (timed with synchronisation, CUDA peak memory)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="in-process, tiny (numbers meaningless)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other rows of an earlier results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=args.threads, prefetch=args.prefetch)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    cfg = BenchConfig(threads=args.threads, prefetch=args.prefetch, device=args.device)
     if args.worker:
         job = json.loads(args.worker)
-        limit_memory(int(job["mem_cap"]))
-        print(json.dumps(measure(job["method"], job["dim"], BenchConfig(**job["cfg"]),
-                                 job["cap"], job["reps"])))
+        cfg = BenchConfig(**job["cfg"])
+        if not _on_cuda(cfg):
+            limit_memory(int(job["mem_cap"]))
+        print(json.dumps(measure(job["method"], job["dim"], cfg, job["cap"], job["reps"])))
         return []
     if args.smoke:
-        cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
+        cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch, device=args.device)
         args.dims, args.sdze_dims, args.reps = [40, 80], [], 1
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, d) for d in args.dims for m in args.methods]
@@ -306,10 +355,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         wr.writeheader()
         wr.writerows(rows)
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"cfg": cfg.dict(), "machine": MACHINE, "date": time.strftime("%Y-%m-%d"),
+        {"cfg": cfg.dict(), "machine": machine(args.device), "date": time.strftime("%Y-%m-%d"),
          "cap_s": args.cap, "huge_pages": args.huge_pages, "rows": rows, "slopes": slopes},
         indent=2))
-    plot(rows, args.out / f"{stem}.png")
+    plot(rows, args.out / f"{stem}.png", machine(args.device))
     print(markdown_table(rows))
     return rows
 

@@ -38,6 +38,38 @@ def test_scaling_smoke_with_prefetch_gives_the_same_losses(tmp_path):
     assert json.loads((tmp_path / "scaling_smoke.json").read_text())["cfg"]["prefetch"] is True
 
 
+def test_scaling_rejects_cuda_without_a_gpu(tmp_path, capsys):
+    """--device cuda on a machine without CUDA stops before building anything."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    mod = load_benchmark("scaling")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--smoke", "--device", "cuda", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+def test_scaling_smoke_on_cuda(tmp_path):
+    """Item 4 of issue 7: the scaling study on a GPU (CUDA peak memory, synchronised timing)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    mod = load_benchmark("scaling")
+    rows = mod.main(["--smoke", "--device", "cuda", "--methods", "sdze", "adam+hte",
+                     "--out", str(tmp_path)])
+    for r in rows:
+        assert r["status"] == "ok" and r["device"] == "cuda"
+        assert r["memory"] == "CUDA peak allocated"
+        # parameters and the batch are on the GPU during the step, so the peak covers them
+        assert r["peak_bytes"] >= r["param_bytes"] + r["batch_bytes"]
+    saved = json.loads((tmp_path / "scaling_smoke.json").read_text())
+    assert saved["cfg"]["device"] == "cuda" and torch.cuda.get_device_name() in saved["machine"]
+
+
 @pytest.mark.parametrize("huge_pages", [False, True])
 def test_scaling_worker_environment(monkeypatch, huge_pages):
     """--huge-pages starts the workers with THP_MEM_ALLOC_ENABLE=1 and marks their rows."""

@@ -44,7 +44,8 @@ _compiled: dict[Callable, Callable] = {}
 _attempt: dict[Callable, int] = {}
 _failed: set[Callable] = set()
 #: TorchDynamo is not thread-safe; the prefetch thread (``sdze_lightning.prefetch``) and
-#: the main thread (validation, probes) may both call a kernel, so calls take turns.
+#: the main thread may both call a kernel, so calls take turns. The C++ wrapper releases
+#: the GIL, not this lock: while one thread runs a kernel the other runs anything but one.
 _lock = threading.Lock()
 
 
@@ -77,6 +78,8 @@ def fused_call(fn: Callable[..., tuple[Tensor, ...]], *args: Tensor) -> tuple[Te
                     options = COMPILE_OPTIONS[attempt]
                     compiled = _compiled[fn] = torch.compile(fn, dynamic=True, options=options)
                 return compiled(*args)
+            except torch.OutOfMemoryError:
+                raise  # not a compiler failure: the eager code would need the memory too
             except Exception as err:  # noqa: BLE001 - any compiler failure: next wrapper, then eager
                 _compiled.pop(fn, None)
                 _attempt[fn] = attempt + 1

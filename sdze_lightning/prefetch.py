@@ -103,7 +103,11 @@ class PreparePlacement:
     that balances the two, ``(M + P - S) / (2 P)`` clipped: the step is never
     longer than with either whole-batch choice (``s = 1``: ``max(S + P, M)``;
     ``s = 0``: ``max(S, M + P)``). Either way the numbers are the same; only
-    which core does the work changes.
+    which core does the work changes. The model assumes the two parts can run
+    at once: a fused kernel (:mod:`sdze_lightning.kernels`) runs on one thread
+    at a time, so where both threads reach their share together one waits
+    (the main thread prepares its share right after the hand-over, while the
+    prefetch thread is still sampling the next batch, so this is rare).
 
     Args:
         smoothing: Weight of a new measurement in the running averages.

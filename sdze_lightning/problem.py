@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import logging
 import numbers
 import time
@@ -356,9 +357,20 @@ class PINNProblem(L.LightningModule):
                 then calls it again with ``None`` to prepare the rest (it splits
                 the work between the threads, see
                 :class:`~sdze_lightning.prefetch.PreparePlacement`). A problem may
-                round ``rows`` or prepare everything at once.
+                round ``rows`` or prepare everything at once. An override without
+                this argument (``prepare_batch(self, x)``) keeps working: its batch
+                is then prepared whole, on whichever thread would take most of it.
 
         """
+
+    def _prepare_ahead(self, x: Tensor) -> None:
+        """Prepare the prefetch thread's share of ``x`` (:attr:`_placement`)."""
+        rows = self._placement.rows_ahead(len(x))
+        if "rows" in inspect.signature(self.prepare_batch).parameters:
+            if rows > 0:
+                self.prepare_batch(x, rows)
+        elif 2 * rows >= len(x):  # an override of the one-argument hook: all or nothing
+            self.prepare_batch(x)
 
     def _training_batch(self, step: int) -> tuple[Tensor, float, float]:
         """Interior points of training ``step`` (key 0) with the times of building them.
@@ -369,9 +381,7 @@ class PINNProblem(L.LightningModule):
         t0 = time.perf_counter()
         x = self._sample_points(step, 0)
         t1 = time.perf_counter()
-        rows = self._placement.rows_ahead(len(x))
-        if rows > 0:
-            self.prepare_batch(x, rows)
+        self._prepare_ahead(x)
         return x, t1 - t0, time.perf_counter() - t1
 
     def begin_step(self, step: int) -> None:

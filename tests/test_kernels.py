@@ -86,3 +86,19 @@ def test_kernels_are_built_with_the_cpp_wrapper_first_then_the_default(monkeypat
     assert tried == [{"cpp_wrapper": True}, {}]  # compiled once per option, then reused
     assert fn not in kernels._failed
     assert not any(r.levelno >= logging.WARNING for r in caplog.records)
+
+
+def test_running_out_of_memory_in_a_kernel_is_not_a_compiler_failure(monkeypatch):
+    """An OOM inside the compiled call propagates (eager code would need the memory too);
+    the kernel is neither recompiled nor switched off."""
+    def fn(x):
+        return (x,)
+
+    def compiled(*args):
+        raise torch.OutOfMemoryError("out of memory")
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: calls.append(kw) or compiled)
+    with pytest.raises(torch.OutOfMemoryError):
+        kernels.fused_call(fn, torch.ones(2))
+    assert len(calls) == 1 and fn not in kernels._failed

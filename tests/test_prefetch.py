@@ -143,6 +143,38 @@ def test_split_source_matches_the_whole_batch_source(monkeypatch):
     assert torch.equal(problem._source_of(x), problem.source(x))
 
 
+@pytest.mark.parametrize("share", [0.7, 0.3])
+def test_a_one_argument_prepare_batch_override_still_works(make_trainer, share):
+    """Subclasses written for the older hook ``prepare_batch(self, x)`` keep training with
+    prefetching: the batch is prepared whole, ahead when most of it would be."""
+    seen: list[tuple[str, int]] = []
+
+    class OldStyle(TwoBody):
+        def prepare_batch(self, x):  # the one-argument hook
+            seen.append((threading.current_thread().name, len(x)))
+            super().prepare_batch(x)
+
+    losses = {}
+    for prefetch in (False, True):
+        seen.clear()
+        problem = OldStyle(
+            dim=12, operator="allen_cahn", net=MLP(12, width=8, depth=2, seed=0),
+            estimator=build_estimator("taylor", num_directions=4, distribution="coordinate"),
+            n_interior=16, seed=3, prefetch=prefetch,
+            method=functools.partial(SDZE, lr=1e-2, rank=2, period=3),
+        )
+        problem._placement.auto = False
+        problem._placement.share = share
+        out: list[float] = []
+        problem.on_train_batch_end = lambda *a, p=problem, o=out: o.append(p.last_loss)
+        make_trainer(max_steps=4).fit(problem)
+        losses[prefetch] = out
+    assert losses[True] == losses[False] and len(losses[True]) == 4
+    ahead = [name for name, _ in seen if name.startswith("sdze-prefetch")]
+    assert all(n == 16 for _, n in seen)  # always the whole batch
+    assert (len(ahead) >= 3) if share > 0.5 else not ahead
+
+
 def test_placement_balances_the_two_threads():
     """A share s ahead makes a step ~ max(S + s P, M + (1 - s) P); s balances the two."""
     pl = PreparePlacement(smoothing=1.0)

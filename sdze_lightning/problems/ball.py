@@ -22,6 +22,7 @@ small relative error is a weak bar; see
 
 from __future__ import annotations
 
+import threading
 import weakref
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ BALL_OPERATORS = ("poisson", "allen_cahn", "sine_gordon")
 
 #: Largest ``points x d`` block the source is computed in at once.
 SOURCE_BLOCK = 1 << 20
+#: Guards lookups, evictions and inserts of the source caches (the prefetch thread and the
+#: main thread both use them); module-level, so problems stay copyable and picklable.
+_SOURCES_LOCK = threading.Lock()
 
 
 @dataclass
@@ -198,23 +202,28 @@ class BallProblem(PINNProblem):
         so the ``O(N d)`` source is computed once per step, not once per
         evaluation. Only weak references to the points are kept; entries of
         freed batches are dropped. The cache holds several batches (the current
-        one and the one the prefetch thread prepares); a dict, whose single
-        operations are atomic under the GIL, so both threads may use it (each
+        one and the one the prefetch thread prepares); both threads use it, its
+        lookups and inserts under a lock (:meth:`_source_entry`), and each
         batch's entry is filled by one thread at a time: the prefetch thread's
-        share of its blocks first, then the main thread's).
+        share of its blocks first, then (after the hand-over) the main thread's.
         """
         full = self._fill_source(x, None).full
         assert full is not None
         return full
 
     def _source_entry(self, x: Tensor) -> _CachedSource:
-        """The cache entry of ``x`` (a new, empty one if ``x`` is new or was modified)."""
-        cache = self._sources
-        entry = cache.get(id(x))
-        if entry is not None and entry.ref() is x and entry.version == x._version:
+        """The cache entry of ``x`` (a new, empty one if ``x`` is new or was modified).
+
+        Under a lock: an ``id`` of a freed batch can be reused by a new one, so an
+        eviction of the dead entry and the insert of the new one under the same
+        key must not interleave between the two threads.
+        """
+        with _SOURCES_LOCK:
+            cache = self._sources
+            entry = cache.get(id(x))
+            if entry is not None and entry.ref() is x and entry.version == x._version:
+                return entry
+            for key in [k for k, old in cache.items() if old.ref() is None]:
+                del cache[key]
+            entry = cache[id(x)] = _CachedSource(weakref.ref(x), x._version)
             return entry
-        for key, old in list(cache.items()):
-            if old.ref() is None and cache.get(key) is old:
-                cache.pop(key, None)
-        entry = cache[id(x)] = _CachedSource(weakref.ref(x), x._version)
-        return entry

@@ -34,8 +34,10 @@ includes; ``prefetch_share`` is the share of source rows left to the background 
 ``torch.cuda.synchronize()`` around them, ``peak`` is the CUDA peak allocated memory
 (``torch.cuda.max_memory_allocated``) above what was allocated before the build,
 no address-space cap is set (CUDA maps far more virtual memory than it uses), and
-running out of GPU memory becomes an ``OOM (CUDA)`` row. ``--threads`` still sets
-the CPU threads of the host side.
+running out of GPU memory becomes an ``OOM (CUDA)`` row; results go to
+``scaling_cuda.*``. ``--threads`` still sets the CPU threads of the host side;
+``--prefetch`` is refused there (the prefetch thread's kernels share the step's
+CUDA stream, so per-step times would mix the two).
 
 Slopes: least-squares slope of log(time) and log(peak) against log(d) over
 d >= 1e3 (at smaller d the dimension-free remainder dominates).
@@ -294,6 +296,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.device.startswith("cuda") and args.prefetch:
+        ap.error("--prefetch with --device cuda: the prefetch thread queues its kernels on the "
+                 "step's CUDA stream, so the per-step times would mix the two; measure without")
     cfg = BenchConfig(threads=args.threads, prefetch=args.prefetch, device=args.device)
     if args.worker:
         job = json.loads(args.worker)
@@ -341,11 +346,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
               for m in args.methods}
     for m, s in slopes.items():
         print(f"slope vs d (d >= 1e3) {m:12s} time {s['time']}  memory {s['memory']}")
-    stem = "scaling_smoke" if args.smoke else "scaling"
+    # GPU runs get their own files (never merged with, or written over, the CPU ones)
+    stem = ("scaling_smoke" if args.smoke else "scaling") + (
+        "_cuda" if args.device.startswith("cuda") else "")
     if args.merge and (args.out / f"{stem}.json").exists():
         done = {(r["method"], r["dim"]) for r in rows}
         old = json.loads((args.out / f"{stem}.json").read_text())["rows"]
-        rows = [r for r in old if (r["method"], r["dim"]) not in done] + rows
+        rows = [r for r in old if (r["method"], r["dim"]) not in done
+                and r.get("device", "cpu") == args.device] + rows
         slopes = {m: dict(time=fit_slope([r for r in rows if r["method"] == m], "s_per_step"),
                           memory=fit_slope([r for r in rows if r["method"] == m], "peak_bytes"))
                   for m in METHODS}

@@ -66,8 +66,9 @@ def test_scaling_smoke_on_cuda(tmp_path):
         assert r["memory"] == "CUDA peak allocated"
         # parameters and the batch are on the GPU during the step, so the peak covers them
         assert r["peak_bytes"] >= r["param_bytes"] + r["batch_bytes"]
-    saved = json.loads((tmp_path / "scaling_smoke.json").read_text())
+    saved = json.loads((tmp_path / "scaling_smoke_cuda.json").read_text())
     assert saved["cfg"]["device"] == "cuda" and torch.cuda.get_device_name() in saved["machine"]
+    assert not (tmp_path / "scaling_smoke.json").exists()  # the CPU results stay untouched
 
 
 @pytest.mark.parametrize("huge_pages", [False, True])

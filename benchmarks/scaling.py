@@ -294,9 +294,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="keep the other rows of an earlier results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    on_cuda = args.device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
-    if args.device.startswith("cuda") and args.prefetch:
+    if on_cuda and args.prefetch:
         ap.error("--prefetch with --device cuda: the prefetch thread queues its kernels on the "
                  "step's CUDA stream, so the per-step times would mix the two; measure without")
     cfg = BenchConfig(threads=args.threads, prefetch=args.prefetch, device=args.device)
@@ -347,8 +348,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for m, s in slopes.items():
         print(f"slope vs d (d >= 1e3) {m:12s} time {s['time']}  memory {s['memory']}")
     # GPU runs get their own files (never merged with, or written over, the CPU ones)
-    stem = ("scaling_smoke" if args.smoke else "scaling") + (
-        "_cuda" if args.device.startswith("cuda") else "")
+    stem = ("scaling_smoke" if args.smoke else "scaling") + ("_cuda" if on_cuda else "")
     if args.merge and (args.out / f"{stem}.json").exists():
         done = {(r["method"], r["dim"]) for r in rows}
         old = json.loads((args.out / f"{stem}.json").read_text())["rows"]

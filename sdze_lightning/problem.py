@@ -233,6 +233,8 @@ class PINNProblem(L.LightningModule):
         self._prefetcher = BatchPrefetcher(self._training_batch) if prefetch else None
         #: Which thread prepares prefetched batches (chosen from measured times).
         self._placement = PreparePlacement()
+        #: Whether :meth:`prepare_batch` takes ``rows`` (an older override may not).
+        self._prepare_takes_rows = "rows" in inspect.signature(self.prepare_batch).parameters
         self._main_since: float | None = None
 
     # ------------------------------------------------------------- user contract
@@ -366,7 +368,7 @@ class PINNProblem(L.LightningModule):
     def _prepare_ahead(self, x: Tensor) -> None:
         """Prepare the prefetch thread's share of ``x`` (:attr:`_placement`)."""
         rows = self._placement.rows_ahead(len(x))
-        if "rows" in inspect.signature(self.prepare_batch).parameters:
+        if self._prepare_takes_rows:
             if rows > 0:
                 self.prepare_batch(x, rows)
         elif 2 * rows >= len(x):  # an override of the one-argument hook: all or nothing

@@ -20,6 +20,7 @@ is also shared between evaluations on the same points (the ``+eps`` and
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -310,8 +311,8 @@ class MLP(nn.Module):
         for layer in self.layers[1:]:
             derivs = _act_derivatives(self.activation, jet[0], order)
             if sum_top:
-                jet = summed_top(lambda j, f=derivs: compose_jet(f, j),
-                                 lambda top, f1=derivs[1]: f1 * top, jet, k)
+                jet = summed_top(functools.partial(compose_jet, derivs),
+                                 derivs[1].mul, jet, k)
             else:
                 jet = compose_jet(derivs, jet)
             jet = [linear_forward(layer, jet[0])] + [
@@ -322,8 +323,9 @@ class MLP(nn.Module):
             torch.zeros(shape, dtype=jet[0].dtype, device=jet[0].device)
             if c is None
             else c.expand(shape)
-            for c in jet[1:]
+            for c in (jet[1:-1] if sum_top else jet[1:])
         ]
-        if sum_top:
-            out[-1] = out[-1][:1] if jet[-1] is None else jet[-1].expand(1, *jet[0].shape)
+        if sum_top:  # the top stays summed, (1, N, out)
+            top = jet[-1]
+            out.append(jet[0].new_zeros((1, *jet[0].shape)) if top is None else top)
         return out

@@ -44,7 +44,11 @@ from sdze_lightning.distributed import Shard, all_reduce_mean, all_true
 from sdze_lightning.divergence import MAX_CONSECUTIVE_SKIPS, NonFiniteLossError, check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
 from sdze_lightning.estimators.base import OPERATORS
-from sdze_lightning.methods.base import build_optimizer, is_zeroth_order
+from sdze_lightning.methods.base import (
+    build_optimizer,
+    is_zeroth_order,
+    needs_forward_only_estimator,
+)
 from sdze_lightning.methods.two_point import TwoPointOptimizer
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
@@ -225,6 +229,12 @@ class PINNProblem(L.LightningModule):
         if squared_residual == "unbiased":
             self._halves = self.estimator.halves()
         self.method = method or functools.partial(torch.optim.Adam, lr=1e-3)
+        if needs_forward_only_estimator(self.method) and not self.estimator.forward_only:
+            raise ValueError(
+                f"estimator={self.estimator.name} back-propagates through x, which this method "
+                "cannot do (it keeps the input layer's gradient as factors); use a "
+                "forward-mode estimator: estimator=taylor, fd or stein."
+            )
         self.scheduler = scheduler
         self.constraint: Constraint | None = None
         self.rel_l2 = RelativeL2Error()

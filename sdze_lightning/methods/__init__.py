@@ -3,10 +3,13 @@
 * :class:`SDZE`: forward-only steps in an implicit low-rank subspace with CRNS.
 * :class:`MeZO`: full-space two-point zeroth-order baseline.
 * :class:`PDEAware`: the PDE-aware first-order optimizer (Churiwala et al. 2025).
+* :class:`FusedAdafactor`: exact gradients; Adam on the small layers, the input layer
+  updated in place from the factors of its gradient (factored second moment).
 * ``adam``: any ``torch.optim`` optimizer works directly (``torch.optim.Adam``).
 """
 
 from sdze_lightning.methods.base import ZerothOrderOptimizer, build_optimizer, is_zeroth_order
+from sdze_lightning.methods.fused_adafactor import FusedAdafactor
 from sdze_lightning.methods.mezo import MeZO
 from sdze_lightning.methods.pde_aware import PDEAware
 from sdze_lightning.methods.sdze import SDZE
@@ -14,6 +17,7 @@ from sdze_lightning.methods.two_point import TwoPointOptimizer
 
 __all__ = [
     "SDZE",
+    "FusedAdafactor",
     "MeZO",
     "PDEAware",
     "TwoPointOptimizer",

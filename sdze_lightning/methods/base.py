@@ -58,10 +58,24 @@ def is_zeroth_order(factory: Any) -> bool:
     return isinstance(target, ZerothOrderOptimizer)
 
 
+def takes_module(factory: Any) -> bool:
+    """Whether an optimizer is built from the network module (zeroth-order, ``takes_module``)."""
+    return is_zeroth_order(factory) or bool(getattr(_target(factory), "takes_module", False))
+
+
+def needs_forward_only_estimator(factory: Any) -> bool:
+    """Whether a method refuses estimators that back-propagate through ``x``."""
+    return bool(getattr(_target(factory), "needs_forward_only_estimator", False))
+
+
 def build_optimizer(
     factory: Callable[..., torch.optim.Optimizer], module: nn.Module
 ) -> torch.optim.Optimizer:
-    """Build an optimizer from a class or partial: ZO ones get the module, others its parameters."""
-    if is_zeroth_order(factory):
+    """Build an optimizer from a class or partial.
+
+    Zeroth-order methods and those with ``takes_module = True`` get the module,
+    others its parameters.
+    """
+    if takes_module(factory):
         return factory(module)
     return factory(module.parameters())

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.directions import Directions
+from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
 from sdze_lightning.nn.perturb import delta_of, linear_forward
 
 Jet = list[Tensor | None]
@@ -195,6 +196,7 @@ class MLP(nn.Module):
             nn.init.xavier_normal_(layer.weight, generator=gen)
             nn.init.zeros_(layer.bias)
         self._cache: dict | None = None
+        self._capture: FirstLayerGradient | None = None
 
     @property
     def in_features(self) -> int:
@@ -211,9 +213,33 @@ class MLP(nn.Module):
         finally:
             self._cache = previous
 
+    @contextlib.contextmanager
+    def capture_first_layer_gradient(self) -> Iterator[FirstLayerGradient]:
+        """Back-propagate into the first layer's weight as low-rank factors.
+
+        Inside, every product with the first layer's weight records the factors of
+        its gradient in the yielded :class:`~sdze_lightning.nn.first_layer_grad.FirstLayerGradient`
+        when back-propagated, and the weight itself receives no ``.grad``
+        (:mod:`sdze_lightning.nn.first_layer_grad`). Only evaluations with gradients
+        enabled are affected; the values are the same as outside.
+        """
+        if delta_of(self.layers[0]) is not None:
+            raise RuntimeError("The first-layer gradient cannot be captured under an SDZE offset.")
+        previous, self._capture = self._capture, FirstLayerGradient()
+        try:
+            yield self._capture
+        finally:
+            self._capture = previous
+
+    def _recording(self) -> FirstLayerGradient | None:
+        return self._capture if self._capture is not None and torch.is_grad_enabled() else None
+
     def _wx(self, x: Tensor) -> Tensor:
         """``x W^T`` for the first layer, without bias or offset (cached)."""
         layer = self.layers[0]
+        capture = self._recording()
+        if capture is not None:
+            return capture.product(x, layer.weight)
         if self._cache is None or torch.is_grad_enabled():
             return x @ layer.weight.T
         key = ("wx", id(x), layer.weight._version)
@@ -251,6 +277,11 @@ class MLP(nn.Module):
         the input dimension.
         """
         layer = self.layers[0]
+        capture = self._recording()
+        if capture is not None:
+            if dirs.index is not None:
+                return capture.columns(layer.weight, dirs.index)
+            return capture.product(dirs.dense.to(layer.weight.dtype), layer.weight)
         if dirs.index is not None:
             wv = layer.weight[:, dirs.index].T
             delta = delta_of(layer)

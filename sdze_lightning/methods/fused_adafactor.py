@@ -1,0 +1,209 @@
+"""Exact gradients at (almost) inference memory: the input layer updated from its factors.
+
+In an MLP PINN on ``d`` inputs nearly all parameters sit in the first layer's
+weight ``W`` (``width x d``): 1.28e9 of them at ``d = 1e7``, width 128. Adam
+over them keeps a ``width x d`` gradient and two moments of that size (4x the
+parameters, ~20 GiB at ``d = 1e7`` before the batch). Yet the gradient of
+``W`` is low-rank: ``dL/dW = Delta^T Z`` with ``Z`` the collocation points and
+the estimator's directions (``M`` rows, already in memory) and ``Delta`` the
+back-propagated signal at the first layer (``M x width``, from a backward pass
+through the small layers only; :mod:`sdze_lightning.nn.first_layer_grad`).
+
+:class:`FusedAdafactor` therefore
+
+* back-propagates the estimated loss as usual (``manual_backward``), with the
+  first layer's products recording ``(Delta, Z)`` instead of a ``W.grad``;
+* updates every other parameter (the first-layer bias, the hidden and output
+  layers: ``O(width^2)`` numbers) with Adam, exactly as ``torch.optim.Adam``;
+* updates ``W`` in place, one block of input columns at a time (LOMO-style
+  fused gradient and update): ``G_blk = Delta^T Z[:, blk]``, then the
+  factored second moment of Adafactor (Shazeer & Stern, 2018)::
+
+      r <- b2 r + (1 - b2) (mean_j G_ij^2 + eps1)      one number per row
+      c <- b2 c + (1 - b2) (mean_i G_ij^2 + eps1)      one number per input column
+      V = r c^T / mean(r) / (1 - b2^t)                  (Adam's bias correction)
+      W <- W - lr G / (sqrt(V) + eps)
+
+  The row statistic needs all columns before the first block is updated, so
+  the blocks are formed twice: a first pass accumulates the statistics, the
+  second applies each block to ``W`` as soon as it is formed (``W`` is written
+  once per step). ``W`` takes no first moment: a momentum buffer would be
+  ``width x d`` again.
+
+Extra memory: the statistics (``width + d`` numbers), ``Delta`` and the
+temporaries of one block (``block_bytes`` each, two of them), whatever ``d``
+is. The step costs two products with ``W``'s shape more than a forward pass
+(the two passes over the blocks).
+
+Scope: the library's :class:`~sdze_lightning.nn.MLP` (the first layer is read
+through its products), the forward-mode estimators (``taylor``, ``fd``,
+``stein``: an estimator that back-propagates through ``x`` would need the
+gradient of a gradient, which the recorded factors do not give), one process
+(under data parallelism the factors live on different ranks; refused before
+the first step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
+
+#: Default bound on the bytes of one block temporary (``width x columns``).
+BLOCK_BYTES = 64 * 2**20
+
+
+class FusedAdafactor(torch.optim.Adam):
+    """Adam on the small layers, a fused factored update on the input layer's weight.
+
+    Built from the network module (an :class:`~sdze_lightning.nn.MLP`), like
+    the zeroth-order methods, but first-order: the problem runs its closure
+    with ``manual_backward``. Learning-rate schedulers act on both parameter
+    groups (group 0: the input layer's weight, group 1: the rest).
+
+    Args:
+        module: The network, an :class:`~sdze_lightning.nn.MLP`.
+        lr: Learning rate of both groups.
+        betas: Adam's ``(b1, b2)``; the input layer's factored second moment uses ``b2``.
+        eps: Added to the root of the second moment (as in Adam).
+        eps1: Added to ``G^2`` in the factored statistics (Adafactor's ``eps1``).
+        block_bytes: Bound on one block temporary of the input-layer update
+            (``width x columns`` numbers of the statistics' dtype).
+
+    """
+
+    #: The problem passes the network module, not its parameters.
+    takes_module: ClassVar[bool] = True
+    #: Estimators that back-propagate through ``x`` are refused (see the module docs).
+    needs_forward_only_estimator: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        eps1: float = 1e-30,
+        block_bytes: int = BLOCK_BYTES,
+    ) -> None:
+        from sdze_lightning.nn.mlp import MLP
+
+        if not isinstance(module, MLP):
+            raise TypeError(
+                "method=fused_adafactor updates the input layer of the library's MLP "
+                f"(sdze_lightning.nn.MLP); got {type(module).__name__}. Use model=mlp or "
+                "method=adam."
+            )
+        if not isinstance(block_bytes, int) or isinstance(block_bytes, bool) or block_bytes <= 0:
+            raise ValueError(f"method.block_bytes must be a positive integer, got {block_bytes!r}.")
+        if not eps1 >= 0:
+            raise ValueError(f"method.eps1 must be >= 0, got {eps1!r}.")
+        _refuse_data_parallel()
+        weight = module.layers[0].weight
+        rest = [p for p in module.parameters() if p is not weight and p.requires_grad]
+        super().__init__(
+            [{"params": [weight], "factored": True}, {"params": rest, "factored": False}],
+            lr=lr, betas=betas, eps=eps,
+        )
+        self.module = module
+        self.eps1 = float(eps1)
+        self.block_bytes = block_bytes
+        self._saved_statistics: dict[int, tuple[Tensor, Tensor]] = {}
+        self.register_load_state_dict_pre_hook(_remember_statistics)
+        self.register_load_state_dict_post_hook(_restore_statistics)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Run ``closure`` (forward + ``manual_backward``), then update every parameter.
+
+        Raises:
+            ValueError: without a closure: the input layer's gradient exists only as
+                factors recorded while the closure back-propagates.
+
+        """
+        if closure is None:
+            raise ValueError(
+                "FusedAdafactor.step needs the closure that computes the loss and "
+                "back-propagates it (the input layer's gradient is recorded during it)."
+            )
+        with self.module.capture_first_layer_gradient() as grad, torch.enable_grad():
+            loss = closure()
+        super().step()  # Adam on group 1; the input weight has no .grad and is skipped
+        if grad:
+            for group in self.param_groups:
+                if group["factored"]:
+                    self._factored_update(group, grad)
+        return loss
+
+    def _factored_update(self, group: dict[str, Any], grad: FirstLayerGradient) -> None:
+        (weight,) = group["params"]
+        _, beta2 = group["betas"]
+        stats_dtype = torch.float32 if weight.element_size() < 4 else weight.dtype
+        state = self.state[weight]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["row_sq"] = torch.zeros(weight.shape[0], dtype=stats_dtype, device=weight.device)
+            state["col_sq"] = torch.zeros(weight.shape[1], dtype=stats_dtype, device=weight.device)
+        state["step"] += 1
+        step = float(state["step"])
+        rows, cols = weight.shape
+        row, col = state["row_sq"], state["col_sq"]
+        width = max(1, self.block_bytes // (rows * torch.finfo(stats_dtype).bits // 8))
+        blocks = [(start, min(cols, start + width)) for start in range(0, cols, width)]
+        buffer = torch.empty(rows, width, dtype=stats_dtype, device=weight.device)
+        # Pass 1: the row sums of G^2 (needed before any column is updated) and the
+        # column statistics, block by block.
+        row_sum = torch.zeros_like(row)
+        for start, stop in blocks:
+            g2 = grad.block(start, stop, stats_dtype, out=buffer[:, : stop - start]).square_()
+            row_sum += g2.sum(dim=1)
+            col[start:stop].mul_(beta2).add_(g2.mean(dim=0) + self.eps1, alpha=1 - beta2)
+        row.mul_(beta2).add_(row_sum / cols + self.eps1, alpha=1 - beta2)
+        # V_ij = row_i col_j / (mean(row) (1 - b2^t)): the row part as one vector
+        row_scale = (row / (row.mean() * (1 - beta2**step))).sqrt_()
+        # Pass 2: the same blocks again, each applied to W as soon as it is formed.
+        for start, stop in blocks:
+            g = grad.block(start, stop, stats_dtype, out=buffer[:, : stop - start])
+            denom = torch.outer(row_scale, col[start:stop].sqrt()).add_(group["eps"])
+            weight[:, start:stop] += g.div_(denom).mul_(-group["lr"]).to(weight.dtype)
+
+    def describe_state(self) -> str:
+        """The learning rates and step count, for divergence reports."""
+        steps = [float(s["step"]) for s in self.state.values() if "step" in s]
+        lrs = [g["lr"] for g in self.param_groups]
+        return f"FusedAdafactor(lr={lrs}, step={int(max(steps)) if steps else 0})"
+
+
+def _refuse_data_parallel() -> None:
+    """Raise before the first step when more than one process trains."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            "method=fused_adafactor runs in one process: the input layer's gradient is "
+            "kept as per-rank factors that no strategy all-reduces "
+            f"(world size {dist.get_world_size()}). Use trainer.devices=1, or method=sdze "
+            "(data-parallel, all-reduces 2q numbers per step) or method=adam."
+        )
+
+
+def _remember_statistics(optimizer: FusedAdafactor, state_dict: dict[str, Any]) -> None:
+    """Before loading: keep the saved statistics (torch casts state to the weight's dtype)."""
+    optimizer._saved_statistics = {
+        int(key): (value["row_sq"], value["col_sq"])
+        for key, value in state_dict.get("state", {}).items()
+        if isinstance(value, dict) and "row_sq" in value
+    }
+
+
+def _restore_statistics(optimizer: FusedAdafactor) -> None:
+    """After loading: float32 statistics of a bfloat16 weight come back float32, bit for bit."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, (row, col) in optimizer._saved_statistics.items():
+        state = optimizer.state[params[key]]
+        state["row_sq"] = row.to(device=params[key].device, copy=True)
+        state["col_sq"] = col.to(device=params[key].device, copy=True)
+    optimizer._saved_statistics = {}

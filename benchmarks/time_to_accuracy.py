@@ -1,16 +1,26 @@
-"""Relative L2 error against wall time: SDZE vs Adam+HTE (issue 7, item 3).
+"""Relative L2 error against wall time, and accuracy against peak memory, for every method.
 
-Two-body Allen-Cahn on the unit ball, shared setup (MLP 4x128 tanh, 100 fresh
-points per step, 16 directions), trained through ``lightning.Trainer.fit`` as
-users run it: SDZE with the shipped config (``configs/method/sdze.yaml``: rank 4,
-period 100, Adam in the subspace; lr ``--sdze-lr``, default 1e-2) and ``taylor`` on 16
-coordinate directions; Adam (lr ``--adam-lr``, default 1e-3) with ``hte`` on 16 Rademacher
-directions. Each run gets the same training wall-time budget (``--budget-s``;
-the evaluations are not counted); every ``--eval-every`` steps a callback
-records the training wall time and the relative L2 error on ``--n-eval``
-held-out points. Reported: the final (not best) error per seed and its mean,
-for ``--seeds`` seeds. Reference (issue 7): STDE's JAX code on this machine
-reaches 6.3e-4 at d = 1e3 after 216 s (10,000 steps).
+Two-body Allen-Cahn on the unit ball (``--problem twobody``, hard constraint) or
+Allen-Cahn on the cube with a boundary loss (``--problem cube``, ``pde=allen_cahn_cube``),
+shared setup (MLP 4x128 tanh, 100 fresh points per step, 16 directions), trained
+through ``lightning.Trainer.fit`` as users run it:
+
+* ``sdze``: the shipped SDZE (rank 4, period 100, Adam in the subspace; lr ``--sdze-lr``),
+  ``taylor`` on coordinate directions;
+* ``mezo``: full-space two-point SPSA as shipped (normalised, lr 3e-3), ``taylor``;
+* ``adam+taylor``, ``adam+hte``: Adam (lr ``--adam-lr``) over ``taylor`` (coordinate
+  directions) and ``hte`` (Rademacher directions);
+* ``fused_adafactor``: exact gradients of the ``taylor`` loss, the input layer updated in
+  place from the factors of its gradient (lr ``--fused-lr``).
+
+Each run gets the same training wall-time budget (``--budget-s``; the evaluations
+are not counted); every ``--eval-every`` steps a callback records the training wall
+time and the relative L2 error on ``--n-eval`` held-out points. ``--lr-decay linear``
+decays every method's learning rate linearly to 0 over the budget's wall time (the
+schedule of the JAX STDE code, which decays over its step count). By default every
+run is a fresh subprocess whose peak RSS (``ru_maxrss``: parameters, optimizer state,
+batch, evaluation, the torch runtime) is reported beside its error. Reported: the final
+(not best) error per seed and its mean, for ``--seeds`` seeds.
 
 Reference lines (``floors``, in the JSON, the log and the plot): the error of the
 best network output of the form ``e(x) c`` (a constant behind the hard
@@ -19,10 +29,12 @@ constraint's factor ``e``, 1 without one) and ``e(x) (c + a.x)`` (affine, for
 learned the mean of the solution and nothing that depends on ``x``.
 
     python benchmarks/time_to_accuracy.py                         # d = 1e3, 3 seeds, 216 s
-    python benchmarks/time_to_accuracy.py --dims 1000 10000 --budget-s 120
+    python benchmarks/time_to_accuracy.py --problem cube --dims 1000 10000 --seeds 1
+    python benchmarks/time_to_accuracy.py --frontier results/time_to_accuracy*.json
     python benchmarks/time_to_accuracy.py --smoke
 
-Results: ``results/time_to_accuracy.{csv,json,png}``.
+Results: ``results/time_to_accuracy[_cube][_<dims>][_<tag>].{csv,json,png}``; the
+frontier plot of ``--frontier``: ``results/frontier.png``.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import csv
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,11 +60,15 @@ from _common import (  # noqa: E402
     SMOKE,
     BenchConfig,
     add_prefetch_flag,
+    load_average,
     make_estimator,
+    peak_rss_total,
 )
 
-#: Method name -> (estimator name, optimizer factory taking the network and the seed).
-METHODS = ("sdze", "adam+hte")
+#: Methods: optimizer + spatial estimator.
+METHODS = ("sdze", "mezo", "adam+taylor", "adam+hte", "fused_adafactor")
+#: Plot colours of the methods.
+COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
 
 
 class WallClockEval(L.Callback):
@@ -153,43 +170,117 @@ def mean_floors(items: list[dict]) -> dict:
             for k in keys}
 
 
+def make_method(method: str, seed: int, cfg: BenchConfig, lrs: dict[str, float],
+                sdze_queries: int = 1):
+    """``(estimator, optimizer partial)`` of ``method``; ``lrs``: learning rate per method."""
+    import functools
+
+    from sdze_lightning.methods import SDZE, FusedAdafactor, MeZO
+
+    if method == "sdze":
+        return make_estimator("taylor", cfg.directions), functools.partial(
+            SDZE, lr=lrs["sdze"], rank=cfg.rank, period=cfg.period, queries=sdze_queries,
+            seed=seed)
+    if method == "mezo":
+        return make_estimator("taylor", cfg.directions), functools.partial(
+            MeZO, lr=lrs["mezo"], normalize=True, seed=seed)  # configs/method/mezo.yaml
+    if method == "fused_adafactor":
+        return make_estimator("taylor", cfg.directions), functools.partial(
+            FusedAdafactor, lr=lrs["fused_adafactor"])
+    estimator = {"adam+taylor": "taylor", "adam+hte": "hte"}[method]
+    return make_estimator(estimator, cfg.directions), functools.partial(
+        torch.optim.Adam, lr=lrs["adam"])
+
+
 def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
-        cfg: BenchConfig, *, problem_name: str = "twobody", sdze_lr: float = 1e-2,
-        sdze_queries: int = 1, affine_max_dim: int = 2000, adam_lr: float = 1e-3,
-        sdze_cosine_steps: int = 0) -> dict:
+        cfg: BenchConfig, *, problem_name: str = "twobody", lrs: dict[str, float] | None = None,
+        sdze_queries: int = 1, affine_max_dim: int = 2000, sdze_cosine_steps: int = 0,
+        lr_decay: str = "constant") -> dict:
     """One training run through ``Trainer.fit``; returns the curve and the final error."""
     import functools
 
-    from sdze_lightning.methods import SDZE
+    from sdze_lightning.divergence import NonFiniteLossError
     from sdze_lightning.nn import MLP
 
     torch.set_num_threads(cfg.threads)
-    if method == "sdze":
-        est = make_estimator("taylor", cfg.directions)
-        opt = functools.partial(SDZE, lr=sdze_lr, rank=cfg.rank, period=cfg.period,
-                                queries=sdze_queries, seed=seed)
-    else:
-        est = make_estimator("hte", cfg.directions)
-        opt = functools.partial(torch.optim.Adam, lr=adam_lr)
+    lrs = {**DEFAULT_LRS, **(lrs or {})}
+    est, opt = make_method(method, seed, cfg, lrs, sdze_queries)
+    cb = WallClockEval(budget_s, every)
     scheduler = None
-    if method == "sdze" and sdze_cosine_steps:
+    if lr_decay == "linear":  # to 0 over the training wall-time budget
+        scheduler = functools.partial(
+            torch.optim.lr_scheduler.LambdaLR,
+            lr_lambda=lambda _: max(0.0, 1.0 - cb._train_s / budget_s))
+    elif method == "sdze" and sdze_cosine_steps:
         scheduler = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR,
                                       T_max=sdze_cosine_steps)
     net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=seed)
     problem = make_problem(problem_name, dim, seed, cfg, net=net, estimator=est, method=opt,
                            n_eval=n_eval, scheduler=scheduler)
     floor = floors(problem, affine_max_dim)  # the held-out points depend on the seed
-    cb = WallClockEval(budget_s, every)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10**9, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[cb])
-    trainer.fit(problem)
+    status = "completed"
+    try:
+        trainer.fit(problem)
+    except NonFiniteLossError as err:  # the weights stay those of the last finite step
+        status = f"diverged at step {err.step}"
     final = problem.relative_l2_error()
-    return dict(problem=problem_name, method=method, dim=dim, seed=seed, steps=trainer.global_step,
+    return dict(problem=problem_name, method=method, dim=dim, seed=seed, status=status,
+                steps=trainer.global_step,
                 train_s=cb._train_s, final_rel_l2=final,
                 s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve,
-                floors=floor)
+                floors=floor, lr=lrs["adam" if method.startswith("adam") else method],
+                lr_decay=lr_decay, peak_rss_bytes=peak_rss_total(), load=load_average())
+
+
+#: Learning rates: the shipped configs' (SDZE, MeZO, Adam), and Adam's for the fused method.
+DEFAULT_LRS = {"sdze": 1e-2, "mezo": 3e-3, "adam": 1e-3, "fused_adafactor": 1e-3}
+
+
+def run_isolated(job: dict) -> dict:
+    """:func:`run` in a fresh subprocess, so that its peak RSS is its own."""
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
+                         capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    raise RuntimeError(f"worker {job['method']} d={job['dim']} failed:\n{out.stderr[-3000:]}")
+
+
+def frontier(paths: list[Path], out: Path) -> None:
+    """Final error against peak RSS, one panel per problem, from result JSON files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"]
+            if r.get("peak_rss_bytes")]
+    problems = sorted({r["problem"] for r in rows})
+    fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 5), squeeze=False)
+    markers = dict(zip(sorted({r["dim"] for r in rows}), "osD^v", strict=False))
+    for ax, name in zip(axes[0], problems, strict=True):
+        for r in rows:
+            if r["problem"] != name:
+                continue
+            ax.loglog(r["peak_rss_bytes"] / 2**30, r["final_rel_l2"], markers[r["dim"]],
+                      color=COLORS[r["method"]], alpha=0.8)
+        for method in METHODS:
+            ax.plot([], [], "o", color=COLORS[method], label=method)
+        for dim, marker in markers.items():
+            ax.plot([], [], marker, color="gray", label=f"d = {dim:g}")
+        ax.set_xlabel("peak RSS of the run (GiB)")
+        ax.set_ylabel(f"relative L2 error after the budget ({rows[0]['train_s']:.0f} s)")
+        ax.set_title("two-body Allen-Cahn" if name == "twobody" else "Allen-Cahn on the cube")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(MACHINE)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn",
@@ -202,13 +293,12 @@ def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn",
 
     dims = sorted({r["dim"] for r in rows})
     fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
-    colors = {"sdze": "C0", "adam+hte": "C1"}
     for ax, dim in zip(axes[0], dims, strict=True):
         for r in rows:
             if r["dim"] != dim or not r["curve"]:
                 continue
             _, t, e = zip(*r["curve"], strict=True)
-            ax.semilogy(t, e, color=colors[r["method"]], alpha=0.7,
+            ax.semilogy(t, e, color=COLORS[r["method"]], alpha=0.7,
                         label=r["method"] if r["seed"] == 0 else None)
         for key, style in (("constant", "--"), ("affine", ":")):
             level = (floor or {}).get(dim, {}).get(key)
@@ -236,10 +326,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--n-eval", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sdze-lr", type=float, default=1e-2,
+    ap.add_argument("--sdze-lr", type=float, default=DEFAULT_LRS["sdze"],
                     help="SDZE learning rate; 1e-2 is the best of a sweep on two-body Allen-Cahn "
-                         "d = 1e3 (benchmarks/README.md, issue 4); 0.1 was better at d = 1e4")
-    ap.add_argument("--adam-lr", type=float, default=1e-3)
+                         "d = 1e3 (benchmarks/README.md); 0.1 was better at d = 1e4")
+    ap.add_argument("--adam-lr", type=float, default=DEFAULT_LRS["adam"])
+    ap.add_argument("--fused-lr", type=float, default=DEFAULT_LRS["fused_adafactor"])
+    ap.add_argument("--lr-decay", choices=("constant", "linear"), default="constant",
+                    help="linear: every method's lr decays to 0 over the wall-time budget")
     ap.add_argument("--sdze-rank", type=int, default=BenchConfig.rank)
     ap.add_argument("--sdze-period", type=int, default=BenchConfig.period)
     ap.add_argument("--sdze-queries", type=int, default=1)
@@ -247,32 +340,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="cosine decay of SDZE's lr to 0 over this many steps (0: constant lr)")
     ap.add_argument("--affine-max-dim", type=int, default=2000,
                     help="largest d for the best-affine reference line")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every configuration in this process (peak RSS is then the "
+                         "running maximum, not each run's own)")
+    ap.add_argument("--frontier", type=Path, nargs="+",
+                    help="only draw the accuracy-vs-peak-memory plot of these result JSONs")
     add_prefetch_flag(ap)
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        job = json.loads(args.worker)
+        row = run(**{k: v for k, v in job.items() if k != "cfg"}, cfg=BenchConfig(**job["cfg"]))
+        print("ROW " + json.dumps(row), flush=True)
+        return [row]
+    if args.frontier:
+        args.out.mkdir(parents=True, exist_ok=True)
+        frontier(args.frontier, args.out / "frontier.png")
+        return []
     cfg = BenchConfig(threads=args.threads, rank=args.sdze_rank, period=args.sdze_period,
                       prefetch=args.prefetch)
     if args.smoke:
         cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
         args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
+    lrs = {"sdze": args.sdze_lr, "mezo": DEFAULT_LRS["mezo"], "adam": args.adam_lr,
+           "fused_adafactor": args.fused_lr}
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     floor: dict[int, dict] = {}
     for dim in args.dims:
         for method in args.methods:
             for seed in range(args.seeds):
-                r = run(method, dim, seed, args.budget_s, args.eval_every, args.n_eval, cfg,
-                        problem_name=args.problem, sdze_lr=args.sdze_lr,
-                        sdze_queries=args.sdze_queries, affine_max_dim=args.affine_max_dim,
-                        adam_lr=args.adam_lr, sdze_cosine_steps=args.sdze_cosine_steps)
+                job = dict(method=method, dim=dim, seed=seed, budget_s=args.budget_s,
+                           every=args.eval_every, n_eval=args.n_eval, problem_name=args.problem,
+                           lrs=lrs, sdze_queries=args.sdze_queries,
+                           affine_max_dim=args.affine_max_dim, lr_decay=args.lr_decay,
+                           sdze_cosine_steps=args.sdze_cosine_steps)
+                if args.in_process:
+                    r = run(**job, cfg=cfg)
+                else:
+                    r = run_isolated({**job, "cfg": cfg.dict()})
                 rows.append(r)
-                print(f"d={dim:>6} {method:9s} seed {seed}: {r['steps']} steps in "
+                print(f"d={dim:>6} {method:15s} seed {seed}: {r['steps']} steps in "
                       f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "
-                      f"{r['final_rel_l2']:.3e}", flush=True)
+                      f"{r['final_rel_l2']:.3e}, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
+                      f"({r['status']})",
+                      flush=True)
             errs = [r["final_rel_l2"] for r in rows if r["dim"] == dim and r["method"] == method]
-            print(f"d={dim:>6} {method:9s} mean final rel L2 {statistics.mean(errs):.3e} "
+            print(f"d={dim:>6} {method:15s} mean final rel L2 {statistics.mean(errs):.3e} "
                   f"(min {min(errs):.3e}, max {max(errs):.3e})", flush=True)
         floor[dim] = mean_floors([r["floors"] for r in rows if r["dim"] == dim])
         affine = floor[dim]["affine"]
@@ -291,12 +408,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 wr.writerow([r["method"], r["dim"], r["seed"], step, f"{t:.3f}", f"{e:.6e}"])
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(),
-         "budget_s": args.budget_s, "sdze_lr": args.sdze_lr, "sdze_queries": args.sdze_queries,
-         "adam_lr": args.adam_lr, "sdze_cosine_steps": args.sdze_cosine_steps,
+         "budget_s": args.budget_s, "lrs": lrs, "lr_decay": args.lr_decay,
+         "sdze_queries": args.sdze_queries, "sdze_cosine_steps": args.sdze_cosine_steps,
          "sdze_rank": cfg.rank, "sdze_period": cfg.period,
          "problem": args.problem, "floors": floor, "rows": rows}, indent=2))
     title = "two-body Allen-Cahn" if args.problem == "twobody" else "Allen-Cahn on the cube"
     plot(rows, args.out / f"{stem}.png", title, floor)
+    if not args.smoke:
+        frontier([args.out / f"{stem}.json"], args.out / f"{stem}_frontier.png")
     return rows
 
 

@@ -131,9 +131,17 @@ def test_profile_smoke(tmp_path):
 def test_time_to_accuracy_smoke(tmp_path):
     mod = load_benchmark("time_to_accuracy")
     rows = mod.main(["--smoke", "--out", str(tmp_path)])
-    assert {r["method"] for r in rows} == {"sdze", "adam+hte"}
+    assert [r["method"] for r in rows] == list(mod.METHODS)  # every method, one subprocess each
+    assert len({r["peak_rss_bytes"] for r in rows}) > 1  # each run's own peak, not a running max
     for r in rows:
-        assert r["steps"] > 0 and 0 < r["final_rel_l2"] < 10 and r["curve"]
+        assert r["steps"] > 0 and r["peak_rss_bytes"] > 0
+        if r["status"] == "completed":
+            assert r["curve"]
+            # the last recorded error is the final one, on the same held-out points (SDZE folds
+            # its offset into the weights at the end: the same function up to rounding)
+            assert r["final_rel_l2"] == pytest.approx(r["curve"][-1][2], rel=1e-4)
+        else:  # MeZO's plain SPSA may diverge on the tiny network; reported, not hidden
+            assert r["method"] == "mezo" and r["status"].startswith("diverged at step")
         # c = 0 has error exactly 1, so the least-squares constant is at most 1; at d = 50 the
         # solution's x-dependent part is large enough that an affine output does far better.
         floor = r["floors"]
@@ -142,6 +150,9 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert (tmp_path / "time_to_accuracy_smoke.png").exists()
     saved = json.loads((tmp_path / "time_to_accuracy_smoke.json").read_text())
     assert set(saved["floors"]["50"]) == {"constant", "affine"}
+    mod.main(["--frontier", str(tmp_path / "time_to_accuracy_smoke.json"), "--out",
+              str(tmp_path)])
+    assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -185,3 +196,16 @@ def test_floors_of_an_affine_solution():
         assert floor["constant"] <= float((e * c - ref).norm() / ref.norm()) + 1e-12
     best = float((e * floor["constant_value"] - ref).norm() / ref.norm())
     assert floor["constant"] == pytest.approx(best) and floor["constant"] > 0.1
+
+
+def test_fused_scaling_smoke(tmp_path):
+    """Both methods train through Trainer.fit in one process; memory and ratio are reported."""
+    mod = load_benchmark("fused_scaling")
+    rows = mod.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["sdze", "fused_adafactor"]
+    for r in rows:
+        assert r["steps"] == 3 and r["s_per_step"] > 0 and r["peak_bytes"] >= 0
+        assert r["last_loss"] < r["first_loss"]  # both learn something in three steps
+    fused = rows[1]
+    assert fused["ratio_to_sdze"] == fused["s_per_step"] / rows[0]["s_per_step"]
+    assert json.loads((tmp_path / "fused_scaling_smoke.json").read_text())["rows"] == rows

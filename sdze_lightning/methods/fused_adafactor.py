@@ -24,16 +24,21 @@ through the small layers only; :mod:`sdze_lightning.nn.first_layer_grad`).
       V = r c^T / mean(r) / (1 - b2^t)                  (Adam's bias correction)
       W <- W - lr G / (sqrt(V) + eps)
 
-  The row statistic needs all columns before the first block is updated, so
-  the blocks are formed twice: a first pass accumulates the statistics, the
-  second applies each block to ``W`` as soon as it is formed (``W`` is written
-  once per step). ``W`` takes no first moment: a momentum buffer would be
-  ``width x d`` again.
+  This step's row statistic needs every column before the first block can be
+  applied, which takes two passes over the blocks. By default the update uses
+  the row statistic of the previous step instead (the column statistic is
+  this step's), so that each block is formed once, applied to ``W`` at once,
+  and its row sums feed the next step's row statistic: one pass. The row
+  factor enters ``V`` only through ``r / mean(r)``, a slowly moving profile
+  (an average over ``1 / (1 - b2)`` steps) that one step of delay hardly
+  changes; the first step, which has no previous statistic, takes two passes,
+  and ``exact_rows=True`` takes two passes at every step (Adafactor exactly).
+  ``W`` takes no first moment: a momentum buffer would be ``width x d`` again.
 
 Extra memory: the statistics (``width + d`` numbers), ``Delta`` and the
 temporaries of one block (``block_bytes`` each, two of them), whatever ``d``
-is. The step costs two products with ``W``'s shape more than a forward pass
-(the two passes over the blocks).
+is. The step costs one product of ``W``'s shape (the pass over the blocks)
+and a few element-wise passes over ``W`` more than a forward and backward pass.
 
 Scope: the library's :class:`~sdze_lightning.nn.MLP` (the first layer is read
 through its products), the forward-mode estimators (``taylor``, ``fd``,
@@ -53,8 +58,9 @@ from torch import Tensor, nn
 
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
 
-#: Default bound on the bytes of one block temporary (``width x columns``).
-BLOCK_BYTES = 64 * 2**20
+#: Default bound on the bytes of one block temporary (``width x columns``): small enough
+#: for a block and its statistics to stay in the CPU's cache between the passes over it.
+BLOCK_BYTES = 4 * 2**20
 
 
 class FusedAdafactor(torch.optim.Adam):
@@ -72,7 +78,10 @@ class FusedAdafactor(torch.optim.Adam):
         eps: Added to the root of the second moment (as in Adam).
         eps1: Added to ``G^2`` in the factored statistics (Adafactor's ``eps1``).
         block_bytes: Bound on one block temporary of the input-layer update
-            (``width x columns`` numbers of the statistics' dtype).
+            (``width x columns`` numbers of the statistics' dtype; two of them).
+        exact_rows: Use this step's row statistic (two passes over the blocks per
+            step, Adafactor exactly) instead of the previous step's (one pass; the
+            first step always takes two).
 
     """
 
@@ -89,6 +98,7 @@ class FusedAdafactor(torch.optim.Adam):
         eps: float = 1e-8,
         eps1: float = 1e-30,
         block_bytes: int = BLOCK_BYTES,
+        exact_rows: bool = False,
     ) -> None:
         from sdze_lightning.nn.mlp import MLP
 
@@ -112,6 +122,9 @@ class FusedAdafactor(torch.optim.Adam):
         self.module = module
         self.eps1 = float(eps1)
         self.block_bytes = block_bytes
+        if not isinstance(exact_rows, bool):
+            raise ValueError(f"method.exact_rows must be true or false, got {exact_rows!r}.")
+        self.exact_rows = exact_rows
         self._saved_statistics: dict[int, tuple[Tensor, Tensor]] = {}
         self.register_load_state_dict_pre_hook(_remember_statistics)
         self.register_load_state_dict_post_hook(_restore_statistics)
@@ -154,22 +167,49 @@ class FusedAdafactor(torch.optim.Adam):
         row, col = state["row_sq"], state["col_sq"]
         width = max(1, self.block_bytes // (rows * torch.finfo(stats_dtype).bits // 8))
         blocks = [(start, min(cols, start + width)) for start in range(0, cols, width)]
-        buffer = torch.empty(rows, width, dtype=stats_dtype, device=weight.device)
-        # Pass 1: the row sums of G^2 (needed before any column is updated) and the
-        # column statistics, block by block.
-        row_sum = torch.zeros_like(row)
-        for start, stop in blocks:
-            g2 = grad.block(start, stop, stats_dtype, out=buffer[:, : stop - start]).square_()
-            row_sum += g2.sum(dim=1)
-            col[start:stop].mul_(beta2).add_(g2.mean(dim=0) + self.eps1, alpha=1 - beta2)
-        row.mul_(beta2).add_(row_sum / cols + self.eps1, alpha=1 - beta2)
+        buffers = torch.empty(2, rows, width, dtype=stats_dtype, device=weight.device)
+        lagged = not self.exact_rows and step > 1
+        if not lagged:  # pass 1: this step's row sums, before any column is updated
+            row_sum = self._column_pass(grad, blocks, col, beta2, buffers, accumulate=True)
+            self._update_row(row, row_sum, beta2, cols)
         # V_ij = row_i col_j / (mean(row) (1 - b2^t)): the row part as one vector
         row_scale = (row / (row.mean() * (1 - beta2**step))).sqrt_()
-        # Pass 2: the same blocks again, each applied to W as soon as it is formed.
+        row_sum = self._column_pass(grad, blocks, col, beta2, buffers, accumulate=lagged,
+                                    apply=(weight, row_scale, group))
+        if lagged:  # the row statistic of this step serves the next one
+            self._update_row(row, row_sum, beta2, cols)
+
+    def _update_row(self, row: Tensor, row_sum: Tensor, beta2: float, cols: int) -> None:
+        row.mul_(beta2).add_(row_sum / cols + self.eps1, alpha=1 - beta2)
+
+    def _column_pass(
+        self, grad: FirstLayerGradient, blocks: list[tuple[int, int]], col: Tensor,
+        beta2: float, buffers: Tensor, accumulate: bool,
+        apply: tuple[Tensor, Tensor, dict] | None = None,
+    ) -> Tensor:
+        """One pass over the column blocks of the gradient.
+
+        Forms each block ``G_blk``; with ``accumulate``, adds it to the column
+        statistic ``col`` and returns the row sums of ``G^2``; with ``apply = (W,
+        row_scale, group)``, then updates ``W[:, blk]`` with the column statistic.
+        """
+        row_sum = torch.zeros(buffers.shape[1], dtype=buffers.dtype, device=buffers.device)
         for start, stop in blocks:
-            g = grad.block(start, stop, stats_dtype, out=buffer[:, : stop - start])
-            denom = torch.outer(row_scale, col[start:stop].sqrt()).add_(group["eps"])
-            weight[:, start:stop] += g.div_(denom).mul_(-group["lr"]).to(weight.dtype)
+            n = stop - start
+            g = grad.block(start, stop, buffers.dtype, out=buffers[0, :, :n])
+            if accumulate:
+                g2 = torch.mul(g, g, out=buffers[1, :, :n])
+                row_sum += g2.sum(dim=1)
+                col[start:stop].mul_(beta2).add_(g2.mean(dim=0) + self.eps1, alpha=1 - beta2)
+            if apply is not None:
+                weight, row_scale, group = apply
+                denom = torch.outer(row_scale, col[start:stop].sqrt(),
+                                    out=buffers[1, :, :n]).add_(group["eps"])
+                if weight.dtype == buffers.dtype:
+                    weight[:, start:stop].addcdiv_(g, denom, value=-group["lr"])
+                else:
+                    weight[:, start:stop] += g.div_(denom).mul_(-group["lr"]).to(weight.dtype)
+        return row_sum
 
     def describe_state(self) -> str:
         """The learning rates and step count, for divergence reports."""

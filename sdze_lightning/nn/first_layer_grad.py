@@ -69,9 +69,13 @@ class FirstLayerGradient:
         rows = self._rows()
         if out is None:
             out = torch.empty(rows, stop - start, dtype=dtype, device=self._device())
-        out.zero_()
-        for delta, z in self.dense:
-            out.addmm_(delta.T.to(dtype), z[:, start:stop].to(dtype))
+        for i, (delta, z) in enumerate(self.dense):
+            if i == 0:  # written, not accumulated: no zero fill
+                torch.mm(delta.T.to(dtype), z[:, start:stop].to(dtype), out=out)
+            else:
+                out.addmm_(delta.T.to(dtype), z[:, start:stop].to(dtype))
+        if not self.dense:
+            out.zero_()
         for delta, index in self.sparse:
             inside = (index >= start) & (index < stop)
             if bool(inside.any()):

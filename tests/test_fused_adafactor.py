@@ -316,3 +316,26 @@ def test_cli_trains_with_method_fused_adafactor(tmp_path):
                    "~callbacks.memory"], tmp_path / "run")
     assert summary["status"] == "completed" and summary["steps"] == 20
     assert summary["rel_l2"] < 1.0  # started from the network's initial error of ~1
+
+
+def test_experiment_preset_decays_the_lr_to_zero_over_the_run(tmp_path):
+    from hydra.utils import instantiate
+
+    from sdze_lightning.cli import compose_config, run
+
+    overrides = ["experiment=twobody_fused", "pde.dim=30", "pde.n_eval=64", "model.width=16",
+                 "model.depth=2", "trainer.max_steps=8", "logger=none", "~callbacks.progress",
+                 "~callbacks.memory"]
+    cfg = compose_config(overrides, tmp_path / "cfg")
+    assert cfg.method._target_ == "sdze_lightning.methods.FusedAdafactor"
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    scheduler = instantiate(cfg.scheduler)(opt)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs[0] == 1e-3 and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert opt.param_groups[0]["lr"] == 0.0  # reached after trainer.max_steps steps
+    summary = run(overrides, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["steps"] == 8

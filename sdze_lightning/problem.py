@@ -53,8 +53,6 @@ from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
 
 log = logging.getLogger(__name__)
 
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-
 _MASK = (1 << 63) - 1
 #: Streams of the per-step seed: what each generator is used for.
 STREAM_INTERIOR, STREAM_BOUNDARY, STREAM_ESTIMATOR, STREAM_EVAL = 1, 2, 3, 4
@@ -145,6 +143,10 @@ class PINNProblem(L.LightningModule):
             before training (not on the network).
             Prefetches the shared batch of CRNS steps and of first-order methods; a
             zeroth-order method with ``crns=False`` gets no prefetching (warned).
+        fused_kernels: Let the problem run its per-batch data (e.g. the two-body
+            source) through fused ``torch.compile`` kernels where it has them
+            (:mod:`sdze_lightning.kernels`): faster at large ``d``, another
+            summation order than the eager code. Recorded in ``summary.json``.
 
     """
 
@@ -169,6 +171,7 @@ class PINNProblem(L.LightningModule):
         steps_per_epoch: int = 1000,
         divergence: str = "stop",
         prefetch: bool = False,
+        fused_kernels: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -187,8 +190,9 @@ class PINNProblem(L.LightningModule):
         if isinstance(boundary_weight, bool) or not isinstance(boundary_weight, int | float):
             raise ValueError(f"pde.boundary_weight must be a number, got {boundary_weight!r}.")
         check_policy(divergence)
-        if not isinstance(prefetch, bool):
-            raise ValueError(f"pde.prefetch must be true or false, got {prefetch!r}.")
+        for name, flag in (("pde.prefetch", prefetch), ("pde.fused_kernels", fused_kernels)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}.")
         if squared_residual not in ("biased", "unbiased"):
             raise ValueError(
                 f"pde.squared_residual must be 'biased' or 'unbiased', got {squared_residual!r}."
@@ -209,6 +213,7 @@ class PINNProblem(L.LightningModule):
         self.squared_residual = squared_residual
         self.steps_per_epoch = steps_per_epoch
         self.divergence = divergence
+        self.fused_kernels = fused_kernels
         #: This rank's share of each batch (the whole batch unless data-parallel).
         self.shard = Shard()
         #: Steps skipped under ``divergence="skip"`` (in total, and in a row).
@@ -567,7 +572,11 @@ class PINNProblem(L.LightningModule):
         memo.update({id(b): torch.empty_like(b, device="meta") for b in self.net.buffers()})
         try:
             shadow = copy.deepcopy(self.net, memo)
-        except Exception:  # noqa: BLE001 - an uncopyable network: checked at fit time instead
+        except Exception as err:  # noqa: BLE001 - any failure to copy: checked at fit time
+            log.warning(
+                "The method's configuration is checked when training starts, not now: the "
+                "network cannot be copied for the early check (%s: %s).", type(err).__name__, err
+            )
             return
         target = getattr(self.method, "func", self.method)
         name = getattr(target, "__name__", type(target).__name__)

@@ -34,11 +34,29 @@ def test_fused_two_body_terms_equal_the_eager_ones():
             torch.testing.assert_close(f, e[:n], rtol=1e-11, atol=1e-11 * float(e.abs().max()))
 
 
-def test_fused_kernels_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("SDZE_FUSED", "0")
-    assert not kernels.fused_enabled()
-    x, c = _inputs(2, 10)
-    assert kernels.fused_call(twobody._two_body_fused, x, c) is None
+def test_fused_kernels_follow_the_problems_setting_not_the_environment(monkeypatch):
+    """``fused_kernels`` (config field, problem argument) decides; ``SDZE_FUSED`` is not read."""
+    calls = []
+    monkeypatch.setattr(twobody, "fused_call", lambda fn, *a: calls.append(fn.__name__))
+    monkeypatch.setenv("SDZE_FUSED", "0")  # the old process-wide switch: no effect any more
+    x = torch.rand(2, twobody.FUSED_MIN_DIM + 2, dtype=torch.float64)
+    for fused in (False, True):
+        problem = twobody.TwoBody(dim=x.shape[1], n_eval=0, fused_kernels=fused)
+        problem.psi_terms(x)
+        assert calls == (["_two_body_fused"] if fused else []), fused
+    with pytest.raises(ValueError, match="pde.fused_kernels must be true or false"):
+        twobody.TwoBody(dim=4, fused_kernels="no")
+
+
+def test_the_report_names_the_kernels_that_ran_compiled(monkeypatch):
+    def doubled(x):
+        return (2 * x,)
+
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    monkeypatch.setattr(kernels, "_ran", set())
+    assert kernels.fused_report(True) == {"enabled": True, "ran": []}
+    kernels.fused_call(doubled, torch.ones(2))
+    assert kernels.fused_report(False) == {"enabled": False, "ran": ["doubled"]}
 
 
 def test_a_compiler_failure_falls_back_to_eager_once(monkeypatch, caplog):

@@ -423,11 +423,34 @@ class PINNProblem(L.LightningModule):
             self._prefetcher.close()
 
     def derivatives(
-        self, x: Tensor, generator: torch.Generator, estimator: Estimator | None = None
+        self,
+        x: Tensor,
+        generator: torch.Generator,
+        estimator: Estimator | None = None,
+        model: Callable[[Tensor], Tensor] | None = None,
     ) -> Derivatives:
-        """Estimate the declared operators at ``x``."""
+        """The accessor ``d`` that :meth:`residual` receives, at any points (public).
+
+        Training calls it with the step's points; call it yourself to look at the
+        operators outside training, or to check a new PDE on its exact solution::
+
+            d = problem.derivatives(x, torch.Generator(), ExactEstimator(),
+                                    model=problem.exact_solution)
+            problem.residual(x, d)  # ~0 in float64
+
+        Args:
+            x: Points ``(N, input_dim)``.
+            generator: The randomness of a randomized estimator (unused by ``exact``).
+            estimator: Another estimator than the problem's.
+            model: Another function of the points than the network (``problem.model``),
+                e.g. ``problem.exact_solution``.
+
+        Returns:
+            The declared :attr:`operators` at ``x``.
+
+        """
         est = estimator or self.estimator
-        values = est.estimate(self.model, x, self.operators, generator, self.dim)
+        values = est.estimate(model or self.model, x, self.operators, generator, self.dim)
         return Derivatives(x, values, self.dim)
 
     def _checked_residual(self, x: Tensor, d: Derivatives) -> Tensor:

@@ -172,7 +172,7 @@ def add_prefetch_flag(parser) -> None:
 
 
 def warm_fused_kernels(device: str = "cpu") -> None:
-    """Compile the fused two-body source now (a no-op when fused kernels are off).
+    """Compile the fused two-body source now (the problems' default ``fused_kernels=True``).
 
     Long rows (``d > FUSED_MIN_DIM``) go through ``torch.compile``; compiling
     costs seconds and hundreds of MiB once per process (and device), which must

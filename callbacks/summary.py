@@ -2,7 +2,7 @@
 
 At the end of ``fit`` (or when it stops on an exception) the callback writes
 ``summary.json`` with the final relative L2 error, loss, step count, wall time,
-peak memory and parameter count, and prints the same JSON as the last line of
+peak memory, parameter count and fused-kernel use, and prints the same JSON as the last line of
 the run's output, so that a sweep can be collected with ``grep`` or ``jq``.
 """
 
@@ -18,6 +18,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from sdze_lightning.kernels import fused_report
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -88,6 +90,9 @@ class RunSummary(L.Callback):
             "peak_memory_bytes": peak_memory_bytes(pl_module.device),
             "params": sum(p.numel() for p in pl_module.parameters()),
             "status": status,
+            # another summation order than the eager code: part of the run's record
+            "fused_kernels": (None if getattr(pl_module, "fused_kernels", None) is None
+                              else fused_report(pl_module.fused_kernels)),
         }
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> None:

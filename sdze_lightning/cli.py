@@ -13,10 +13,12 @@ Lightning ``Trainer``. Every run writes ``summary.json`` into its run directory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,24 @@ from sdze_lightning.loggers import fail_safe
 from sdze_lightning.problem import NonFiniteLossError, PINNProblem, check_precision
 
 log = logging.getLogger("sdze_lightning")
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+#: Third-party warnings that say nothing about a run of this CLI, silenced only while it
+#: trains: Lightning's advice to add loader workers (the loader yields dummy step
+#: numbers; points are sampled in the step) and torch's deprecation of the ``LeafSpec``
+#: that Lightning's own pytree helper uses.
+QUIET_WARNINGS: tuple[str, ...] = (
+    r".*does not have many workers.*",
+    r".*isinstance\(treespec, LeafSpec\).*",
+)
+
+
+@contextlib.contextmanager
+def _quiet_third_party_warnings() -> Iterator[None]:
+    """Ignore :data:`QUIET_WARNINGS` inside; the caller's filters are restored on exit."""
+    with warnings.catch_warnings():
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def _group(cfg: DictConfig, key: str) -> Any:
@@ -50,10 +69,9 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
     extra: dict[str, Any] = {}
     if "seed" not in cfg.pde:
         extra["seed"] = cfg.seed
-    if "divergence" not in cfg.pde and cfg.get("divergence") is not None:
-        extra["divergence"] = cfg.divergence
-    if "prefetch" not in cfg.pde and cfg.get("prefetch") is not None:
-        extra["prefetch"] = cfg.prefetch
+    for key in ("divergence", "prefetch", "fused_kernels"):  # top-level fields of the problem
+        if key not in cfg.pde and cfg.get(key) is not None:
+            extra[key] = cfg[key]
     scheduler = instantiate(cfg.scheduler) if _group(cfg, "scheduler") is not None else None
     problem = instantiate(
         cfg.pde,
@@ -98,6 +116,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in node.values() if c is not None]
 
 
+@_quiet_third_party_warnings()
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build everything from ``cfg``, fit, and return the run summary.
 

@@ -18,15 +18,17 @@ the C++ wrapper fails to build, the default wrapper is tried next.
 
 Compilation costs seconds to tens of seconds once per process (cached across
 processes by Inductor), so callers use it only past a size where that pays
-off, and fall back to their eager code when it is unavailable: set the
-environment variable ``SDZE_FUSED=0`` to turn it off, and a kernel that fails
-to compile with every wrapper is logged once and turned off.
+off, and fall back to their eager code when it is unavailable. Whether a
+problem uses them is its ``fused_kernels`` argument (the config field
+``fused_kernels``, recorded in ``summary.json`` with :func:`fused_report`): a
+fused kernel sums in another order than the eager code, so the choice is part
+of a run's record, not a process-wide switch. A kernel that fails to compile
+with every wrapper is logged once and turned off.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 
@@ -43,15 +45,27 @@ _compiled: dict[Callable, Callable] = {}
 #: Index into :data:`COMPILE_OPTIONS` of each kernel's current (or next) attempt.
 _attempt: dict[Callable, int] = {}
 _failed: set[Callable] = set()
+#: Names of the kernels whose compiled version has run in this process.
+_ran: set[str] = set()
 #: TorchDynamo is not thread-safe; the prefetch thread (``sdze_lightning.prefetch``) and
 #: the main thread may both call a kernel, so calls take turns. The C++ wrapper releases
 #: the GIL, not this lock: while one thread runs a kernel the other runs anything but one.
 _lock = threading.Lock()
 
 
-def fused_enabled() -> bool:
-    """Whether fused kernels may be used (``SDZE_FUSED`` is not ``0``/``false``)."""
-    return os.environ.get("SDZE_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+def fused_report(enabled: bool) -> dict[str, bool | list[str]]:
+    """What ``summary.json`` records: the setting, and the kernels that ran compiled.
+
+    Args:
+        enabled: The problem's ``fused_kernels`` setting.
+
+    Returns:
+        ``{"enabled": enabled, "ran": [...]}``, the names of the kernels whose
+        compiled version has run in this process (sorted; empty when none applied,
+        e.g. below a problem's size threshold, or every compilation failed).
+
+    """
+    return {"enabled": bool(enabled), "ran": sorted(_ran)}
 
 
 def fused_call(fn: Callable[..., tuple[Tensor, ...]], *args: Tensor) -> tuple[Tensor, ...] | None:
@@ -62,12 +76,13 @@ def fused_call(fn: Callable[..., tuple[Tensor, ...]], *args: Tensor) -> tuple[Te
         *args: Its tensor arguments.
 
     Returns:
-        The outputs of the compiled ``fn``, or ``None`` when fused kernels are
-        disabled, ``fn`` failed to compile before, or it fails now (the
-        caller then computes the same thing eagerly).
+        The outputs of the compiled ``fn``, or ``None`` when ``fn`` failed to
+        compile before or fails now (the caller then computes the same thing
+        eagerly). Whether to call it at all is the caller's setting (a problem's
+        ``fused_kernels``).
 
     """
-    if not fused_enabled() or fn in _failed:
+    if fn in _failed:
         return None
     with _lock, torch.no_grad():
         while fn not in _failed:
@@ -77,7 +92,9 @@ def fused_call(fn: Callable[..., tuple[Tensor, ...]], *args: Tensor) -> tuple[Te
                 if compiled is None:
                     options = COMPILE_OPTIONS[attempt]
                     compiled = _compiled[fn] = torch.compile(fn, dynamic=True, options=options)
-                return compiled(*args)
+                out = compiled(*args)
+                _ran.add(fn.__name__)
+                return out
             except torch.OutOfMemoryError:
                 raise  # not a compiler failure: the eager code would need the memory too
             except Exception as err:  # noqa: BLE001 - any compiler failure: next wrapper, then eager

@@ -32,7 +32,8 @@ class ModelFunction:
     """Scalar solution ``u(x) = g(x) * net(x)`` (or a custom composition).
 
     Args:
-        net: Network mapping ``(N, D)`` to ``(N, 1)`` or ``(N,)``.
+        net: Network mapping ``(N, D)`` to ``(N, 1)`` or ``(N,)``, or any such
+            function of the points (e.g. a problem's ``exact_solution``).
         constraint: Optional factor ``g``.
         compose: Optional custom ``(x, net_out) -> u`` used instead of ``g * net``;
             it disables the fast paths.
@@ -40,7 +41,7 @@ class ModelFunction:
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | Callable[[Tensor], Tensor],
         constraint: Constraint | None = None,
         compose: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
@@ -163,3 +164,25 @@ class ModelFunction:
             out.append(torch.stack([fk(x, v[i]) for i in range(v.shape[0])]))
         return out
 
+
+def as_model_function(model: ModelFunction | Callable[[Tensor], Tensor]) -> ModelFunction:
+    """``model`` as the estimators see it: a :class:`ModelFunction` is kept as it is.
+
+    Any other callable of the points (a network, a problem's ``exact_solution``, a
+    lambda) is wrapped; the estimators then use their generic routes for it
+    (``torch.func.jvp`` jets, materialised ``x + t v``), so it must be written with
+    torch operators.
+
+    Raises:
+        TypeError: ``model`` is not callable.
+
+    """
+    if isinstance(model, ModelFunction):
+        return model
+    if not callable(model):
+        raise TypeError(
+            f"An estimator needs the solution as a function of the points (a ModelFunction "
+            f"such as problem.model, a network, or e.g. problem.exact_solution); got "
+            f"{type(model).__name__}."
+        )
+    return ModelFunction(model)

@@ -19,7 +19,7 @@ the main thread and the main thread takes most rows.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
@@ -27,6 +27,8 @@ from typing import Any, Generic, TypeVar
 import torch
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class BatchPrefetcher(Generic[T]):
@@ -144,7 +146,15 @@ class PreparePlacement:
 
 
 def _drop(pending: tuple[int, Future] | None) -> None:
-    """Cancel a pending build, or wait for it to finish and discard its result or error."""
-    if pending is not None and not pending[1].cancel():
-        with contextlib.suppress(Exception):
-            pending[1].result()
+    """Cancel a pending build, or wait for it to finish and discard its result.
+
+    An error raised by the discarded build is logged (as a warning, with its
+    traceback), not raised: nobody asked for that batch, and a step that does
+    ask for it builds it again and gets the error then.
+    """
+    if pending is None or pending[1].cancel():
+        return
+    error = pending[1].exception()
+    if error is not None:
+        log.warning("Building the prefetched batch of step %d failed (the batch was not used): "
+                    "%s: %s", pending[0], type(error).__name__, error, exc_info=error)

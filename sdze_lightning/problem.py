@@ -57,8 +57,6 @@ from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
 
 log = logging.getLogger(__name__)
 
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-
 _MASK = (1 << 63) - 1
 #: Streams of the per-step seed: what each generator is used for.
 STREAM_INTERIOR, STREAM_BOUNDARY, STREAM_ESTIMATOR, STREAM_EVAL = 1, 2, 3, 4
@@ -149,6 +147,10 @@ class PINNProblem(L.LightningModule):
             before training (not on the network).
             Prefetches the shared batch of CRNS steps and of first-order methods; a
             zeroth-order method with ``crns=False`` gets no prefetching (warned).
+        fused_kernels: Let the problem run its per-batch data (e.g. the two-body
+            source) through fused ``torch.compile`` kernels where it has them
+            (:mod:`sdze_lightning.kernels`): faster at large ``d``, another
+            summation order than the eager code. Recorded in ``summary.json``.
 
     """
 
@@ -173,6 +175,7 @@ class PINNProblem(L.LightningModule):
         steps_per_epoch: int = 1000,
         divergence: str = "stop",
         prefetch: bool = False,
+        fused_kernels: bool = True,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -191,8 +194,9 @@ class PINNProblem(L.LightningModule):
         if isinstance(boundary_weight, bool) or not isinstance(boundary_weight, int | float):
             raise ValueError(f"pde.boundary_weight must be a number, got {boundary_weight!r}.")
         check_policy(divergence)
-        if not isinstance(prefetch, bool):
-            raise ValueError(f"pde.prefetch must be true or false, got {prefetch!r}.")
+        for name, flag in (("pde.prefetch", prefetch), ("pde.fused_kernels", fused_kernels)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}.")
         if squared_residual not in ("biased", "unbiased"):
             raise ValueError(
                 f"pde.squared_residual must be 'biased' or 'unbiased', got {squared_residual!r}."
@@ -213,6 +217,7 @@ class PINNProblem(L.LightningModule):
         self.squared_residual = squared_residual
         self.steps_per_epoch = steps_per_epoch
         self.divergence = divergence
+        self.fused_kernels = fused_kernels
         #: This rank's share of each batch (the whole batch unless data-parallel).
         self.shard = Shard()
         #: Steps skipped under ``divergence="skip"`` (in total, and in a row).
@@ -428,11 +433,34 @@ class PINNProblem(L.LightningModule):
             self._prefetcher.close()
 
     def derivatives(
-        self, x: Tensor, generator: torch.Generator, estimator: Estimator | None = None
+        self,
+        x: Tensor,
+        generator: torch.Generator,
+        estimator: Estimator | None = None,
+        model: Callable[[Tensor], Tensor] | None = None,
     ) -> Derivatives:
-        """Estimate the declared operators at ``x``."""
+        """The accessor ``d`` that :meth:`residual` receives, at any points (public).
+
+        Training calls it with the step's points; call it yourself to look at the
+        operators outside training, or to check a new PDE on its exact solution::
+
+            d = problem.derivatives(x, torch.Generator(), ExactEstimator(),
+                                    model=problem.exact_solution)
+            problem.residual(x, d)  # ~0 in float64
+
+        Args:
+            x: Points ``(N, input_dim)``.
+            generator: The randomness of a randomized estimator (unused by ``exact``).
+            estimator: Another estimator than the problem's.
+            model: Another function of the points than the network (``problem.model``),
+                e.g. ``problem.exact_solution``.
+
+        Returns:
+            The declared :attr:`operators` at ``x``.
+
+        """
         est = estimator or self.estimator
-        values = est.estimate(self.model, x, self.operators, generator, self.dim)
+        values = est.estimate(model or self.model, x, self.operators, generator, self.dim)
         return Derivatives(x, values, self.dim)
 
     def _checked_residual(self, x: Tensor, d: Derivatives) -> Tensor:
@@ -577,7 +605,11 @@ class PINNProblem(L.LightningModule):
         memo.update({id(b): torch.empty_like(b, device="meta") for b in self.net.buffers()})
         try:
             shadow = copy.deepcopy(self.net, memo)
-        except Exception:  # noqa: BLE001 - an uncopyable network: checked at fit time instead
+        except Exception as err:  # noqa: BLE001 - any failure to copy: checked at fit time
+            log.warning(
+                "The method's configuration is checked when training starts, not now: the "
+                "network cannot be copied for the early check (%s: %s).", type(err).__name__, err
+            )
             return
         target = getattr(self.method, "func", self.method)
         name = getattr(target, "__name__", type(target).__name__)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import importlib.util
 import math
 from types import SimpleNamespace
 
@@ -220,8 +219,6 @@ def test_adam_state_bytes_grow_with_dimension(tmp_path):
 
 
 def test_sdze_state_bytes_do_not_grow_with_dimension(tmp_path):
-    if importlib.util.find_spec("sdze_lightning.methods.sdze") is None:
-        pytest.skip("sdze_lightning.methods.sdze is not there yet (issue 4)")
     from sdze_lightning.methods.sdze import SDZE
 
     method = functools.partial(SDZE, lr=1e-3, rank=2)

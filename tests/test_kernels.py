@@ -34,11 +34,29 @@ def test_fused_two_body_terms_equal_the_eager_ones():
             torch.testing.assert_close(f, e[:n], rtol=1e-11, atol=1e-11 * float(e.abs().max()))
 
 
-def test_fused_kernels_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("SDZE_FUSED", "0")
-    assert not kernels.fused_enabled()
-    x, c = _inputs(2, 10)
-    assert kernels.fused_call(twobody._two_body_fused, x, c) is None
+def test_fused_kernels_follow_the_problems_setting_not_the_environment(monkeypatch):
+    """``fused_kernels`` (config field, problem argument) decides; ``SDZE_FUSED`` is not read."""
+    calls = []
+    monkeypatch.setattr(twobody, "fused_call", lambda fn, *a: calls.append(fn.__name__))
+    monkeypatch.setenv("SDZE_FUSED", "0")  # the old process-wide switch: no effect any more
+    x = torch.rand(2, twobody.FUSED_MIN_DIM + 2, dtype=torch.float64)
+    for fused in (False, True):
+        problem = twobody.TwoBody(dim=x.shape[1], n_eval=0, fused_kernels=fused)
+        problem.psi_terms(x)
+        assert calls == (["_two_body_fused"] if fused else []), fused
+    with pytest.raises(ValueError, match="pde.fused_kernels must be true or false"):
+        twobody.TwoBody(dim=4, fused_kernels="no")
+
+
+def test_the_report_names_the_kernels_that_ran_compiled(monkeypatch):
+    def doubled(x):
+        return (2 * x,)
+
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: f)
+    monkeypatch.setattr(kernels, "_ran", set())
+    assert kernels.fused_report(True) == {"enabled": True, "ran": []}
+    kernels.fused_call(doubled, torch.ones(2))
+    assert kernels.fused_report(False) == {"enabled": False, "ran": ["doubled"]}
 
 
 def test_a_compiler_failure_falls_back_to_eager_once(monkeypatch, caplog):
@@ -64,7 +82,14 @@ def test_a_compiler_failure_falls_back_to_eager_once(monkeypatch, caplog):
 def test_kernels_are_built_with_the_cpp_wrapper_first_then_the_default(monkeypatch, caplog):
     """The C++ wrapper releases the GIL while the kernel runs (so the prefetch thread's source
     does not stall the main thread); if it cannot be built, Inductor's default wrapper is used."""
-    assert kernels.COMPILE_OPTIONS[0] == {"cpp_wrapper": True}
+    from torch._inductor import config as inductor_config
+
+    # the first attempt turns on an option Inductor really has (a renamed option would make
+    # every first attempt fail and silently cost a compilation), the last is the default
+    first, last = kernels.COMPILE_OPTIONS[0], kernels.COMPILE_OPTIONS[-1]
+    assert first.get("cpp_wrapper") is True and last == {}
+    assert all(hasattr(inductor_config, key) for options in kernels.COMPILE_OPTIONS
+               for key in options)
     tried: list[dict] = []
 
     def fake_compile(f, **kwargs):
@@ -83,7 +108,7 @@ def test_kernels_are_built_with_the_cpp_wrapper_first_then_the_default(monkeypat
         for _ in range(2):
             (out,) = kernels.fused_call(fn, torch.ones(3))
             assert torch.equal(out, torch.full((3,), 2.0))
-    assert tried == [{"cpp_wrapper": True}, {}]  # compiled once per option, then reused
+    assert tried == list(kernels.COMPILE_OPTIONS)  # compiled once per option, then reused
     assert fn not in kernels._failed
     assert not any(r.levelno >= logging.WARNING for r in caplog.records)
 

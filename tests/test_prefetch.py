@@ -255,5 +255,4 @@ def test_fused_source_on_the_prefetch_thread_gives_the_same_losses():
         problem.stop_prefetch()
         losses[prefetch] = out
     assert losses[True] == losses[False]
-    if kernels.fused_enabled():
-        assert _two_body_fused in kernels._compiled and _two_body_fused not in kernels._failed
+    assert _two_body_fused in kernels._compiled and _two_body_fused not in kernels._failed

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import ClassVar
 
 import torch
@@ -60,7 +60,7 @@ class Estimator(ABC):
     @abstractmethod
     def estimate(
         self,
-        model: ModelFunction,
+        model: ModelFunction | Callable[[Tensor], Tensor],
         x: Tensor,
         ops: Collection[str],
         generator: torch.Generator,
@@ -69,7 +69,10 @@ class Estimator(ABC):
         """Estimate the operators ``ops`` of ``model`` at the points ``x``.
 
         Args:
-            model: The solution as a function of the points.
+            model: The solution as a function of the points: a
+                :class:`~sdze_lightning.model_fn.ModelFunction` (``problem.model``) or
+                any callable ``(N, D) -> (N,)`` such as ``problem.exact_solution``
+                (wrapped by :func:`~sdze_lightning.model_fn.as_model_function`).
             x: Points ``(N, D)``; the first ``spatial_dim`` columns are space,
                 a further last column, if any, is time.
             ops: Operator names (keys of :data:`OPERATORS`).

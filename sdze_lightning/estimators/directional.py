@@ -28,7 +28,7 @@ which cost ``K * d`` for ``W v`` instead of a column lookup.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import ClassVar
 
 import torch
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from sdze_lightning.directions import Directions
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.model_fn import ModelFunction
+from sdze_lightning.model_fn import ModelFunction, as_model_function
 
 #: Direction distributions of the directional estimators.
 DISTRIBUTIONS: tuple[str, ...] = ("coordinate", "rademacher", "gaussian")
@@ -236,13 +236,14 @@ class DirectionalEstimator(Estimator):
 
     def estimate(
         self,
-        model: ModelFunction,
+        model: ModelFunction | Callable[[Tensor], Tensor],
         x: Tensor,
         ops: Collection[str],
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
         """Estimate ``ops`` from directional derivatives; see :class:`Estimator`."""
+        model = as_model_function(model)
         ops = set(ops)
         self.check(ops)
         with model.shared_first_layer():

@@ -6,13 +6,13 @@ One reverse pass per coordinate for the Laplacian, so the cost grows like
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor
 
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.model_fn import ModelFunction
+from sdze_lightning.model_fn import ModelFunction, as_model_function
 
 
 def _d(y: Tensor, x: Tensor) -> Tensor:
@@ -47,13 +47,14 @@ class ExactEstimator(Estimator):
 
     def estimate(
         self,
-        model: ModelFunction,
+        model: ModelFunction | Callable[[Tensor], Tensor],
         x: Tensor,
         ops: Collection[str],
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
         """Differentiate ``model`` at ``x`` by autodiff; see :class:`Estimator`."""
+        model = as_model_function(model)
         outer_grad = torch.is_grad_enabled()
         coords, scale = self.coordinates(spatial_dim, generator)
         with torch.enable_grad():

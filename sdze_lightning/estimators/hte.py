@@ -24,7 +24,7 @@ from torch import Tensor
 
 from sdze_lightning.directions import Directions
 from sdze_lightning.estimators.directional import DirectionalEstimator, time_axis
-from sdze_lightning.model_fn import ModelFunction
+from sdze_lightning.model_fn import ModelFunction, as_model_function
 
 
 def directional_autodiff(model: ModelFunction, x: Tensor, v: Tensor, order: int) -> Tensor:
@@ -91,13 +91,14 @@ class HutchinsonEstimator(DirectionalEstimator):
 
     def estimate(
         self,
-        model: ModelFunction,
+        model: ModelFunction | Callable[[Tensor], Tensor],
         x: Tensor,
         ops: Collection[str],
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
         """Exact first-order operators, Hutchinson-type higher orders; see :class:`Estimator`."""
+        model = as_model_function(model)
         ops = set(ops)
         self.check(ops)
         if "dt" in ops:

@@ -14,7 +14,7 @@ sums would weight the diagonal ``i = j`` terms by ``d/K`` and the mixed ones by
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from torch import Tensor
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.estimators.directional import check_count, sample_coordinates
 from sdze_lightning.estimators.exact import ExactEstimator, pure_derivatives
-from sdze_lightning.model_fn import ModelFunction
+from sdze_lightning.model_fn import ModelFunction, as_model_function
 
 
 class SDGDEstimator(ExactEstimator):
@@ -54,13 +54,14 @@ class SDGDEstimator(ExactEstimator):
 
     def estimate(
         self,
-        model: ModelFunction,
+        model: ModelFunction | Callable[[Tensor], Tensor],
         x: Tensor,
         ops: Collection[str],
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
         """Sampled-coordinate autodiff; see :class:`Estimator` and the module notes."""
+        model = as_model_function(model)
         ops = set(ops)
         self.check(ops)
         out = super().estimate(model, x, ops - {"biharmonic"}, generator, spatial_dim)

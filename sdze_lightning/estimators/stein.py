@@ -39,7 +39,7 @@ shortcut: ``W x`` once per point, ``W xi_k`` once per direction).
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -48,7 +48,7 @@ from sdze_lightning.directions import Directions
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.estimators.directional import check_count, sample_directions, time_axis
 from sdze_lightning.estimators.fd import central_differences, default_step
-from sdze_lightning.model_fn import ModelFunction
+from sdze_lightning.model_fn import ModelFunction, as_model_function
 
 #: Variants of He et al.: eq. 7, eqs. 8-9, eqs. 10-11.
 VARIANTS: tuple[str, ...] = ("vanilla", "cv", "antithetic")
@@ -181,13 +181,14 @@ class SteinEstimator(Estimator):
 
     def estimate(
         self,
-        model: ModelFunction,
+        model: ModelFunction | Callable[[Tensor], Tensor],
         x: Tensor,
         ops: Collection[str],
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
         """Stein estimates of ``ops`` at ``x``; see :class:`Estimator` and the module notes."""
+        model = as_model_function(model)
         ops = set(ops)
         self.check(ops)
         with model.shared_first_layer():

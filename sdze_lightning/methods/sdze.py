@@ -148,6 +148,8 @@ class SDZE(TwoPointOptimizer):
         #: ``(q, m)`` per-query estimates ``s_j u_j`` of the last step in the
         #: subspace coordinates (all layers concatenated), for variance monitors.
         self.last_query_estimates: Tensor | None = None
+        #: ``(n,)`` float64 two-point scalars ``c_j`` of the last :meth:`probe` call.
+        self.last_probe_scalars: Tensor | None = None
 
     # --------------------------------------------------------------- bookkeeping
     def layer_state(self, index: int) -> dict[str, Tensor]:
@@ -274,7 +276,9 @@ class SDZE(TwoPointOptimizer):
         Each probe is what a step with ``q = 1`` estimates: a Gaussian
         direction ``u_j`` in the current window's subspace coordinates and the
         two-point scalar ``c_j = (L(c + eps u_j) - L(c - eps u_j)) / (2 eps)``;
-        the estimate is ``c_j u_j``. The directions come from their own
+        the estimate is ``c_j u_j``; the scalars ``c_j`` alone (directional
+        derivatives along ``u_j``, e.g. for their variance) are kept in
+        :attr:`last_probe_scalars`. The directions come from their own
         counter-based stream (seed, step), so the parameters, the coordinates,
         the update-rule state, the step counter and every generator are as
         before; only :attr:`noise_key` is set during the evaluations and reset
@@ -304,6 +308,7 @@ class SDZE(TwoPointOptimizer):
         gen = generator(first.device, self.seed, _PROBES, self.zo_state["step"])
         saved_key = self.noise_key
         rows: list[Tensor] = []
+        scalars: list[float] = []
         try:
             for j in range(n):
                 u = [
@@ -317,10 +322,12 @@ class SDZE(TwoPointOptimizer):
                     values.append(torch.as_tensor(closure()).detach().reshape(()))
                 pair = self._reduce(torch.stack(values).to(torch.float64).view(1, 2))
                 scalar = float(self.scalars(pair)[0])
+                scalars.append(scalar)
                 rows.append(scalar * torch.cat(u).to(torch.float64))
         finally:
             self._install()
             self.noise_key = saved_key
+        self.last_probe_scalars = torch.tensor(scalars, dtype=torch.float64)
         return torch.stack(rows)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

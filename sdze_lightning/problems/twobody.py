@@ -51,7 +51,9 @@ def _two_body_fused(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _two_body_core(x, c, lambda t: (t * c).sum(dim=1))
 
 
-def two_body_terms(x: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def two_body_terms(
+    x: Tensor, coeffs: Tensor, fused: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
     """``psi = sum_i c_i sin(phi_i)``, ``phi_i = x_i + cos x_{i+1} + x_{i+1} cos x_i``.
 
     Each term depends on ``a = x_i`` and ``b = x_{i+1}`` only, so
@@ -60,17 +62,23 @@ def two_body_terms(x: Tensor, coeffs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     * ``x . grad sin(phi) = cos(phi) (a phi_a + b phi_b)``,
 
     with ``phi_a = 1 - b sin a``, ``phi_b = cos a - sin b``, ``phi_aa = -b cos a``,
-    ``phi_bb = -cos b``: ``O(d)`` per point. Rows longer than
+    ``phi_bb = -cos b``: ``O(d)`` per point. With ``fused``, rows longer than
     :data:`FUSED_MIN_DIM` go through one fused kernel when ``torch.compile``
     works here (and no gradient with respect to ``x`` is wanted); otherwise
     single long rows are summed over cache-sized column chunks.
+
+    Args:
+        x: Points ``(N, d)``.
+        coeffs: The ``d - 1`` coefficients ``c_i``.
+        fused: Allow the fused kernel (a problem's ``fused_kernels``); it sums
+            in another order than the eager code.
 
     Returns:
         ``(psi, Delta psi, x . grad psi)``, each ``(N,)``.
 
     """
     c = coeffs.to(x.dtype)
-    if x.shape[1] > FUSED_MIN_DIM and not (torch.is_grad_enabled() and x.requires_grad):
+    if fused and x.shape[1] > FUSED_MIN_DIM and not (torch.is_grad_enabled() and x.requires_grad):
         fused = fused_call(_two_body_fused, x, c)
         if fused is not None:
             return fused
@@ -99,4 +107,4 @@ class TwoBody(BallProblem):
 
     def psi_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """See :func:`two_body_terms`."""
-        return two_body_terms(x, self.coeffs)
+        return two_body_terms(x, self.coeffs, fused=self.fused_kernels)

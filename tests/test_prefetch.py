@@ -247,11 +247,7 @@ def test_fused_source_on_the_prefetch_thread_gives_the_same_losses():
         opt = problem.method(problem.net)
         out = []
         for step in range(3):
-            problem.begin_step(step)
-            with problem.net.first_layer_cache():
-                loss = opt.step(lambda s=step, p=problem, o=opt: p.compute_loss(s, o.noise_key))
-                out.append(float(loss))
-            problem._points = {}
+            out.append(float(problem.run_step(opt, step).loss))
         problem.stop_prefetch()
         losses[prefetch] = out
     assert losses[True] == losses[False]

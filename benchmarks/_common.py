@@ -1,17 +1,19 @@
-"""Shared helpers of the performance benchmarks (issue 7).
+"""Shared helpers of the performance benchmarks.
 
 One place for the benchmark configuration (two-body Allen-Cahn on the unit
 ball, MLP 4x128 tanh, 100 points, 16 directions), the method/estimator pairs,
-one training step exactly as ``PINNProblem.training_step`` runs it (without the
-Trainer), and memory probes. The peak-RSS probes are those of
-``step_memory.py`` (imported, not copied).
+one training step through the library's own entry point
+(:meth:`~sdze_lightning.PINNProblem.run_step`, the one ``training_step`` calls),
+and memory probes. Every script imports this module; it imports none of them.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import re
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,13 +21,47 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-from step_memory import peak, reset_peak, rss  # noqa: E402
-from step_memory import step as train_step  # noqa: E402
-
 RESULTS = HERE / "results"
+
+
+def _status(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) * 1024
+
+
+def rss() -> int:
+    """Current resident set size in bytes."""
+    return _status("VmRSS")
+
+
+def peak() -> int:
+    """Peak resident set size since the last :func:`reset_peak`, in bytes."""
+    return _status("VmHWM")
+
+
+def reset_peak() -> None:
+    """Return freed heap memory to the OS, then reset the peak-RSS counter to the current RSS.
+
+    Without ``malloc_trim`` glibc keeps freed blocks below its (dynamic) mmap
+    threshold in the heap, and memory freed by an earlier phase would be
+    counted as resident in the next one.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def train_step(problem, opt, k: int) -> float:
+    """Training step ``k`` through ``problem.run_step`` (what ``training_step`` runs).
+
+    Returns the loss; a non-finite step (MeZO diverging at a large learning rate) is
+    skipped by the library (its evaluations ran, its update was not applied, its time
+    and memory still count) and returns NaN.
+    """
+    return float(problem.run_step(opt, k, skip_nonfinite=True).loss)
 
 
 def _cpu_name() -> str:
@@ -197,14 +233,13 @@ def forward_pass(problem, step: int = 0) -> tuple[float, float]:
     device = str(problem.device)
     sync(device)
     t0 = time.perf_counter()
-    x = problem.points(step, 0)
+    x = problem.sample_points(step, 0)
     sync(device)
     t1 = time.perf_counter()
     with torch.no_grad():
         problem.net(x)
     sync(device)
     t2 = time.perf_counter()
-    problem._points = {}
     return t1 - t0, t2 - t1
 
 

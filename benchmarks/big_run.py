@@ -74,10 +74,8 @@ def fixed_batch_loss(problem) -> float:
     The training losses are each on fresh points; at large d their spread across batches
     hides any trend, so whether training lowers the loss is read from this one.
     """
-    with torch.no_grad():
-        loss = float(problem.compute_loss(EVAL_STEP, 0))
-    problem._points = {}
-    return loss
+    with torch.no_grad(), problem.isolated_points():
+        return float(problem.compute_loss(EVAL_STEP, 0))
 
 
 def sdze_run(

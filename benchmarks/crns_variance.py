@@ -31,8 +31,8 @@ from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
 from sdze_lightning.estimators.taylor import TaylorEstimator
 from sdze_lightning.methods import SDZE
 from sdze_lightning.nn import MLP
-from sdze_lightning.problem import STREAM_ESTIMATOR
 from sdze_lightning.problems import TwoBody
+from sdze_lightning.seeding import Stream
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -56,9 +56,9 @@ def scalar_draws(
     out = []
     for s in range(draws):
 
-        def closure(s: int = s) -> torch.Tensor:
-            gen = problem.generator(s, opt.noise_key, STREAM_ESTIMATOR)
-            r = problem._checked_residual(x, problem.derivatives(x, gen))
+        def closure(key: int, s: int = s) -> torch.Tensor:
+            gen = problem.generator(s, key, stream=Stream.ESTIMATOR)
+            r = problem.residual(x, problem.derivatives(x, gen))
             return r.square().mean()
 
         out.append(opt.scalars(opt.estimate(closure))[0])

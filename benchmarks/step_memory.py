@@ -7,10 +7,10 @@ Every configuration runs in a fresh subprocess:
 1. warm-up: the same configuration at d = 64 (loads kernels and allocator
    pools), then the baseline ``VmRSS``;
 2. build the problem, network and optimizer, reset the peak (``VmHWM`` via
-   ``/proc/self/clear_refs``) and run two steps exactly as ``training_step``
-   does (SDZE: forward-only closure under the first-layer cache; Adam: one
-   backward pass); ``peak = VmHWM - baseline`` (parameters, optimizer state,
-   the batch and every transient);
+   ``/proc/self/clear_refs``) and run two steps through ``PINNProblem.run_step``,
+   the entry point ``training_step`` calls (SDZE: forward-only evaluations under
+   the first-layer cache; Adam: one backward pass); ``peak = VmHWM - baseline``
+   (parameters, optimizer state, the batch and every transient);
 3. attribution in the same process: the transient peak of sampling the batch
    alone and of the analytic source term alone, and a "method only" step with
    the batch and its source precomputed (resident, so still counted), and for
@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import json
-import re
 import subprocess
 import sys
 import time
@@ -43,38 +40,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
+
+from _common import RESULTS, peak, reset_peak, rss, train_step, warm_fused_kernels  # noqa: E402
+
 METHODS = ("sdze", "mezo", "adam-hte")
-
-
-def _status(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) * 1024
-
-
-def rss() -> int:
-    """Current resident set size in bytes."""
-    return _status("VmRSS")
-
-
-def peak() -> int:
-    """Peak resident set size since the last :func:`reset_peak`, in bytes."""
-    return _status("VmHWM")
-
-
-def reset_peak() -> None:
-    """Return freed heap memory to the OS, then reset the peak-RSS counter to the current RSS.
-
-    Without ``malloc_trim`` glibc keeps freed blocks below its (dynamic) mmap
-    threshold in the heap, and memory freed by an earlier phase would be
-    counted as resident in the next one.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def build(method: str, dim: int, cfg: dict):
@@ -102,42 +72,15 @@ def build(method: str, dim: int, cfg: dict):
     return problem, opt
 
 
-def step(problem, opt, k: int) -> float:
-    """One training step as ``PINNProblem.training_step`` runs it (without Lightning).
-
-    Returns the loss; a zeroth-order step whose loss is not finite (MeZO diverging)
-    returns NaN: its evaluations ran, its update was skipped, and its time and memory
-    still count. The other scripts use it as ``_common.train_step``.
-    """
-    from sdze_lightning.divergence import NonFiniteLossError
-    from sdze_lightning.methods import is_zeroth_order
-
-    problem.begin_step(k)  # takes the prefetched batch when the problem prefetches
-    if is_zeroth_order(opt):
-        with problem.net.first_layer_cache():
-            try:
-                loss = opt.step(lambda: problem.compute_loss(k, opt.noise_key))
-            except NonFiniteLossError:  # diverged: evaluations done, update skipped
-                loss = torch.tensor(float("nan"))
-    else:
-        opt.zero_grad(set_to_none=True)
-        loss = problem.compute_loss(k, 0)
-        loss.backward()
-        opt.step()
-    problem._points = {}
-    return float(loss.detach())
-
-
 def measure(method: str, dim: int, cfg: dict) -> dict:
     """Peak-RSS measurement of one configuration in the current process."""
+    from sdze_lightning.seeding import Stream
+
     torch.set_num_threads(cfg["threads"])
     problem, opt = build(method, 64, cfg)
     for k in range(2):
-        step(problem, opt, k)
+        train_step(problem, opt, k)
     del problem, opt
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
-    from _common import warm_fused_kernels  # imports this module: import here, not on top
-
     warm_fused_kernels()
     reset_peak()
     base = rss()
@@ -147,11 +90,11 @@ def measure(method: str, dim: int, cfg: dict) -> dict:
     batch_bytes = cfg["points"] * dim * 4
     reset_peak()
     t0 = time.perf_counter()
-    losses = [step(problem, opt, k) for k in range(2)]
+    losses = [train_step(problem, opt, k) for k in range(2)]
     seconds = (time.perf_counter() - t0) / 2
     step_peak = peak() - base
 
-    gen = problem.generator(7, 0, 1)
+    gen = problem.generator(7, 0, stream=Stream.INTERIOR)
     reset_peak()
     before = rss()
     x = problem.sample_interior(cfg["points"], gen)
@@ -165,7 +108,7 @@ def measure(method: str, dim: int, cfg: dict) -> dict:
     problem.points = lambda step, key: x
     problem.source = lambda pts: f
     reset_peak()
-    step(problem, opt, 2)
+    train_step(problem, opt, 2)
     method_only = peak() - base
     fold = getattr(opt, "fold", None)
     fold_transient = 0

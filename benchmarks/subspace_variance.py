@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import time
 from pathlib import Path
@@ -94,8 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     g_full = torch.cat([g.reshape(-1) for g in gvals])
     g2 = float(g_full.square().sum())
 
-    def closure_for(opt):
-        return lambda: problem.compute_loss(0, opt.noise_key)
+    loss_at = functools.partial(problem.compute_loss, 0)  # fixed step, the method's keys
 
     rows = []
     for r in args.ranks:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for w in range(args.windows):
             opt = SDZE(problem.net, rank=r, eps=args.eps, queries=args.queries, crns=True,
                        seed=1000 * args.seed + w)
-            s = opt.scalars(opt.estimate(closure_for(opt)))
+            s = opt.scalars(opt.estimate(loss_at))
             p = projected(opt, grads)
             size = p.numel()
             p2 = float(p.square().sum())
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     n = args.windows * args.queries
     opt = MeZO(problem.net, lr=0.0, eps=args.eps, queries=n, crns=True, seed=args.seed)
-    s = opt.scalars(opt.estimate(closure_for(opt)))
+    s = opt.scalars(opt.estimate(loss_at))
     rel, cosines = [], []
     for j in range(n):
         z = torch.cat([opt.direction(j, i).reshape(-1) for i in range(len(params))])

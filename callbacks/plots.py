@@ -41,11 +41,10 @@ from matplotlib.figure import Figure
 from sdze_lightning.callbacks._utils import device_of
 from torch import Tensor, nn
 
-from sdze_lightning.problem import mix_seed
+from sdze_lightning.seeding import Stream, mix
 
 log = logging.getLogger(__name__)
 
-_BOUNDS_STREAM = 21
 
 
 class SolutionPlot(L.Callback):
@@ -190,7 +189,7 @@ class SolutionPlot(L.Callback):
             )
         n = max(8, min(1024, self.max_chunk_elements // max(input_dim, 1)))
         gen = torch.Generator(device=device_of(pl_module))
-        gen.manual_seed(mix_seed(_BOUNDS_STREAM, input_dim))
+        gen.manual_seed(mix(Stream.PLOT_BOUNDS, input_dim))
         with torch.no_grad():
             pts = sample(n, gen)[:, list(axes)].double()
         lo, hi = pts.min(dim=0).values.tolist(), pts.max(dim=0).values.tolist()

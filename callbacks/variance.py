@@ -50,12 +50,12 @@ Interface (duck-typed, so any ``LightningModule`` that offers it works):
   for step ``step`` with noise key ``key`` (the key fixes the collocation
   points and estimator directions). Probes use keys from ``2**40`` upward, so
   they never coincide with the keys of a training step;
-* optimizer, optional: ``probe(closure, n[, crns=...]) -> Tensor`` of shape
+* optimizer, optional: ``probe(loss_at, n[, crns=...]) -> Tensor`` of shape
   ``(n, m)``: ``n`` independent gradient estimates at the current parameters,
   written in orthonormal coordinates of the parameter space (for SDZE the
   subspace coordinates), computed without changing the parameters, the
-  optimizer state or its generators. ``closure()`` returns the loss for the
-  optimizer's current ``noise_key``. Without ``probe`` the callback draws its
+  optimizer state or its generators. ``loss_at(key)`` returns the loss for
+  noise key ``key``. Without ``probe`` the callback draws its
   own full-space Gaussian directions from its own generator and evaluates
   ``theta +- eps z`` through :func:`torch.func.functional_call`: the
   parameters are never written to, so they are restored exactly by
@@ -77,7 +77,6 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -85,12 +84,10 @@ import torch
 from sdze_lightning.callbacks._utils import device_of
 from torch import Tensor, nn
 
-from sdze_lightning.methods.base import PROBE_KEY_BASE, is_zeroth_order
-from sdze_lightning.problem import mix_seed
+from sdze_lightning.methods.base import is_zeroth_order
+from sdze_lightning.seeding import PROBE_KEY_BASE, Stream, mix
 
 log = logging.getLogger(__name__)
-
-_SPATIAL_STREAM, _POINTS_STREAM, _DIRECTION_STREAM = 11, 12, 13
 
 
 class _LossAt(nn.Module):
@@ -246,21 +243,16 @@ class EstimatorVarianceMonitor(L.Callback):
             return optimizer is not None and is_zeroth_order(optimizer)
         return bool(self.zo)
 
-    def _generator(self, device: torch.device, *parts: int) -> torch.Generator:
+    def _generator(self, device: torch.device, stream: Stream, *parts: int) -> torch.Generator:
         gen = torch.Generator(device=device)
-        gen.manual_seed(mix_seed(self.seed, *parts))
+        gen.manual_seed(mix(stream, self.seed, *parts))
         return gen
 
     @staticmethod
-    @contextlib.contextmanager
-    def _keep_point_cache(pl_module: nn.Module) -> Iterator[None]:
-        """Leave ``PINNProblem``'s per-step point cache as the probes found it."""
-        saved = getattr(pl_module, "_points", None)
-        try:
-            yield
-        finally:
-            if isinstance(saved, dict):
-                pl_module._points = saved
+    def _keep_point_cache(pl_module: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """``PINNProblem.isolated_points()``: the probes' points do not stay cached."""
+        isolated = getattr(pl_module, "isolated_points", None)
+        return isolated() if callable(isolated) else contextlib.nullcontext()
 
     def _skip(self, what: str, why: str) -> dict[str, float]:
         if what not in self._warned:
@@ -276,12 +268,15 @@ class EstimatorVarianceMonitor(L.Callback):
             return self._skip("spatial", f"the module lacks {missing}")
         device = device_of(pl_module)
         x = pl_module.sample_interior(
-            self.spatial_points, self._generator(device, step, _POINTS_STREAM)
+            self.spatial_points, self._generator(device, Stream.VARIANCE_POINTS, step)
         )
         res = torch.stack(
             [
                 pl_module.residual(
-                    x, pl_module.derivatives(x, self._generator(device, step, _SPATIAL_STREAM, s))
+                    x,
+                    pl_module.derivatives(
+                        x, self._generator(device, Stream.VARIANCE_SPATIAL, step, s)
+                    ),
                 )
                 .detach()
                 .double()
@@ -305,17 +300,17 @@ class EstimatorVarianceMonitor(L.Callback):
         return self._fallback_probe(pl_module, inner, step)
 
     def _optimizer_probe(self, pl_module: nn.Module, optimizer: Any, step: int) -> dict[str, float]:
-        def closure() -> Tensor:
-            return pl_module.compute_loss(step, getattr(optimizer, "noise_key", 0))
+        def loss_at(key: int) -> Tensor:
+            return pl_module.compute_loss(step, key)
 
-        out = {"zo_grad": total_variance(optimizer.probe(closure, self.probes))}
+        out = {"zo_grad": total_variance(optimizer.probe(loss_at, self.probes))}
         if self.compare_crns:
             try:
                 accepts_crns = "crns" in inspect.signature(optimizer.probe).parameters
             except (TypeError, ValueError):
                 accepts_crns = False
             if accepts_crns:
-                off = total_variance(optimizer.probe(closure, self.probes, crns=False))
+                off = total_variance(optimizer.probe(loss_at, self.probes, crns=False))
                 out["zo_grad_nocrns"] = off
                 out["zo_crns_ratio"] = off / out["zo_grad"] if out["zo_grad"] > 0 else math.inf
         return out
@@ -352,7 +347,7 @@ class EstimatorVarianceMonitor(L.Callback):
         sq = dict.fromkeys(modes, 0.0)
         cs: dict[str, list[float]] = {m: [] for m in modes}
         for j in range(self.probes):
-            gen = self._generator(device, step, _DIRECTION_STREAM, j)
+            gen = self._generator(device, Stream.VARIANCE_DIRECTIONS, step, j)
             z = [
                 torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype) for _, p in named
             ]

@@ -28,9 +28,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sdze_lightning.builders import build_problem, compose_config, config_group
 from sdze_lightning.callbacks.summary import RunSummary
 from sdze_lightning.loggers import fail_safe
-from sdze_lightning.problem import NonFiniteLossError, PINNProblem, check_precision
+from sdze_lightning.problem import NonFiniteLossError, check_precision
 
 log = logging.getLogger("sdze_lightning")
 
@@ -53,48 +54,13 @@ def _quiet_third_party_warnings() -> Iterator[None]:
         yield
 
 
-def _group(cfg: DictConfig, key: str) -> Any:
-    """A config group's node, or ``None`` when it is empty (``logger=none``)."""
-    node = cfg.get(key)
-    if node is None or (isinstance(node, DictConfig) and len(node) == 0):
-        return None
-    return node
-
-
-def build_problem(cfg: DictConfig) -> PINNProblem:
-    """Instantiate the problem with its injected network, estimator, method and scheduler."""
-    for key in ("pde", "model", "estimator", "method"):
-        if _group(cfg, key) is None:
-            raise ValueError(f"Config group '{key}' is empty; choose one, e.g. {key}=<name>.")
-    extra: dict[str, Any] = {}
-    if "seed" not in cfg.pde:
-        extra["seed"] = cfg.seed
-    for key in ("divergence", "prefetch", "fused_kernels"):  # top-level fields of the problem
-        if key not in cfg.pde and cfg.get(key) is not None:
-            extra[key] = cfg[key]
-    scheduler = instantiate(cfg.scheduler) if _group(cfg, "scheduler") is not None else None
-    problem = instantiate(
-        cfg.pde,
-        net=instantiate(cfg.model),
-        estimator=instantiate(cfg.estimator),
-        method=instantiate(cfg.method),
-        scheduler=scheduler,
-        **extra,
-    )
-    if not isinstance(problem, PINNProblem):
-        raise TypeError(
-            f"pde._target_ must be a PINNProblem subclass, got {type(problem).__name__}."
-        )
-    return problem
-
-
 def build_loggers(cfg: DictConfig, record_config: bool = True) -> list[Any] | bool:
     """Instantiate the logger (fail-safe) and record the resolved config in it.
 
     With ``record_config=False`` nothing is written yet (call :func:`record_config`
     once the Trainer exists, so a bad ``trainer.*`` value leaves no files behind).
     """
-    node = _group(cfg, "logger")
+    node = config_group(cfg, "logger")
     if node is None:
         return False
     logger = fail_safe(instantiate(node))
@@ -110,7 +76,7 @@ def _record_config(loggers: list[Any] | bool, cfg: DictConfig) -> None:
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Instantiate every entry of the ``callbacks`` mapping (``null`` entries are skipped)."""
-    node = _group(cfg, "callbacks")
+    node = config_group(cfg, "callbacks")
     if node is None:
         return []
     return [instantiate(c) for c in node.values() if c is not None]
@@ -163,25 +129,6 @@ def _finish_wandb() -> None:
         wandb.finish()
     except Exception as err:  # noqa: BLE001 - logging must never fail the run
         log.error("wandb.finish() failed: %s", err)
-
-
-def compose_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
-    """Compose the packaged config outside a Hydra app (notebooks, benchmark scripts).
-
-    ``${hydra:runtime.output_dir}`` resolves to ``run_dir``, as ``hydra.run.dir`` would.
-    """
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_module("sdze_lightning.configs", version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def run(overrides: list[str], run_dir: str | Path) -> dict[str, Any]:

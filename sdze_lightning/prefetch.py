@@ -9,7 +9,10 @@ core the two overlap. PyTorch operators release the GIL, so a thread is
 enough; no process, no shared-memory copy.
 
 The batch of a step is a pure function of the step (seeded generators), so
-prefetching changes no number, only when it is computed. It costs one more
+prefetching changes no number, only when it is computed. Autocast is
+thread-local: the background thread builds under the autocast state the main
+thread had when it asked for the batch (``trainer.precision=bf16-mixed``
+computes the same products in bfloat16 on either thread). It costs one more
 batch in memory while a step runs. Per-batch data (the source term) is
 split between the two threads so that they finish together
 (:class:`PreparePlacement`): at moderate ``d`` the prefetch thread has time to
@@ -19,6 +22,7 @@ the main thread and the main thread takes most rows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +33,24 @@ import torch
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+#: An autocast state: ``(device type, dtype)`` of every device type with autocast on.
+AutocastState = tuple[tuple[str, torch.dtype], ...]
+
+
+def autocast_state() -> AutocastState:
+    """This thread's autocast state (autocast is thread-local)."""
+    types = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+    return tuple(
+        (t, torch.get_autocast_dtype(t)) for t in types if torch.is_autocast_enabled(t)
+    )
+
+
+def autocast_as(state: AutocastState) -> contextlib.ExitStack:
+    """Enter ``state`` (from :func:`autocast_state`) on this thread."""
+    stack = contextlib.ExitStack()
+    for device_type, dtype in state:
+        stack.enter_context(torch.autocast(device_type, dtype=dtype))
+    return stack
 
 
 class BatchPrefetcher(Generic[T]):
@@ -37,7 +59,8 @@ class BatchPrefetcher(Generic[T]):
     Args:
         make: Builds the batch of a step. It must depend on the step only (the
             same step gives the same batch on either thread); it runs under
-            ``torch.no_grad()``.
+            ``torch.no_grad()`` and, on the background thread, under the autocast
+            state of the :meth:`get` call that started it.
 
     Example:
         >>> prefetcher = BatchPrefetcher(lambda step: torch.full((2,), float(step)))
@@ -54,8 +77,8 @@ class BatchPrefetcher(Generic[T]):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future[T]] | None = None
 
-    def _build(self, step: int) -> T:
-        with torch.no_grad():
+    def _build(self, step: int, autocast: AutocastState = ()) -> T:
+        with torch.no_grad(), autocast_as(autocast):
             return self._make(step)
 
     def get(self, step: int) -> T:
@@ -73,7 +96,8 @@ class BatchPrefetcher(Generic[T]):
             value = self._build(step)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="sdze-prefetch")
-        self._pending = (step + 1, self._executor.submit(self._build, step + 1))
+        future = self._executor.submit(self._build, step + 1, autocast_state())
+        self._pending = (step + 1, future)
         return value
 
     @property

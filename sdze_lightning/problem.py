@@ -31,6 +31,7 @@ import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning as L
@@ -45,31 +46,18 @@ from sdze_lightning.divergence import MAX_CONSECUTIVE_SKIPS, NonFiniteLossError,
 from sdze_lightning.estimators import Estimator, build_estimator
 from sdze_lightning.estimators.base import OPERATORS
 from sdze_lightning.methods.base import (
+    ZerothOrderOptimizer,
     build_optimizer,
     is_zeroth_order,
     needs_forward_only_estimator,
 )
-from sdze_lightning.methods.two_point import TwoPointOptimizer
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.nn.mlp import MLP
 from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
+from sdze_lightning.seeding import Stream, mix
 
 log = logging.getLogger(__name__)
-
-_MASK = (1 << 63) - 1
-#: Streams of the per-step seed: what each generator is used for.
-STREAM_INTERIOR, STREAM_BOUNDARY, STREAM_ESTIMATOR, STREAM_EVAL = 1, 2, 3, 4
-
-
-def mix_seed(*parts: int) -> int:
-    """Combine integers into one 63-bit seed (splitmix64 finaliser per part)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & _MASK
 
 
 SUPPORTED_PRECISIONS = ("64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16")
@@ -90,13 +78,46 @@ def check_precision(precision: Any) -> None:
         )
 
 
-def _describe(optimizer: Any) -> str:
-    """The method's state for divergence reports (``describe_state()`` or its learning rate)."""
-    describe = getattr(optimizer, "describe_state", None)
-    if callable(describe):
-        return describe()
-    lrs = [g.get("lr") for g in getattr(optimizer, "param_groups", [])]
+def _describe(optimizer: torch.optim.Optimizer) -> str:
+    """The method's state for divergence reports (zeroth-order state, or the learning rate)."""
+    if isinstance(optimizer, ZerothOrderOptimizer):
+        return optimizer.describe_state()
+    lrs = [g.get("lr") for g in optimizer.param_groups]
     return f"{type(optimizer).__name__}(lr={lrs[0] if len(lrs) == 1 else lrs})"
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did (:meth:`PINNProblem.run_step`).
+
+    Attributes:
+        loss: The step's loss (detached; zeroth-order: the mean of the evaluated
+            losses); NaN for a skipped step.
+        terms: Loss terms (``"loss"``, ``"interior"``, ``"boundary"``) of the step's
+            last evaluation.
+        skipped: For a non-finite step skipped under ``skip_nonfinite``: its report
+            (nothing of the step was applied); ``None`` otherwise.
+
+    """
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    skipped: NonFiniteLossError | None = None
+
+
+def _snapshot(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[Tensor]]:
+    """Copies of an optimizer's state and of its parameters (restored by :func:`_restore`)."""
+    params = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+    return copy.deepcopy(optimizer.state_dict()), params
+
+
+@torch.no_grad()
+def _restore(optimizer: torch.optim.Optimizer, saved: tuple[dict[str, Any], list[Tensor]]) -> None:
+    state, params = saved
+    for p, value in zip((p for g in optimizer.param_groups for p in g["params"]), params,
+                        strict=True):
+        p.copy_(value)
+    optimizer.load_state_dict(state)
 
 
 class _StepIndices(Dataset):
@@ -328,10 +349,15 @@ class PINNProblem(L.LightningModule):
         """Return the predicted solution ``u(x)``, shape ``(N,)``."""
         return self.model(x)
 
-    def generator(self, *parts: int) -> torch.Generator:
-        """A generator on this module's device seeded from ``(seed, *parts)``."""
+    def generator(self, *parts: int, stream: Stream = Stream.USER) -> torch.Generator:
+        """A generator on this module's device seeded from ``(stream, seed, *parts)``.
+
+        A problem's own draws use the default ``Stream.USER``; the library's draws
+        (points, estimator directions, evaluation set) have their own streams
+        (:mod:`sdze_lightning.seeding`), so the two never share numbers.
+        """
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(mix_seed(self.seed, *parts))
+        gen.manual_seed(mix(stream, self.seed, *parts))
         return gen
 
     def rand(self, *shape: int, generator: torch.Generator) -> Tensor:
@@ -357,8 +383,25 @@ class PINNProblem(L.LightningModule):
             }
         return cached
 
+    @contextlib.contextmanager
+    def isolated_points(self) -> Iterator[None]:
+        """Points cached inside the block (probes, measurements) are dropped at its end.
+
+        The per-step cache of :meth:`points` is left as the block found it.
+        """
+        saved = dict(self._points)
+        try:
+            yield
+        finally:
+            self._points = saved
+
+    def sample_points(self, step: int, key: int = 0) -> Tensor:
+        """Interior points of ``step`` for noise key ``key``, drawn anew (not cached)."""
+        return self._sample_points(step, key)
+
     def _sample_points(self, step: int, key: int) -> Tensor:
-        full = self.sample_interior(self.n_interior, self.generator(step, key, STREAM_INTERIOR))
+        gen = self.generator(step, key, stream=Stream.INTERIOR)
+        full = self.sample_interior(self.n_interior, gen)
         return self.shard.take(full)
 
     def prepare_batch(self, x: Tensor, rows: int | None = None) -> None:
@@ -479,7 +522,8 @@ class PINNProblem(L.LightningModule):
 
     def boundary_points(self, step: int, key: int = 0) -> Tensor:
         """Boundary/initial points of ``step`` (this rank's share under data parallelism)."""
-        xb = self.sample_boundary(self.n_boundary, self.generator(step, key, STREAM_BOUNDARY))
+        gen = self.generator(step, key, stream=Stream.BOUNDARY)
+        xb = self.sample_boundary(self.n_boundary, gen)
         if xb.shape[0] == 0:
             raise ValueError(f"{type(self).__name__}.sample_boundary() returned no points.")
         return self.shard.take(xb)
@@ -487,7 +531,7 @@ class PINNProblem(L.LightningModule):
     def interior_residuals(self, step: int, key: int = 0) -> tuple[Tensor, ...]:
         """Per-point residual(s) of ``step``: one tensor, or two independent halves."""
         x = self.points(step, key)
-        gen = self.generator(step, key, STREAM_ESTIMATOR)
+        gen = self.generator(step, key, stream=Stream.ESTIMATOR)
         if self.squared_residual == "unbiased":
             return tuple(
                 self._checked_residual(x, self.derivatives(x, gen, h)) for h in self._halves
@@ -543,7 +587,7 @@ class PINNProblem(L.LightningModule):
         """
         name = type(self).__name__
         with torch.no_grad():
-            x = self.sample_interior(2, self.generator(-1, 0, STREAM_INTERIOR))
+            x = self.sample_interior(2, self.generator(-1, 0, stream=Stream.INTERIOR))
             if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.input_dim:
                 shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
                 raise ValueError(
@@ -560,7 +604,7 @@ class PINNProblem(L.LightningModule):
                     "the network's first layer."
                 ) from err
             r = self._checked_residual(
-                x, self.derivatives(x, self.generator(-1, 0, STREAM_ESTIMATOR))
+                x, self.derivatives(x, self.generator(-1, 0, stream=Stream.ESTIMATOR))
             )
             if r.dtype != x.dtype:
                 raise TypeError(
@@ -569,7 +613,7 @@ class PINNProblem(L.LightningModule):
                     "dtype=x.dtype), or precision=64-true silently loses its accuracy."
                 )
             if self.n_boundary > 0:
-                xb = self.sample_boundary(2, self.generator(-1, 0, STREAM_BOUNDARY))
+                xb = self.sample_boundary(2, self.generator(-1, 0, stream=Stream.BOUNDARY))
                 if xb.dim() != 2 or xb.shape[0] == 0 or xb.shape[1] != self.input_dim:
                     raise ValueError(
                         f"{name}.sample_boundary() must return (n, "
@@ -649,8 +693,8 @@ class PINNProblem(L.LightningModule):
             return
         from lightning.pytorch.strategies import DDPStrategy
 
-        inners = [getattr(o, "optimizer", o) for o in trainer.optimizers]
-        zeroth = [o for o in inners if is_zeroth_order(o)]
+        inners = self._inner_optimizers()
+        zeroth = self._zeroth_order_optimizers()
         if zeroth and not isinstance(trainer.strategy, DDPStrategy):
             raise ValueError(
                 f"Zeroth-order methods support trainer.strategy=ddp (ddp, ddp_spawn, ddp_fork) "
@@ -658,8 +702,6 @@ class PINNProblem(L.LightningModule):
             )
         if any(getattr(o, "needs_residuals", False) for o in inners):
             return
-        if zeroth and not all(hasattr(o, "reducer") for o in zeroth):
-            return  # a custom ZO method without the reduction hook: whole batch per rank
         for name, n in (("pde.n_interior", self.n_interior), ("pde.n_boundary", self.n_boundary)):
             if 0 < n < world:
                 raise ValueError(
@@ -671,12 +713,17 @@ class PINNProblem(L.LightningModule):
             opt.reducer = all_reduce_mean
 
     def teardown(self, stage: str) -> None:
-        """Stop prefetching; back to the whole batch after a data-parallel run."""
+        """Stop prefetching; back to the whole batch; zeroth-order methods closed.
+
+        ``close()`` leaves the network a plain module (SDZE folds its offset and
+        releases its forward hooks), so a later optimizer on the same network
+        starts clean.
+        """
         self.stop_prefetch()
         self.shard = Shard()
-        for opt in getattr(getattr(self, "_trainer", None), "optimizers", []) or []:
-            if hasattr(opt, "reducer"):
-                opt.reducer = None
+        for opt in self._zeroth_order_optimizers():
+            opt.reducer = None
+            opt.close()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the seeds a resumed run must share (the generators are stateless per step).
@@ -722,7 +769,7 @@ class PINNProblem(L.LightningModule):
         """
         self.stop_prefetch()
         if self._prefetcher is not None and any(
-            getattr(o, "crns", True) is False for o in self._inner_optimizers()
+            not o.crns for o in self._zeroth_order_optimizers()
         ):
             warnings.warn(
                 "prefetch=true has no effect with method.crns=false (each evaluation draws "
@@ -745,9 +792,12 @@ class PINNProblem(L.LightningModule):
         trainer = getattr(self, "_trainer", None)
         return [getattr(o, "optimizer", o) for o in (trainer.optimizers if trainer else [])]
 
+    def _zeroth_order_optimizers(self) -> list[ZerothOrderOptimizer]:
+        return [o for o in self._inner_optimizers() if isinstance(o, ZerothOrderOptimizer)]
+
     @staticmethod
     def _method_seed(opt: Any) -> int | None:
-        seed = getattr(opt, "seed", None)
+        seed = opt.seed if isinstance(opt, ZerothOrderOptimizer) else None
         return int(seed) if isinstance(seed, numbers.Integral) else None
 
     def on_fit_start(self) -> None:
@@ -767,10 +817,8 @@ class PINNProblem(L.LightningModule):
 
         The network is then a plain module; the function it computes does not change.
         """
-        for opt in self.trainer.optimizers:
-            fold = getattr(opt, "fold", None)
-            if callable(fold):
-                fold()
+        for opt in self._zeroth_order_optimizers():
+            opt.fold()
 
     def configure_optimizers(self) -> Any:
         """Build the injected method (and scheduler)."""
@@ -805,103 +853,167 @@ class PINNProblem(L.LightningModule):
         return cache() if cache is not None else contextlib.nullcontext()
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        """One optimizer step on freshly sampled points.
+        """One optimizer step on freshly sampled points (:meth:`run_step`).
 
         A NaN/Inf loss is caught before anything is applied (first-order: before
-        ``backward``; two-point zeroth-order: the method checks the reduced loss
-        values before its update) and handled by :attr:`divergence`.
+        ``backward``; zeroth-order: the method checks the reduced loss values
+        before its update) and handled by :attr:`divergence`.
         """
-        opt = self.optimizers()
-        inner = opt.optimizer
-        zeroth_order = is_zeroth_order(inner)
-        # Two-point methods check all 2q (reduced) values themselves: the closure must
-        # not raise on one rank alone under DDP.
-        method_checks = isinstance(inner, TwoPointOptimizer)
         step = self.global_step
+        # The step that would be the MAX_CONSECUTIVE_SKIPS-th skip in a row stops instead.
+        skip = self.divergence == "skip" and self._skips_in_a_row + 1 < MAX_CONSECUTIVE_SKIPS
+        try:
+            outcome = self.run_step(
+                self.optimizers(), step, backward=self.manual_backward, skip_nonfinite=skip
+            )
+        except NonFiniteLossError as err:
+            if self.divergence == "skip":
+                raise NonFiniteLossError(
+                    err.step,
+                    err.terms,
+                    f"{err.method_state}; stopping: {self._skips_in_a_row + 1} non-finite "
+                    "steps in a row under divergence=skip",
+                ) from None
+            raise
+        if outcome.skipped is not None:
+            self._skips_in_a_row += 1
+            self.skipped_steps += 1
+            log.warning("%s Skipping the step (divergence=skip).", outcome.skipped)
+        else:
+            self._skips_in_a_row = 0
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self.last_loss = float(outcome.loss)
+        self.log("train/loss", outcome.loss, prog_bar=True)
+        if "boundary" in outcome.terms:
+            self.log("train/boundary", outcome.terms["boundary"].detach())
+        if self.skipped_steps:
+            self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def run_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        *,
+        backward: Callable[[Tensor], Any] | None = None,
+        skip_nonfinite: bool = False,
+    ) -> StepOutcome:
+        """One optimizer step on the points of step ``step``: what ``training_step`` runs.
+
+        Usable without a ``Trainer`` (benchmarks, notebooks): it takes the
+        (prefetched) batch, evaluates the loss as the method asks and updates the
+        network, under the first-layer cache.
+
+        * A zeroth-order method (:class:`~sdze_lightning.methods.ZerothOrderOptimizer`)
+          gets ``step(loss_at=..., step_index=step)``, ``loss_at(key)`` being the loss
+          of ``step`` with noise key ``key``.
+        * Any other ``torch.optim.Optimizer`` gets ``step(closure)``; the closure
+          zeroes the gradients, computes the loss and back-propagates it (and
+          methods with ``needs_residuals``, e.g. pde_aware, get ``residuals=``).
+
+        Args:
+            optimizer: The method, or Lightning's wrapper of it (``self.optimizers()``:
+                then Lightning counts the step and fires ``on_before_optimizer_step``
+                once).
+            step: Index of the step; it seeds the points, the estimator directions
+                and a zeroth-order method's directions.
+            backward: Back-propagates a first-order loss (default ``loss.backward()``;
+                ``training_step`` passes ``manual_backward``).
+            skip_nonfinite: On a NaN/Inf loss apply nothing and return the report in
+                :attr:`StepOutcome.skipped` instead of raising.
+
+        Returns:
+            The step's loss and loss terms.
+
+        Raises:
+            NonFiniteLossError: On a NaN/Inf loss without ``skip_nonfinite``; nothing
+                of the step was applied.
+
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
+        try:
+            self.begin_step(step)
+            with self._first_layer_cache():
+                if isinstance(inner, ZerothOrderOptimizer):
+                    return self._zeroth_order_step(optimizer, inner, step, skip_nonfinite)
+                return self._first_order_step(
+                    optimizer, inner, step, backward or Tensor.backward, skip_nonfinite
+                )
+        except BaseException:
+            self.stop_prefetch()  # Lightning skips teardown when fit raises
+            raise
+        finally:
+            self._points = {}
+
+    def _zeroth_order_step(
+        self, optimizer: Any, inner: ZerothOrderOptimizer, step: int, skip: bool
+    ) -> StepOutcome:
         terms: dict[str, Tensor] = {}
         bad: dict[str, float] = {}
 
-        def closure() -> Tensor:
-            key = getattr(inner, "noise_key", 0)
-            if not zeroth_order:
-                opt.zero_grad(set_to_none=True)
+        def loss_at(key: int) -> Tensor:
+            # Never raises on a non-finite value: the method checks the (reduced) values,
+            # so that under DDP every rank decides alike.
             out = self.loss_terms(step, key)
-            finite = bool(torch.isfinite(out["loss"]))
-            if not zeroth_order and self.shard.active:
-                finite = all_true(finite, self.device)  # every rank decides alike
-            if not finite:
-                if not bad:
-                    bad.update({k: float(v.detach()) for k, v in out.items()})
-                if not method_checks:
-                    raise NonFiniteLossError(step, dict(bad), _describe(inner))
-            if not zeroth_order:
-                self.manual_backward(out["loss"])
+            if not bad and not bool(torch.isfinite(out["loss"])):
+                bad.update({k: float(v.detach()) for k, v in out.items()})
             terms.clear()
             terms.update(out)
             return out["loss"]
 
+        try:
+            loss = optimizer.step(loss_at=loss_at, step_index=step, skip_nonfinite=skip)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(step, {**bad, **err.terms}, err.method_state) from None
+        loss = torch.as_tensor(loss).detach()
+        if bool(torch.isfinite(loss)):
+            return StepOutcome(loss, terms)
+        report = NonFiniteLossError(step, bad or {"loss": float(loss)}, inner.describe_state())
+        return StepOutcome(loss, terms, report)
+
+    def _first_order_step(
+        self, optimizer: Any, inner: torch.optim.Optimizer, step: int,
+        backward: Callable[[Tensor], Any], skip: bool,
+    ) -> StepOutcome:
+        terms: dict[str, Tensor] = {}
+        bad: dict[str, float] = {}
+        saved: list[tuple[dict[str, Any], list[Tensor]]] = []
+
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            out = self.loss_terms(step, 0)
+            terms.clear()
+            terms.update(out)
+            finite = bool(torch.isfinite(out["loss"]))
+            if self.shard.active:
+                finite = all_true(finite, self.device)  # every rank decides alike
+            if finite:
+                backward(out["loss"])
+                return out["loss"]
+            if not bad:
+                bad.update({k: float(v.detach()) for k, v in out.items()})
+            if not skip:
+                raise NonFiniteLossError(step, dict(bad), _describe(inner))
+            if not saved:  # skipped: undo whatever the optimizer does without gradients
+                saved.append(_snapshot(inner))
+            return out["loss"].detach()
+
         kwargs: dict[str, Any] = {}
         if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
             kwargs["residuals"] = functools.partial(self.residual_batch, step)
-        try:
-            self.begin_step(step)
-            loss = self._step_or_skip(opt, inner, closure, kwargs, step, bad)
-        except BaseException:
-            self.stop_prefetch()  # Lightning skips teardown when fit raises
-            raise
-        self._points = {}
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
+        loss = optimizer.step(closure=closure, **kwargs)
+        if saved:
+            _restore(inner, saved[0])
+            nan = torch.full((), float("nan"), dtype=self.dtype)
+            return StepOutcome(nan, terms, NonFiniteLossError(step, dict(bad), _describe(inner)))
         loss = loss if isinstance(loss, Tensor) else terms["loss"]
-        self.last_loss = float(loss.detach())
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        if "boundary" in terms:
-            self.log("train/boundary", terms["boundary"].detach())
-        if self.skipped_steps:
-            self.log("train/skipped_steps", float(self.skipped_steps))
-
-    def _step_or_skip(
-        self, opt: Any, inner: Any, closure: Callable[[], Tensor], kwargs: dict[str, Any],
-        step: int, bad: dict[str, float],
-    ) -> Tensor:
-        """``opt.step(closure)``; a non-finite loss goes to the divergence policy (NaN loss)."""
-        try:
-            with self._first_layer_cache():
-                loss = opt.step(closure=closure, **kwargs)
-        except NonFiniteLossError as err:
-            self._points = {}
-            report = NonFiniteLossError(step, {**bad, **err.terms}, err.method_state)
-            self._skip_or_stop(report, opt, inner)
-            return torch.full((), float("nan"), dtype=self.dtype)
-        self._skips_in_a_row = 0
-        return loss
-
-    def _skip_or_stop(self, err: NonFiniteLossError, opt: Any, inner: Any) -> None:
-        """Apply the divergence policy to a non-finite step (nothing of it was applied)."""
-        if self.divergence == "stop":
-            raise err
-        self._skips_in_a_row += 1
-        if self._skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteLossError(
-                err.step,
-                err.terms,
-                f"{err.method_state}; stopping: {self._skips_in_a_row} non-finite steps in a "
-                "row under divergence=skip",
-            ) from None
-        log.warning("%s Skipping the step (divergence=skip).", err)
-        skip = getattr(inner, "skip_step", None)
-        if callable(skip):
-            skip()  # the method's own step counter stays equal to global_step
-        # Complete Lightning's optimizer-step count (LightningOptimizer.step raised before
-        # doing so): global_step advances and the next step draws new points.
-        getattr(opt, "_on_after_step", lambda: None)()
-        self.skipped_steps += 1
+        return StepOutcome(loss.detach(), terms)
 
     # ---------------------------------------------------------------- evaluation
     def eval_batches(self, chunk: int = 512) -> Iterator[tuple[Tensor, Tensor]]:
         """Held-out points and reference values in chunks (fixed seed)."""
-        gen = self.generator(0, 0, STREAM_EVAL)
+        gen = self.generator(0, 0, stream=Stream.EVAL)
         remaining = self.n_eval
         while remaining > 0:
             n = min(chunk, remaining)

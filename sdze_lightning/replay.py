@@ -301,7 +301,7 @@ def replay(
 def _build_from_config(config: dict) -> L.LightningModule:
     from omegaconf import OmegaConf
 
-    from sdze_lightning.cli import build_problem
+    from sdze_lightning.builders import build_problem
 
     return build_problem(OmegaConf.create(config))
 

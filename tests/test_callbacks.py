@@ -28,6 +28,7 @@ from sdze_lightning.methods.base import ZerothOrderOptimizer
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems.poisson2d import Poisson2D
+from sdze_lightning.seeding import Stream
 
 
 class OneRandomCoordinate(ExactEstimator):
@@ -260,7 +261,7 @@ def test_spatial_variance_matches_its_expectation():
     seeds = 64
     monitor = EstimatorVarianceMonitor(spatial_seeds=seeds, spatial_points=64, zo=False)
     out = monitor.measure(problem, step=3)
-    x = problem.sample_interior(64, monitor._generator(problem.device, 3, 12))
+    x = problem.sample_interior(64, monitor._generator(problem.device, Stream.VARIANCE_POINTS, 3))
     xg = x.clone().requires_grad_(True)
     u = problem(xg)
     g = torch.autograd.grad(u.sum(), xg, create_graph=True)[0]
@@ -339,13 +340,13 @@ class FakeProbeOptimizer(ZerothOrderOptimizer):
         self.last_scalars = torch.tensor([1.0, 2.0, 4.0])
         self.calls = []
 
-    def probe(self, closure, n, crns=True):
-        closure()
+    def probe(self, loss_at, n, crns=True):
+        loss_at(0)
         self.calls.append((n, crns))
         return self.estimates[:n] * (1.0 if crns else 10.0)
 
-    def step(self, closure=None):
-        return closure()
+    def step(self, closure=None, *, loss_at=None, step_index=None, skip_nonfinite=False):
+        return loss_at(0) if loss_at is not None else closure()
 
 
 def test_monitor_uses_the_optimizer_probe_when_present():
@@ -386,7 +387,7 @@ def sdze_steps(problem, opt, steps):
     losses = []
     for _ in range(steps):
         step = opt.zo_state["step"]
-        losses.append(float(opt.step(lambda step=step: problem.compute_loss(step, opt.noise_key))))
+        losses.append(float(opt.step(loss_at=functools.partial(problem.compute_loss, step))))
     return losses
 
 
@@ -396,16 +397,14 @@ def test_sdze_probe_is_the_two_point_estimate_in_subspace_coordinates():
     # with probe j's noise key. Central differences in float64 at eps = 1e-5
     # are exact up to eps^2 * (third derivative) ~ 1e-10 relative, far below
     # the 1e-6 tolerance; a wrong key, direction or scaling is off by O(1).
-    from sdze_lightning.methods.base import PROBE_KEY_BASE
-    from sdze_lightning.methods.sdze import _PROBES
-    from sdze_lightning.methods.seeds import generator
+    from sdze_lightning.seeding import PROBE_KEY_BASE, Stream, generator
 
     problem, opt = sdze_poisson()
     sdze_steps(problem, opt, 2)  # nonzero coordinates and Adam state
     step = opt.zo_state["step"]
-    est = opt.probe(lambda: problem.compute_loss(step, opt.noise_key), 3)
+    est = opt.probe(functools.partial(problem.compute_loss, step), 3)
     subs = opt.subspaces()
-    gen = generator("cpu", opt.seed, _PROBES, step)
+    gen = generator("cpu", Stream.SDZE_PROBES, opt.seed, step)
     assert est.shape == (3, sum(sub.size for sub in subs))
     for j in range(3):
         u = torch.cat([torch.randn(sub.size, generator=gen, dtype=torch.float64) for sub in subs])
@@ -425,10 +424,9 @@ def test_sdze_probe_changes_nothing():
             losses += sdze_steps(problem, opt, 1)
             if probe:
                 step = opt.zo_state["step"]
-                closure = lambda step=step: problem.compute_loss(step, opt.noise_key)  # noqa: E731
-                opt.probe(closure, 2)
-                opt.probe(closure, 2, crns=False)
-                assert opt.noise_key == 0
+                loss_at = functools.partial(problem.compute_loss, step)
+                opt.probe(loss_at, 2)
+                opt.probe(loss_at, 2, crns=False)
         return losses, [p.detach().clone() for p in problem.parameters()], opt.state_dict()
 
     rng = torch.random.get_rng_state()
@@ -450,9 +448,9 @@ def test_sdze_probe_without_crns_is_far_noisier():
     # divided by 2 eps = 2e-3, against a directional derivative of O(|g|) with
     # CRNS. A probe that ignored `crns` would give a ratio near 1.
     problem, opt = sdze_poisson(estimator=OneRandomCoordinate(), dtype=torch.float32)
-    closure = lambda: problem.compute_loss(0, opt.noise_key)  # noqa: E731
-    on = total_variance(opt.probe(closure, 16))
-    off = total_variance(opt.probe(closure, 16, crns=False))
+    loss_at = functools.partial(problem.compute_loss, 0)
+    on = total_variance(opt.probe(loss_at, 16))
+    off = total_variance(opt.probe(loss_at, 16, crns=False))
     assert off > 100 * on
 
 

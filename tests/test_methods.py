@@ -20,6 +20,9 @@ from sdze_lightning.nn import MLP, perturb
 from sdze_lightning.nn.perturb import LowRankDelta, attach_hooks, linear_layers
 from sdze_lightning.problem import NonFiniteLossError
 from sdze_lightning.problems import Poisson2D
+from sdze_lightning.seeding import Stream
+
+LEFT = Stream.SUBSPACE_LEFT
 
 F64 = torch.float64
 
@@ -237,10 +240,10 @@ def test_dense_effective_weight_is_not_used_where_it_would_be_wrong(case, monkey
 
 
 def test_bases_orthonormal_seeded_and_refreshed():
-    a = orthonormal_basis(50, 4, seed=1, window=0, layer=0, side=11, dtype=F64, device="cpu")
+    a = orthonormal_basis(50, 4, seed=1, window=0, layer=0, side=LEFT, dtype=F64, device="cpu")
     torch.testing.assert_close(a.T @ a, torch.eye(4, dtype=F64), rtol=0, atol=1e-12)
-    same = orthonormal_basis(50, 4, seed=1, window=0, layer=0, side=11, dtype=F64, device="cpu")
-    other = orthonormal_basis(50, 4, seed=1, window=1, layer=0, side=11, dtype=F64, device="cpu")
+    same = orthonormal_basis(50, 4, seed=1, window=0, layer=0, side=LEFT, dtype=F64, device="cpu")
+    other = orthonormal_basis(50, 4, seed=1, window=1, layer=0, side=LEFT, dtype=F64, device="cpu")
     assert torch.equal(a, same)
     assert not torch.allclose(a, other)
 
@@ -321,7 +324,7 @@ def test_crns_mean_estimate_aligns_with_autodiff_gradient_float64():
     n = 600
     opt = SDZE(problem.net, rank=2, eps=1e-5, queries=n, crns=True, seed=3)
     step = 5
-    values = opt.estimate(lambda: problem.compute_loss(step, opt.noise_key))
+    values = opt.estimate(functools.partial(problem.compute_loss, step))
     g_hat = flat(opt.gradient(opt.scalars(values)))
     g = flat(coordinate_gradient(problem, opt, step))
     dim = g.numel()
@@ -336,7 +339,7 @@ def test_crns_mean_estimate_aligns_with_autodiff_gradient_float64():
     # without CRNS the same estimate is dominated by estimator noise / eps
     # (fewer queries suffice: the noise term is ~ Var(L_hat) / (2 eps^2), orders above |g|^2)
     opt_off = SDZE(problem.net, rank=2, eps=1e-5, queries=100, crns=False, seed=3)
-    values = opt_off.estimate(lambda: problem.compute_loss(step, opt_off.noise_key))
+    values = opt_off.estimate(functools.partial(problem.compute_loss, step))
     g_off = flat(opt_off.gradient(opt_off.scalars(values)))
     assert float((g_off - g).square().sum() / g.square().sum()) > 100 * rel
 
@@ -346,7 +349,7 @@ def _scalar_variance(problem, eps: float, crns: bool, samples: int) -> float:
     opt = SDZE(problem.net, rank=2, eps=eps, queries=1, crns=crns, seed=7)
     vals = []
     for s in range(samples):  # the direction depends on opt's step (fixed); xi on s
-        v = opt.estimate(lambda s=s: problem.compute_loss(s, opt.noise_key))
+        v = opt.estimate(functools.partial(problem.compute_loss, s))
         vals.append(float(opt.scalars(v)[0]))
     return float(torch.tensor(vals, dtype=F64).var())
 
@@ -604,7 +607,7 @@ def test_sdze_trains_in_bfloat16(make_trainer):
     make_trainer(max_steps=4, precision="bf16-true").fit(problem)
     assert next(problem.parameters()).dtype == torch.bfloat16
     assert math.isfinite(problem.last_loss)
-    a = orthonormal_basis(20, 3, seed=0, window=0, layer=0, side=11, dtype=torch.bfloat16,
+    a = orthonormal_basis(20, 3, seed=0, window=0, layer=0, side=LEFT, dtype=torch.bfloat16,
                           device="cpu")
     assert a.dtype == torch.bfloat16
     # orthonormal to bfloat16 rounding (8 bits: 2^-8 relative per entry)

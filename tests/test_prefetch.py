@@ -238,6 +238,39 @@ def test_prefetch_is_turned_off_without_crns(make_trainer):
     assert problem._prefetcher is None and not _prefetch_threads()
 
 
+@pytest.mark.parametrize("precision", ["32-true", "64-true", "bf16-mixed"])
+def test_prefetch_gives_the_same_losses_under_every_accepted_precision(
+    make_trainer, monkeypatch, precision
+):
+    """Autocast is thread-local: the prefetch thread must prepare its share of the source
+    under the main thread's autocast state. The share is pinned at one half (the measured
+    split depends on timing) and the source is forced through autocast-affected products:
+    with and without prefetching, and twice with it, the losses are the same to the bit."""
+
+    class MatmulSource(TwoBody):
+        def _block_source(self, xb):  # a product autocast runs in bfloat16 under bf16-mixed
+            extra = (xb @ torch.linspace(0, 1, xb.shape[1], dtype=xb.dtype)[:, None]).squeeze(1)
+            return super()._block_source(xb) + extra.to(xb.dtype)
+
+    monkeypatch.setattr(ball, "SOURCE_BLOCK", 4 * 12)  # 4 rows of d = 12 per block
+    runs = []
+    for prefetch in (False, True, True):
+        problem = MatmulSource(
+            dim=12, operator="allen_cahn", net=MLP(12, width=8, depth=2, seed=0),
+            estimator=build_estimator("taylor", num_directions=4, distribution="coordinate"),
+            n_interior=16, n_eval=0, seed=3, prefetch=prefetch,
+            method=functools.partial(SDZE, lr=1e-2, rank=2, period=3),
+        )
+        problem._placement.auto = False
+        problem._placement.share = 0.5
+        losses: list[float] = []
+        problem.on_train_batch_end = lambda *a, p=problem, out=losses: out.append(p.last_loss)
+        make_trainer(max_steps=6, precision=precision).fit(problem)
+        runs.append(losses)
+    assert len(runs[0]) == 6
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
 def test_fused_source_on_the_prefetch_thread_gives_the_same_losses():
     """Past FUSED_MIN_DIM the source is a torch.compile kernel, called from the thread."""
     dim = twobody.FUSED_MIN_DIM + 8
@@ -247,11 +280,7 @@ def test_fused_source_on_the_prefetch_thread_gives_the_same_losses():
         opt = problem.method(problem.net)
         out = []
         for step in range(3):
-            problem.begin_step(step)
-            with problem.net.first_layer_cache():
-                loss = opt.step(lambda s=step, p=problem, o=opt: p.compute_loss(s, o.noise_key))
-                out.append(float(loss))
-            problem._points = {}
+            out.append(float(problem.run_step(opt, step).loss))
         problem.stop_prefetch()
         losses[prefetch] = out
     assert losses[True] == losses[False]

@@ -128,13 +128,13 @@ def test_sdze_probe_keeps_its_two_point_scalars():
     opt = SDZE(problem.net, lr=1e-2, rank=2, eps=1e-5, seed=3)
     values: list[float] = []
 
-    def closure():
-        loss = problem.compute_loss(0, opt.noise_key)
+    def loss_at(key):
+        loss = problem.compute_loss(0, key)
         values.append(float(loss))
         return loss
 
     assert opt.last_probe_scalars is None
-    est = opt.probe(closure, 3)
+    est = opt.probe(loss_at, 3)
     scalars = opt.last_probe_scalars
     assert scalars.shape == (3,) and scalars.dtype == torch.float64
     expected = [(values[2 * j] - values[2 * j + 1]) / (2 * opt.eps) for j in range(3)]

@@ -1,12 +1,22 @@
 """What the problem needs to know about an optimizer ("method").
 
 First-order methods are any ``torch.optim.Optimizer`` built from the network's
-parameters. Zeroth-order methods subclass :class:`ZerothOrderOptimizer`: they
-are built from the network module (they perturb its linear layers
-implicitly), their ``step(closure)`` calls the closure several times without
-back-propagation, and they announce through :attr:`ZerothOrderOptimizer.noise_key`
-which random numbers each evaluation must use: the same key for the paired
-evaluations under CRNS, a fresh key per evaluation without it.
+parameters; the problem steps them the ordinary way (``step(closure)``, the
+closure back-propagates the loss).
+
+Zeroth-order methods subclass :class:`ZerothOrderOptimizer`, the one protocol
+between a forward-only method and :class:`~sdze_lightning.PINNProblem`. They are
+built from the network module (they perturb its linear layers implicitly) and
+stepped with
+
+    ``optimizer.step(loss_at=fn, step_index=k)``
+
+where ``fn(noise_key)`` evaluates the loss (forward only) with the collocation
+points and estimator directions of ``noise_key``: the method chooses the keys
+(the same key for the paired evaluations under CRNS, a fresh key per evaluation
+without it). Lightning passes its own closure as ``closure``; the method calls
+it once per step, after the evaluations and before the update, which is where
+Lightning fires ``on_before_optimizer_step`` (once per training step).
 """
 
 from __future__ import annotations
@@ -16,24 +26,34 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-#: First noise key of measurement probes (e.g.
-#: :class:`~sdze_lightning.callbacks.EstimatorVarianceMonitor`): far above the keys
-#: a training step uses (``0`` and ``1 .. 2 q``), so a probe never reuses a step's
-#: collocation points or estimator directions.
-PROBE_KEY_BASE = 1 << 40
+#: ``loss_at(noise_key)``: the loss with the random inputs (points, estimator
+#: directions) of ``noise_key``, evaluated without back-propagation.
+LossAt = Callable[[int], Tensor]
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
-    """Base class of forward-only optimizers.
+    """Base class and protocol of forward-only optimizers.
+
+    The problem uses nothing else of a zeroth-order method than what is declared
+    here: :meth:`step`, :attr:`reducer`, :attr:`crns`, :attr:`seed`,
+    :meth:`fold`, :meth:`close` and :meth:`describe_state`. A subclass implements
+    :meth:`zo_step` (the step with its arguments checked) or :meth:`step` itself.
 
     Attributes:
-        noise_key: Key of the collocation points and estimator directions the
-            closure must use for the evaluation in progress.
+        reducer: Combines the loss values of a step across data-parallel ranks
+            (``None``: one process); the problem sets it under DDP to
+            :func:`~sdze_lightning.distributed.all_reduce_mean`.
+        crns: Whether every evaluation of a step uses noise key ``0`` (the
+            step's shared batch, which ``prefetch`` builds ahead).
+        seed: Seed of the method's own random numbers (checked on resume).
+
     """
 
-    noise_key: int = 0
+    reducer: Callable[[Tensor], Tensor] | None = None
+    crns: bool = True
+    seed: int | None = None
 
     def __init__(self, module: nn.Module, defaults: dict[str, Any]) -> None:
         if not isinstance(module, nn.Module):
@@ -42,6 +62,74 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             )
         super().__init__([p for p in module.parameters() if p.requires_grad], defaults)
         self.module = module
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        loss_at: LossAt | None = None,
+        step_index: int | None = None,
+        skip_nonfinite: bool = False,
+    ) -> Tensor:
+        """One step of training step ``step_index``; returns the mean evaluated loss.
+
+        Args:
+            closure: With ``loss_at``: called once after the evaluations and before
+                the update (Lightning's hook point); its value is not used.
+                Without ``loss_at``: the loss itself, for losses that do not depend
+                on a noise key.
+            loss_at: Evaluates the loss for a noise key.
+            step_index: Index of the step (its directions are a function of it);
+                ``None``: the method's own counter.
+            skip_nonfinite: On non-finite loss values apply nothing, count the step
+                as done and return a NaN loss, instead of raising
+                :class:`~sdze_lightning.divergence.NonFiniteLossError` (then nothing
+                is applied and the counter does not advance).
+
+        """
+        if loss_at is None:
+            if closure is None:
+                raise ValueError(
+                    f"{type(self).__name__}.step() needs loss_at=fn (fn(noise_key) -> loss) "
+                    "or a closure that evaluates the loss."
+                )
+            loss, closure = closure, None
+            loss_at = lambda key: loss()  # noqa: E731 - a noise-free loss ignores the key
+        if step_index is not None and (
+            not isinstance(step_index, int) or isinstance(step_index, bool) or step_index < 0
+        ):
+            raise ValueError(f"step_index must be a non-negative integer, got {step_index!r}.")
+        return self.zo_step(loss_at, step_index, closure, skip_nonfinite)
+
+    def zo_step(
+        self,
+        loss_at: LossAt,
+        step_index: int | None,
+        ready: Callable[[], Any] | None,
+        skip_nonfinite: bool,
+    ) -> Tensor:
+        """The step itself, with the arguments of :meth:`step` checked.
+
+        Args:
+            loss_at: Evaluates the loss for a noise key.
+            step_index: Index of the step, or ``None`` (the method's own counter).
+            ready: Call once after the evaluations, before the update (or ``None``).
+            skip_nonfinite: As in :meth:`step`.
+
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement zo_step().")
+
+    def fold(self) -> None:
+        """Write any implicit offset into the weights (the default has none)."""
+
+    def close(self) -> None:
+        """Leave the network a plain module (fold; release hooks); the default folds."""
+        self.fold()
+
+    def describe_state(self) -> str:
+        """One line of the method's state for divergence reports."""
+        lrs = [g.get("lr") for g in self.param_groups]
+        return f"{type(self).__name__}(lr={lrs[0] if len(lrs) == 1 else lrs})"
 
 
 def _target(factory: Any) -> Any:

@@ -40,11 +40,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sdze_lightning.methods.seeds import generator
 from sdze_lightning.methods.two_point import TwoPointOptimizer
-
-#: Stream tag of the directions.
-_DIRECTIONS = 31
+from sdze_lightning.seeding import Stream, generator
 
 
 class MeZO(TwoPointOptimizer):
@@ -97,7 +94,9 @@ class MeZO(TwoPointOptimizer):
     def direction(self, query: int, index: int) -> Tensor:
         """Regenerate ``z`` of query ``query`` for parameter ``index`` at the current step."""
         p = self._params[index]
-        gen = generator(p.device, self.seed, _DIRECTIONS, self._step, query, index)
+        gen = generator(
+            p.device, Stream.MEZO_DIRECTIONS, self.seed, self._step, query, index
+        )
         return torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
 
     def _prepare(self, step: int) -> None:

@@ -34,21 +34,19 @@ layer and would not lower the peak.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sdze_lightning.methods.base import PROBE_KEY_BASE
-from sdze_lightning.methods.seeds import generator
+from sdze_lightning.methods.base import LossAt
 from sdze_lightning.methods.subspace import LayerSubspace
 from sdze_lightning.methods.two_point import TwoPointOptimizer
 from sdze_lightning.methods.update_rules import RULE_STATE, check_rule, rule_step
-from sdze_lightning.nn.perturb import attach_hooks, linear_layers
+from sdze_lightning.nn.perturb import HookHold, attach_hooks, linear_layers
+from sdze_lightning.seeding import PROBE_KEY_BASE, Stream, generator
 
-#: Stream tags of the step directions and of the measurement probes' directions.
-_DIRECTIONS, _PROBES = 21, 22
 #: Values of ``carry``.
 CARRY_MODES: tuple[str, ...] = ("reset", "project")
 
@@ -58,9 +56,10 @@ class SDZE(TwoPointOptimizer):
 
     Built from the network module (every parameter must belong to an
     ``nn.Linear``; networks other than :class:`~sdze_lightning.nn.MLP` get the
-    implicit offset through forward hooks). Step it with a closure that
-    evaluates the loss for :attr:`noise_key`, e.g. through Lightning's
-    ``self.optimizers().step(closure)``.
+    implicit offset through forward hooks, one per layer however many SDZE
+    instances share the network, removed by :meth:`close`). Step it with
+    ``step(loss_at=fn, step_index=k)`` (:mod:`~sdze_lightning.methods.base`), or with
+    a plain closure for a loss that does not depend on a noise key.
 
     Args:
         module: The network.
@@ -142,7 +141,7 @@ class SDZE(TwoPointOptimizer):
         self.adam_eps = float(adam_eps)
         self.carry = carry
         self.zo_state.update(window=0, rule_step=0)
-        self._hooks = attach_hooks(self.layers)
+        self._hooks: list[HookHold] | None = attach_hooks(self.layers)
         self._bases: tuple[int, list[LayerSubspace]] | None = None
         self._directions: list[list[Tensor]] = []
         #: ``(q, m)`` per-query estimates ``s_j u_j`` of the last step in the
@@ -201,6 +200,8 @@ class SDZE(TwoPointOptimizer):
 
     def _install(self, offsets: list[Tensor] | None = None) -> None:
         """Set every layer's implicit offset to its coordinates (plus ``offsets``)."""
+        if self._hooks is None:  # used again after close(): hold the hooks again
+            self._hooks = attach_hooks(self.layers)
         subs = self.subspaces()
         for i, (layer, sub) in enumerate(zip(self.layers, subs, strict=True)):
             coords = self.layer_state(i)["coords"]
@@ -218,7 +219,7 @@ class SDZE(TwoPointOptimizer):
             self._change_window(window)
         subs = self.subspaces()
         device, dtype = self.layers[0].weight.device, self.layers[0].weight.dtype
-        gen = generator(device, self.seed, _DIRECTIONS, step)
+        gen = generator(device, Stream.SDZE_DIRECTIONS, self.seed, step)
         self._directions = [
             [torch.randn(sub.size, generator=gen, device=device, dtype=dtype) for sub in subs]
             for _ in range(self.queries)
@@ -269,8 +270,21 @@ class SDZE(TwoPointOptimizer):
             st["coords"].zero_()
         self._install()
 
+    def close(self) -> None:
+        """Fold the offset into the weights and release the forward hooks (Lightning teardown).
+
+        The network computes the same function and is a plain module again when no
+        other SDZE holds its hooks; a later step holds them again.
+        """
+        self.fold()
+        for layer in self.layers:
+            layer.zo_delta = None
+        hooks, self._hooks = self._hooks, None
+        for hold in hooks or []:
+            hold.remove()
+
     @torch.no_grad()
-    def probe(self, closure: Callable[[], Tensor], n: int, crns: bool = True) -> Tensor:
+    def probe(self, loss_at: LossAt, n: int, crns: bool = True) -> Tensor:
         """``n`` independent SDZE gradient estimates at the current point, changing nothing.
 
         Each probe is what a step with ``q = 1`` estimates: a Gaussian
@@ -281,14 +295,13 @@ class SDZE(TwoPointOptimizer):
         :attr:`last_probe_scalars`. The directions come from their own
         counter-based stream (seed, step), so the parameters, the coordinates,
         the update-rule state, the step counter and every generator are as
-        before; only :attr:`noise_key` is set during the evaluations and reset
-        after. A window change that the next step would make is not made: the
+        before. A window change that the next step would make is not made: the
         probes measure the subspace the last step worked in. Under data
         parallelism each pair of loss values is averaged across ranks like a
         step's (every rank must probe).
 
         Args:
-            closure: Evaluates the loss (forward only) for :attr:`noise_key`.
+            loss_at: Evaluates the loss (forward only) for a noise key.
             n: Number of probes (``2 n`` loss evaluations).
             crns: Whether the two evaluations of a probe share the noise key
                 (collocation points and estimator directions). Probe ``j``
@@ -305,8 +318,7 @@ class SDZE(TwoPointOptimizer):
             raise ValueError(f"probe needs a positive number of probes, got {n!r}.")
         subs = self.subspaces()
         first = self.layers[0].weight
-        gen = generator(first.device, self.seed, _PROBES, self.zo_state["step"])
-        saved_key = self.noise_key
+        gen = generator(first.device, Stream.SDZE_PROBES, self.seed, self.zo_state["step"])
         rows: list[Tensor] = []
         scalars: list[float] = []
         try:
@@ -317,16 +329,15 @@ class SDZE(TwoPointOptimizer):
                 ]
                 values = []
                 for sign in (1, -1):
-                    self.noise_key = PROBE_KEY_BASE + 2 * j + (0 if crns or sign > 0 else 1)
+                    key = PROBE_KEY_BASE + 2 * j + (0 if crns or sign > 0 else 1)
                     self._install([(sign * self.eps) * ui for ui in u])
-                    values.append(torch.as_tensor(closure()).detach().reshape(()))
+                    values.append(torch.as_tensor(loss_at(key)).detach().reshape(()))
                 pair = self._reduce(torch.stack(values).to(torch.float64).view(1, 2))
                 scalar = float(self.scalars(pair)[0])
                 scalars.append(scalar)
                 rows.append(scalar * torch.cat(u).to(torch.float64))
         finally:
             self._install()
-            self.noise_key = saved_key
         self.last_probe_scalars = torch.tensor(scalars, dtype=torch.float64)
         return torch.stack(rows)
 

@@ -21,15 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdze_lightning.methods.seeds import generator
 from sdze_lightning.nn.perturb import LowRankDelta
-
-#: Stream tags of the seeds (distinct from the direction streams).
-_LEFT, _RIGHT = 11, 12
+from sdze_lightning.seeding import Stream, generator
 
 
 def orthonormal_basis(
-    rows: int, rank: int, seed: int, window: int, layer: int, side: int,
+    rows: int, rank: int, seed: int, window: int, layer: int, side: Stream,
     dtype: torch.dtype, device: torch.device,
 ) -> Tensor:
     """Orthonormal ``(rows, rank)`` matrix: QR of a seeded Gaussian matrix.
@@ -40,12 +37,12 @@ def orthonormal_basis(
         seed: The method's seed.
         window: Index of the refresh window.
         layer: Index of the layer.
-        side: Stream tag of the left or right factor.
+        side: ``Stream.SUBSPACE_LEFT`` or ``Stream.SUBSPACE_RIGHT``.
         dtype: Floating dtype of the result.
         device: Device of the result (the generator lives there too).
 
     """
-    gen = generator(device, seed, side, window, layer)
+    gen = generator(device, side, seed, window, layer)
     g = torch.randn(rows, rank, generator=gen, dtype=dtype, device=device)
     if dtype not in (torch.float32, torch.float64):  # no QR in bfloat16/float16
         g = g.float()
@@ -75,8 +72,8 @@ class LayerSubspace:
         """Draw the factors of ``layer`` (index ``index``) for ``window``."""
         m, n = layer.weight.shape
         kw = dict(dtype=layer.weight.dtype, device=layer.weight.device)
-        a = orthonormal_basis(m, min(rank, m), seed, window, index, _LEFT, **kw)
-        b = orthonormal_basis(n, min(rank, n), seed, window, index, _RIGHT, **kw)
+        a = orthonormal_basis(m, min(rank, m), seed, window, index, Stream.SUBSPACE_LEFT, **kw)
+        b = orthonormal_basis(n, min(rank, n), seed, window, index, Stream.SUBSPACE_RIGHT, **kw)
         return LayerSubspace(layer, a, b)
 
     @staticmethod

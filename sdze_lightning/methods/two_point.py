@@ -7,7 +7,8 @@ scalars with the directions.
 
 The loss is itself random when the spatial operators are estimated
 (``L_hat(theta; xi)``, ``xi`` = collocation points and estimator directions).
-The closure reads :attr:`noise_key` to pick ``xi``:
+The method evaluates it through ``loss_at(noise_key)``
+(:mod:`~sdze_lightning.methods.base`), the key picking ``xi``:
 
 * CRNS on: key ``0`` for every evaluation of the step, so the paired
   evaluations share ``xi`` and the estimator noise cancels to first order (the
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.divergence import NonFiniteLossError
-from sdze_lightning.methods.base import ZerothOrderOptimizer
+from sdze_lightning.methods.base import LossAt, ZerothOrderOptimizer
 
 #: Key of the method-wide counters inside ``optimizer.state`` (saved as is).
 STATE_KEY = "zo"
@@ -142,11 +143,14 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
         return values if self.reducer is None else self.reducer(values)
 
     # ------------------------------------------------------------------- steps
-    def estimate(self, closure: Callable[[], Tensor]) -> Tensor:
+    def estimate(self, loss_at: LossAt) -> Tensor:
         """Evaluate the ``2 q`` perturbed losses of the current step without updating.
 
-        The network is back at the unperturbed point afterwards, also when the
-        closure raises (e.g. ``NonFiniteLossError``).
+        The network is back at the unperturbed point afterwards, also when
+        ``loss_at`` raises.
+
+        Args:
+            loss_at: Evaluates the loss for a noise key (:meth:`noise_key_for`).
 
         Returns:
             Float64 tensor ``(q, 2)``: ``[L(theta + eps z_j), L(theta - eps z_j)]``.
@@ -159,12 +163,11 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
             with torch.no_grad():
                 for j in range(self.queries):
                     for sign in (1, -1):
-                        self.noise_key = self.noise_key_for(j, sign)
                         self._perturb(j, sign)
-                        values.append(torch.as_tensor(closure()).detach().reshape(()))
+                        value = loss_at(self.noise_key_for(j, sign))
+                        values.append(torch.as_tensor(value).detach().reshape(()))
         finally:
             self._perturb(None, 0)
-            self.noise_key = 0
         return torch.stack(values).to(torch.float64).view(self.queries, 2)
 
     def scalars(self, values: Tensor) -> Tensor:
@@ -172,29 +175,44 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
         return (values[:, 0] - values[:, 1]) / (2 * self.eps)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
-        """One zeroth-order step; returns the mean of the evaluated losses.
+    def zo_step(
+        self,
+        loss_at: LossAt,
+        step_index: int | None,
+        ready: Callable[[], Any] | None,
+        skip_nonfinite: bool,
+    ) -> Tensor:
+        """One two-point step (:meth:`~ZerothOrderOptimizer.step` checks the arguments).
 
-        Args:
-            closure: Evaluates the loss (forward only) for the noise key in
-                :attr:`noise_key`; called ``2 q`` times.
+        Evaluates the ``2 q`` losses through ``loss_at`` (keys from
+        :meth:`noise_key_for`), reduces them across ranks, calls ``ready`` and applies
+        the update. ``step_index`` (``global_step`` in training) sets the method's
+        counter first: directions and windows are drawn for it.
+
+        Returns:
+            The mean of the evaluated losses.
 
         Raises:
             NonFiniteLossError: If a loss value is NaN or infinite (after the
-                reduction across ranks, so every rank raises alike); nothing is
-                applied and the step counter does not advance.
+                reduction across ranks, so every rank raises alike) and
+                ``skip_nonfinite`` is false: nothing is applied and the step counter
+                does not advance. With ``skip_nonfinite`` nothing is applied either,
+                the counter advances and the NaN mean is returned.
 
         """
-        if closure is None:
-            raise ValueError(
-                f"{type(self).__name__}.step() needs a closure that evaluates the loss."
-            )
+        if step_index is not None:
+            self.zo_state["step"] = step_index
         step = self.zo_state["step"]
         self.last_step, self.last_lr, self.last_values = step, self.lr, None
-        values = self._reduce(self.estimate(closure))
+        values = self._reduce(self.estimate(loss_at))
         self.last_values = values
         if not bool(torch.isfinite(values).all()):
-            raise NonFiniteLossError(step, self.value_terms(values), self.describe_state())
+            if not skip_nonfinite:
+                raise NonFiniteLossError(step, self.value_terms(values), self.describe_state())
+            self.skip_step()
+            return values.mean()
+        if ready is not None:
+            ready()
         scalars = self.scalars(values)
         self.last_scalars = scalars
         self._update(scalars)

@@ -8,7 +8,9 @@ Networks of this library (:class:`~sdze_lightning.nn.mlp.MLP`) read the offset
 directly, which lets them reuse ``W x`` across evaluations and evaluate
 directional derivatives of the first layer by a column lookup. Any other network
 built from ``nn.Linear`` layers gets the same offset through a forward hook
-(:func:`attach_hooks`), so a user-defined network trains with SDZE unchanged.
+(:func:`attach_hooks`), so a user-defined network trains with SDZE unchanged. A
+layer carries at most one such hook, however many optimizers hold it; the last
+hold released removes it.
 """
 
 from __future__ import annotations
@@ -142,9 +144,53 @@ def _hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tens
     return out
 
 
-def attach_hooks(modules: list[nn.Linear]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Register the offset hook on every linear layer not natively aware of offsets."""
-    return [m.register_forward_hook(_hook) for m in modules if not getattr(m, "_zo_native", False)]
+#: Attributes of a hooked layer: the handle of its offset hook and how many holds share it.
+_HOOK_HANDLE, _HOOK_HOLDS = "_zo_hook_handle", "_zo_hook_holds"
+
+
+class HookHold:
+    """One hold on a layer's offset hook (from :func:`attach_hooks`).
+
+    :meth:`remove` releases it (a second call does nothing); the layer's last
+    hold removes the hook itself.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module: nn.Module | None = module
+
+    def remove(self) -> None:
+        """Release this hold; remove the hook if it was the layer's last one."""
+        module, self.module = self.module, None
+        if module is None or module.__dict__.get(_HOOK_HANDLE) is None:
+            return
+        module.__dict__[_HOOK_HOLDS] -= 1
+        if module.__dict__[_HOOK_HOLDS] <= 0:
+            module.__dict__.pop(_HOOK_HANDLE).remove()
+            del module.__dict__[_HOOK_HOLDS]
+
+
+def attach_hooks(modules: list[nn.Linear]) -> list[HookHold]:
+    """Hold the offset hook on every linear layer not natively aware of offsets.
+
+    Idempotent per layer: a layer that already carries the hook (a second optimizer
+    on the same network, a second ``fit``) keeps its one hook and gains a hold, so the
+    offset is added once. Release each hold with its ``remove()``.
+    """
+    holds = []
+    for m in modules:
+        if getattr(m, "_zo_native", False):
+            continue
+        if m.__dict__.get(_HOOK_HANDLE) is None:
+            m.__dict__[_HOOK_HANDLE] = m.register_forward_hook(_hook)
+            m.__dict__[_HOOK_HOLDS] = 0
+        m.__dict__[_HOOK_HOLDS] += 1
+        holds.append(HookHold(m))
+    return holds
+
+
+def has_offset_hook(module: nn.Module) -> bool:
+    """Whether ``module`` carries the offset hook of :func:`attach_hooks`."""
+    return module.__dict__.get(_HOOK_HANDLE) is not None
 
 
 def linear_layers(module: nn.Module) -> Iterator[nn.Linear]:

@@ -1,0 +1,73 @@
+"""Building a run from its config: the problem and the composed config.
+
+Shared by ``sdze-train`` (:mod:`sdze_lightning.cli`) and ``sdze-replay``
+(:mod:`sdze_lightning.replay`), which rebuilds the problem from the config
+stored in a replay log; neither imports the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from sdze_lightning.problem import PINNProblem
+
+
+def config_group(cfg: DictConfig, key: str) -> Any:
+    """A config group's node, or ``None`` when it is empty (``logger=none``)."""
+    node = cfg.get(key)
+    if node is None or (isinstance(node, DictConfig) and len(node) == 0):
+        return None
+    return node
+
+
+def build_problem(cfg: DictConfig) -> PINNProblem:
+    """Instantiate the problem with its injected network, estimator, method and scheduler."""
+    for key in ("pde", "model", "estimator", "method"):
+        if config_group(cfg, key) is None:
+            raise ValueError(f"Config group '{key}' is empty; choose one, e.g. {key}=<name>.")
+    extra: dict[str, Any] = {}
+    if "seed" not in cfg.pde:
+        extra["seed"] = cfg.seed
+    for key in ("divergence", "prefetch", "fused_kernels"):  # top-level fields of the problem
+        if key not in cfg.pde and cfg.get(key) is not None:
+            extra[key] = cfg[key]
+    scheduler = instantiate(cfg.scheduler) if config_group(cfg, "scheduler") is not None else None
+    problem = instantiate(
+        cfg.pde,
+        net=instantiate(cfg.model),
+        estimator=instantiate(cfg.estimator),
+        method=instantiate(cfg.method),
+        scheduler=scheduler,
+        **extra,
+    )
+    if not isinstance(problem, PINNProblem):
+        raise TypeError(
+            f"pde._target_ must be a PINNProblem subclass, got {type(problem).__name__}."
+        )
+    return problem
+
+
+def compose_config(overrides: list[str], run_dir: str | Path) -> DictConfig:
+    """Compose the packaged config outside a Hydra app (notebooks, benchmark scripts).
+
+    ``${hydra:runtime.output_dir}`` resolves to ``run_dir``, as ``hydra.run.dir`` would.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("sdze_lightning.configs", version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+

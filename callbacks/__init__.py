@@ -1,5 +1,6 @@
 """Lightning callbacks: memory, estimator variance, solution plots, progress bar, run summary."""
 
+from sdze_lightning.callbacks.interrupt import GracefulInterrupt
 from sdze_lightning.callbacks.memory import MemoryMonitor
 from sdze_lightning.callbacks.plots import SolutionPlot
 from sdze_lightning.callbacks.progress import PINNProgressBar
@@ -8,6 +9,7 @@ from sdze_lightning.callbacks.variance import EstimatorVarianceMonitor
 
 __all__ = [
     "EstimatorVarianceMonitor",
+    "GracefulInterrupt",
     "MemoryMonitor",
     "PINNProgressBar",
     "RunSummary",

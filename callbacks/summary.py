@@ -4,6 +4,12 @@ At the end of ``fit`` (or when it stops on an exception) the callback writes
 ``summary.json`` with the final relative L2 error, loss, step count, wall time,
 peak memory, parameter count and fused-kernel use, and prints the same JSON as the last line of
 the run's output, so that a sweep can be collected with ``grep`` or ``jq``.
+
+A resumed run (``trainer.fit(..., ckpt_path=...)``) adds to the summary it finds:
+``steps`` and ``wall_time_s`` are cumulative, and ``segments`` lists each command's
+first and last step, wall time and status. A run stopped by
+:class:`~sdze_lightning.callbacks.GracefulInterrupt` has status ``"interrupted"``
+and its last metrics; ``logger_failures`` names every logger method that failed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import lightning as L
 import torch
 
 from sdze_lightning.kernels import fused_report
+from sdze_lightning.loggers import logger_failures
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -48,6 +55,8 @@ class RunSummary(L.Callback):
         self.echo = echo
         self.summary: dict[str, Any] | None = None
         self._start = 0.0
+        self._start_step = 0
+        self._earlier: list[dict[str, Any]] = []
 
     @property
     def path(self) -> Path | None:
@@ -59,10 +68,29 @@ class RunSummary(L.Callback):
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir)
         self._start = time.perf_counter()
+        self._earlier = self._earlier_segments() if trainer.ckpt_path else []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Note the first step of this segment (after a checkpoint is restored)."""
+        self._start_step = int(trainer.global_step)
+
+    def _earlier_segments(self) -> list[dict[str, Any]]:
+        """Segments of the summary this resumed run continues (none if there is none)."""
+        if self.path is None or not self.path.is_file():
+            return []
+        try:
+            earlier = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        segments = earlier.get("segments")
+        if segments is None:  # a summary written before segments were recorded
+            segments = [{k: earlier.get(k) for k in ("steps", "wall_time_s", "status")}]
+        return list(segments)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write the summary of a completed run."""
-        self._write(trainer, pl_module, "completed")
+        """Write the summary of a completed (or gracefully interrupted) run."""
+        interrupted = any(getattr(c, "interrupted", False) for c in trainer.callbacks)
+        self._write(trainer, pl_module, "interrupted" if interrupted else "completed")
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -74,7 +102,7 @@ class RunSummary(L.Callback):
         """Return the summary as a dict (without writing it)."""
         rel_l2 = None
         compute = getattr(pl_module, "relative_l2_error", None)
-        if callable(compute) and status == "completed":
+        if callable(compute) and status in ("completed", "interrupted"):
             rel_l2 = compute()
         loss = getattr(pl_module, "last_loss", None)
         if loss is None:
@@ -82,17 +110,26 @@ class RunSummary(L.Callback):
             loss = float(value) if value is not None else None
         if loss is not None and not math.isfinite(loss):
             loss = None  # JSON has no NaN; the status says why
+        segment = {
+            "first_step": self._start_step,
+            "steps": int(trainer.global_step),
+            "wall_time_s": round(time.perf_counter() - self._start, 3),
+            "status": status,
+        }
+        segments = [*self._earlier, segment]
         return {
             "rel_l2": rel_l2,
             "loss": loss,
             "steps": int(trainer.global_step),
-            "wall_time_s": round(time.perf_counter() - self._start, 3),
+            "wall_time_s": round(sum(s.get("wall_time_s") or 0.0 for s in segments), 3),
             "peak_memory_bytes": peak_memory_bytes(pl_module.device),
             "params": sum(p.numel() for p in pl_module.parameters()),
             "status": status,
             # another summation order than the eager code: part of the run's record
             "fused_kernels": (None if getattr(pl_module, "fused_kernels", None) is None
                               else fused_report(pl_module.fused_kernels)),
+            "segments": segments,
+            "logger_failures": [f for lg in trainer.loggers for f in logger_failures(lg)],
         }
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, status: str) -> None:

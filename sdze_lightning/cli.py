@@ -29,9 +29,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sdze_lightning.builders import build_problem, compose_config, config_group
+from sdze_lightning.callbacks.interrupt import GracefulInterrupt
 from sdze_lightning.callbacks.summary import RunSummary
-from sdze_lightning.loggers import fail_safe
+from sdze_lightning.loggers import check_writable, fail_safe
 from sdze_lightning.problem import NonFiniteLossError, check_precision
+from sdze_lightning.run_dir import (
+    ConfigInCheckpoint,
+    check_fresh,
+    find_checkpoint,
+    record_segment_config,
+    resume_config,
+    stored_run,
+)
+from sdze_lightning.validation import validation_cadence
 
 log = logging.getLogger("sdze_lightning")
 
@@ -86,30 +96,40 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Build everything from ``cfg``, fit, and return the run summary.
 
-    All validation (names, dimensions, precision, residual shape) happens
-    before the first optimizer step.
+    All validation (names, dimensions, precision, residual shape, the resume's
+    overrides, the logger's directory) happens before the first optimizer step and
+    before anything is written to ``run_dir``. With ``ckpt_path`` the run continues
+    with the config stored in the checkpoint (:mod:`sdze_lightning.run_dir`).
     """
+    ckpt_path = cfg.get("ckpt_path")
+    overrides, choices = _command_line(cfg)
+    cfg, choices = _resume_or_start(cfg, run_dir, ckpt_path, overrides, choices)
     check_precision(cfg.trainer.get("precision", "32-true"))
     for key in ("max_steps", "max_epochs", "log_every_n_steps", "num_sanity_val_steps"):
         value = cfg.trainer.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise ValueError(f"trainer.{key} must be an integer, got {value!r}.")
-    ckpt_path = cfg.get("ckpt_path")
     if ckpt_path not in (None, "last", "best", "hpc") and not Path(ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist.")
     problem = build_problem(cfg)
     problem.check_inputs()  # before any logger, checkpoint or summary exists
+    config = _plain(cfg)
     summary = RunSummary(dirpath=run_dir, echo=False)
-    callbacks = [*build_callbacks(cfg), summary]
+    resume = f"sdze-train hydra.run.dir={run_dir} ckpt_path=last"
+    callbacks = [*build_callbacks(cfg), summary, GracefulInterrupt(resume)]
+    callbacks.append(ConfigInCheckpoint(config, choices, run_dir))
     if cfg.get("replay_log"):
         from sdze_lightning.replay import SeedReplayLog, check_replayable
 
         check_replayable(problem.method)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        config.pop("hydra", None)  # present when composed by compose_config()
         callbacks.append(SeedReplayLog(dirpath=Path(run_dir) / "replay", config=config))
     loggers = build_loggers(cfg, record_config=False)
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks)
+    for logger in loggers or []:
+        check_writable(logger)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers, callbacks=callbacks, **validation_cadence(cfg.trainer)
+    )
+    record_segment_config(run_dir, config, overrides)
     _record_config(loggers, cfg)  # only now: a bad trainer.* value leaves no files behind
     try:
         trainer.fit(problem, ckpt_path=ckpt_path)
@@ -118,6 +138,48 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     finally:
         _finish_wandb()
     return summary.summary or {}
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without Hydra's own node."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)  # present when composed by compose_config()
+    return config
+
+
+def _command_line(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
+    """This command's task overrides and config-group choices (empty outside Hydra)."""
+    node = cfg.get("hydra") if "hydra" in cfg else None
+    if node is None and HydraConfig.initialized():
+        node = HydraConfig.get()
+    if node is None:
+        return [], {}
+    choices = {k: v for k, v in node.runtime.choices.items() if not k.startswith("hydra")}
+    return list(node.overrides.task), choices
+
+
+def _resume_or_start(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    ckpt_path: str | None,
+    overrides: list[str],
+    choices: dict[str, Any],
+) -> tuple[DictConfig, dict[str, Any]]:
+    """The config to train with: the checkpoint's on a resume, else ``cfg`` (a new run)."""
+    if ckpt_path is None:
+        check_fresh(run_dir)
+        return cfg, choices
+    path = find_checkpoint(ckpt_path, cfg, run_dir)
+    stored = stored_run(path) if path is not None and path.is_file() else None
+    if stored is None:
+        if path is not None and path.is_file():
+            log.warning("%s holds no config (an older checkpoint): resuming with this "
+                        "command's config.", path)
+        return cfg, choices
+    resumed, choices = resume_config(cfg, stored, overrides, choices, run_dir)
+    log.info("Resuming %s with its stored config (overrides applied: %s).", path,
+             [o for o in overrides if not o.startswith("ckpt_path")] or "none")
+    return resumed, choices
 
 
 def _finish_wandb() -> None:
@@ -144,6 +206,8 @@ def main(cfg: DictConfig) -> float | None:
     print(json.dumps(summary), flush=True)
     if str(summary.get("status", "")).startswith("failed"):
         sys.exit(1)
+    if summary.get("status") == "interrupted":
+        sys.exit(130)  # as a shell reports a Ctrl-C
     return summary.get("rel_l2")
 
 

@@ -51,6 +51,7 @@ from sdze_lightning.methods.base import (
     is_zeroth_order,
     needs_forward_only_estimator,
 )
+from sdze_lightning.methods.registry import build_method
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.nn.mlp import MLP
@@ -143,8 +144,10 @@ class PINNProblem(L.LightningModule):
             Defaults to an ``MLP`` of width 128 and depth 4.
         estimator: An :class:`~sdze_lightning.estimators.Estimator` or a
             registered name; defaults to ``"exact"``.
-        method: Optimizer class or partial; zeroth-order methods receive the
-            network module, others its parameters. Defaults to Adam(lr=1e-3).
+        method: Optimizer class or partial, or a method's name (``"sdze"``: the
+            packaged ``configs/method/<name>.yaml``, seeded with ``seed``);
+            zeroth-order methods receive the network module, others its
+            parameters. Defaults to Adam(lr=1e-3).
         scheduler: Optional learning-rate scheduler partial, stepped every step.
         n_interior: Interior collocation points per step.
         n_boundary: Boundary/initial points per step (0 when the boundary is
@@ -185,7 +188,7 @@ class PINNProblem(L.LightningModule):
         dim: int,
         net: nn.Module | Callable[..., nn.Module] | None = None,
         estimator: Estimator | str | None = None,
-        method: Callable[..., torch.optim.Optimizer] | None = None,
+        method: Callable[..., torch.optim.Optimizer] | str | None = None,
         scheduler: Callable[..., Any] | None = None,
         n_interior: int = 100,
         n_boundary: int = 0,
@@ -254,6 +257,8 @@ class PINNProblem(L.LightningModule):
         self.estimator.check(self.operators)
         if squared_residual == "unbiased":
             self._halves = self.estimator.halves()
+        if isinstance(method, str):
+            method = build_method(method, seed=seed)
         self.method = method or functools.partial(torch.optim.Adam, lr=1e-3)
         if needs_forward_only_estimator(self.method) and not self.estimator.forward_only:
             raise ValueError(
@@ -528,9 +533,16 @@ class PINNProblem(L.LightningModule):
             raise ValueError(f"{type(self).__name__}.sample_boundary() returned no points.")
         return self.shard.take(xb)
 
-    def interior_residuals(self, step: int, key: int = 0) -> tuple[Tensor, ...]:
-        """Per-point residual(s) of ``step``: one tensor, or two independent halves."""
+    def interior_residuals(
+        self, step: int, key: int = 0, rows: slice | None = None
+    ) -> tuple[Tensor, ...]:
+        """Per-point residual(s) of ``step``: one tensor, or two independent halves.
+
+        ``rows`` restricts them to those interior points (same estimator seed).
+        """
         x = self.points(step, key)
+        if rows is not None:
+            x = x[rows]
         gen = self.generator(step, key, stream=Stream.ESTIMATOR)
         if self.squared_residual == "unbiased":
             return tuple(
@@ -556,17 +568,20 @@ class PINNProblem(L.LightningModule):
         """Scalar training loss of ``step`` for noise key ``key``."""
         return self.loss_terms(step, key)["loss"]
 
-    def residual_batch(self, step: int, key: int = 0) -> tuple[Tensor, Tensor | None]:
+    def residual_batch(
+        self, step: int, key: int = 0, rows: slice | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Per-point interior residual ``(N,)`` and weighted boundary term (or ``None``).
 
         For optimizers that need per-point residual gradients (``needs_residuals``,
         e.g. :class:`~sdze_lightning.methods.PDEAware`); the two halves of the
-        unbiased form are averaged.
+        unbiased form are averaged. With ``rows``, the residuals of those interior
+        points only (recomputed on them alone) and no boundary term.
         """
-        res = self.interior_residuals(step, key)
+        res = self.interior_residuals(step, key, rows)
         r = res[0] if len(res) == 1 else 0.5 * (res[0] + res[1])
         boundary = None
-        if self.n_boundary > 0:
+        if self.n_boundary > 0 and rows is None:
             xb = self.boundary_points(step, key)
             boundary = self.boundary_weight * self.boundary_residual(xb).square().mean()
         return r, boundary

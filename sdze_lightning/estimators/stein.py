@@ -142,7 +142,7 @@ class SteinEstimator(Estimator):
 
     def __init__(
         self,
-        num_directions: int = 1024,
+        num_directions: int = 16,
         sigma: float = 0.1,
         variant: str = "antithetic",
         value: str = "plain",

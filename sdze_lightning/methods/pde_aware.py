@@ -42,8 +42,20 @@ check both modes.
 
 Per-point gradients are the rows of the Jacobian of the residual vector,
 computed by ``torch.func.vmap`` over the vector-Jacobian product with one-hot
-cotangents (chunked, and reduced to the two moments on the fly, so memory is
-``chunk_size x parameters``). This is the same quantity as
+cotangents, reduced to the two moments on the fly (memory ``chunk_size x
+parameters``). A one-hot cotangent still flows through the graph of every point
+it was built with, so the residuals are recomputed on chunks of ``chunk_size``
+points and each chunk's VJPs run through that chunk's graph only: the cost grows
+like ``N x chunk_size`` backward rows instead of ``N^2`` (Poisson 2D, 1000
+points, exact estimator: ~58 s -> well under a second per step on one thread,
+``benchmarks/method_matrix.py``). A ``residuals`` callable without a ``rows``
+argument gets the whole-batch computation.
+
+``moment_points`` (default 128) estimates ``v`` from the first that many points of
+the batch (the points are i.i.d., so a random subset): an unbiased estimate of the
+mean of ``g_i * g_i`` that the moving average (``b2 = 0.99``) smooths further, at a
+cost independent of the batch size. ``moment_points=None`` uses every point, as the
+paper does. This is the same quantity as
 ``vmap(grad(per-point residual))`` and, unlike it, also works with the
 estimators that differentiate in ``x`` with ``torch.autograd.grad`` (``exact``,
 ``sdgd``), which cannot run inside ``torch.func.grad``.
@@ -57,6 +69,7 @@ both differentiable in the parameters.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import ClassVar
 
@@ -66,7 +79,7 @@ from torch import Tensor
 #: Values of ``first_moment``.
 FIRST_MOMENTS: tuple[str, ...] = ("residual", "loss")
 
-ResidualFn = Callable[[], tuple[Tensor, Tensor | None]]
+ResidualFn = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 def per_point_moments(
@@ -119,7 +132,9 @@ class PDEAware(torch.optim.Optimizer):
         first_moment: ``"loss"`` (authors' code: gradient of the total loss;
             default) or ``"residual"`` (paper: mean per-point residual gradient
             plus the boundary term's gradient).
-        chunk_size: Points per vmapped VJP of the per-point gradients.
+        chunk_size: Points per vmapped VJP of the per-point gradients (and per
+            recomputed residual chunk).
+        moment_points: Points of the batch that estimate ``v`` (``None``: all).
         adam_floor: Denominator ``sqrt(max(v, s)) + eps`` with ``s`` the moving
             average of the squared first-moment input (Adam's second moment),
             instead of the paper's ``sqrt(v) + eps``.
@@ -136,8 +151,9 @@ class PDEAware(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.99, 0.99),
         eps: float = 1e-8,
         first_moment: str = "loss",
-        chunk_size: int = 256,
+        chunk_size: int = 16,
         adam_floor: bool = True,
+        moment_points: int | None = 128,
     ) -> None:
         if first_moment not in FIRST_MOMENTS:
             raise ValueError(
@@ -147,12 +163,41 @@ class PDEAware(torch.optim.Optimizer):
             raise ValueError(f"Invalid lr={lr}, eps={eps} or betas={betas}.")
         if chunk_size < 1:
             raise ValueError(f"method.chunk_size must be positive, got {chunk_size}.")
+        if moment_points is not None and (
+            not isinstance(moment_points, int) or isinstance(moment_points, bool)
+            or moment_points < 1
+        ):
+            raise ValueError(
+                f"method.moment_points must be a positive integer or null, got {moment_points!r}."
+            )
         if not isinstance(adam_floor, bool):
             raise ValueError(f"method.adam_floor must be true or false, got {adam_floor!r}.")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
         self.first_moment = first_moment
         self.chunk_size = chunk_size
         self.adam_floor = adam_floor
+        self.moment_points = moment_points
+
+    @staticmethod
+    def _takes_rows(residuals: ResidualFn) -> bool:
+        try:
+            return "rows" in inspect.signature(residuals).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def _chunked_squares(
+        self, residuals: ResidualFn, params: Sequence[Tensor], n: int
+    ) -> list[Tensor]:
+        """``mean_i g_i * g_i`` with each chunk's residuals recomputed on its points alone."""
+        n = n if self.moment_points is None else min(n, self.moment_points)
+        sq_sums = [torch.zeros_like(p) for p in params]
+        for start in range(0, n, self.chunk_size):
+            rows = slice(start, min(start + self.chunk_size, n))
+            r_chunk, _ = residuals(rows=rows)
+            _, sq = per_point_moments(r_chunk, params, self.chunk_size)
+            for total, part in zip(sq_sums, sq, strict=True):
+                total.add_(part, alpha=r_chunk.numel())
+        return [q / n for q in sq_sums]
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -184,9 +229,15 @@ class PDEAware(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         with torch.enable_grad():
             r, boundary = residuals()
-            mean_g, mean_g2 = per_point_moments(r, params, self.chunk_size)
+            if self._takes_rows(residuals):
+                mean_g2 = self._chunked_squares(residuals, params, r.numel())
+                mean_g = torch.autograd.grad(
+                    r.mean(), params, allow_unused=True, materialize_grads=True
+                ) if self.first_moment == "residual" else None
+            else:
+                mean_g, mean_g2 = per_point_moments(r, params, self.chunk_size)
             if self.first_moment == "residual":
-                first = mean_g
+                first = list(mean_g)
                 if boundary is not None:
                     gb = torch.autograd.grad(
                         boundary, params, allow_unused=True, materialize_grads=True

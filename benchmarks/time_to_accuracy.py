@@ -33,8 +33,9 @@ learned the mean of the solution and nothing that depends on ``x``.
     python benchmarks/time_to_accuracy.py --frontier results/time_to_accuracy*.json
     python benchmarks/time_to_accuracy.py --smoke
 
-Results: ``results/time_to_accuracy[_cube][_<dims>][_<tag>].{csv,json,png}``; the
-frontier plot of ``--frontier``: ``results/frontier.png``.
+Results: ``results/time_to_accuracy[_cube][_<dims>][_<tag>].{csv,json,png}``; from the
+JSONs of several runs, ``--frontier`` draws ``frontier.png`` (final error against peak
+RSS) and ``error_vs_time_<problem>.png`` (a panel per d).
 """
 
 from __future__ import annotations
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="run every configuration in this process (peak RSS is then the "
                          "running maximum, not each run's own)")
     ap.add_argument("--frontier", type=Path, nargs="+",
-                    help="only draw the accuracy-vs-peak-memory plot of these result JSONs")
+                    help="only draw, from these result JSONs, the accuracy-vs-peak-memory plot "
+                         "and one error-vs-time plot per problem (a panel per d)")
     add_prefetch_flag(ap)
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -359,6 +361,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.frontier:
         args.out.mkdir(parents=True, exist_ok=True)
         frontier(args.frontier, args.out / "frontier.png")
+        saved = [json.loads(Path(p).read_text()) for p in args.frontier]
+        for name in sorted({s["problem"] for s in saved}):
+            rows = [r for s in saved if s["problem"] == name for r in s["rows"]]
+            floor = {int(d): f for s in saved if s["problem"] == name
+                     for d, f in s["floors"].items()}
+            title = "two-body Allen-Cahn" if name == "twobody" else "Allen-Cahn on the cube"
+            plot(rows, args.out / f"error_vs_time_{name}.png", title, floor)
         return []
     cfg = BenchConfig(threads=args.threads, rank=args.sdze_rank, period=args.sdze_period,
                       prefetch=args.prefetch)
@@ -414,8 +423,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
          "problem": args.problem, "floors": floor, "rows": rows}, indent=2))
     title = "two-body Allen-Cahn" if args.problem == "twobody" else "Allen-Cahn on the cube"
     plot(rows, args.out / f"{stem}.png", title, floor)
-    if not args.smoke:
-        frontier([args.out / f"{stem}.json"], args.out / f"{stem}_frontier.png")
     return rows
 
 

@@ -153,6 +153,7 @@ def test_time_to_accuracy_smoke(tmp_path):
     mod.main(["--frontier", str(tmp_path / "time_to_accuracy_smoke.json"), "--out",
               str(tmp_path)])
     assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert (tmp_path / "error_vs_time_twobody.png").stat().st_size > 0
 
 
 @pytest.mark.slow

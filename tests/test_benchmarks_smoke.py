@@ -185,3 +185,11 @@ def test_floors_of_an_affine_solution():
         assert floor["constant"] <= float((e * c - ref).norm() / ref.norm()) + 1e-12
     best = float((e * floor["constant_value"] - ref).norm() / ref.norm())
     assert floor["constant"] == pytest.approx(best) and floor["constant"] > 0.1
+
+
+def test_threads_smoke():
+    """benchmarks/threads.py: the main job through the CLI next to a busy process."""
+    mod = load_benchmark("threads")
+    (row,) = mod.main(["--smoke"])
+    assert row["run"] == "auto-busy" and row["busy_process"] is True and row["steps"] == 5
+    assert row["threads"] >= 1 and row["wall_s"] > row["train_s"] > 0

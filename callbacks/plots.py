@@ -13,11 +13,13 @@ with a single input coordinate gets a 1D profile instead.
 The figure is drawn with matplotlib's object-oriented API on an Agg canvas:
 no ``pyplot`` state and no change of the global backend.
 
-Cost per plot: ``resolution**2`` evaluations of ``u`` (chunked so that at most
-``max_chunk_elements`` input numbers are materialised at once) and, on the
-first plot only, as many of the exact solution (cached, since the grid stays
-fixed). At a very large input dimension every grid point is a full input
-vector: lower ``resolution`` or raise ``every_n_steps`` there.
+Cost per plot: ``resolution**2`` evaluations of ``u`` and, on the first plot only,
+as many of the exact solution (its values cached, since the grid stays fixed). The
+grid's input vectors are built chunk by chunk from its two plotted coordinates and
+dropped after use: at most ``max_chunk_elements`` input numbers exist at once (one
+row where a single input vector is longer), whatever the input dimension. At a very
+large input dimension every grid point is a full input vector, so a plot takes time
+(not memory): lower ``resolution`` or raise ``every_n_steps`` there.
 
 Interface: the module is called as ``pl_module(x) -> (N,)``; the grid bounds
 come from ``bounds`` or, if not given, from the range of points drawn with
@@ -97,7 +99,7 @@ class SolutionPlot(L.Callback):
         self.dpi = dpi
         #: PNG files written so far.
         self.paths: list[Path] = []
-        self._grid: tuple[Any, ...] | None = None  # (axes, labels, bounds, x, exact)
+        self._grid: tuple[Any, ...] | None = None  # (axes, labels, bounds, plane, exact)
         self._last_step: int | None = None
         self._wandb_failed = False
 
@@ -195,41 +197,55 @@ class SolutionPlot(L.Callback):
         lo, hi = pts.min(dim=0).values.tolist(), pts.max(dim=0).values.tolist()
         return [(a, b) if b > a else (a - 0.5, a + 0.5) for a, b in zip(lo, hi, strict=True)]
 
-    def _evaluate(self, fn: Any, x: Tensor) -> Tensor | None:
-        rows = max(1, self.max_chunk_elements // max(x.shape[1], 1))
+    def _evaluate(
+        self, fn: Any, pl_module: nn.Module, plane: Tensor, axes: tuple[int, ...]
+    ) -> Tensor | None:
+        """``fn`` on the grid's input vectors, built and dropped chunk by chunk.
+
+        ``plane`` holds the coordinates ``axes`` of every grid point (``(points, len(axes))``);
+        every other input is ``fixed_value``.
+        """
+        input_dim = self._input_dim(pl_module)
+        dtype = getattr(pl_module, "dtype", torch.float32)
+        rows = max(1, self.max_chunk_elements // max(input_dim, 1))
         outs = []
-        for i in range(0, x.shape[0], rows):
-            y = fn(x[i : i + rows])
+        for i in range(0, plane.shape[0], rows):
+            part = plane[i : i + rows]
+            x = torch.full((part.shape[0], input_dim), float(self.fixed_value), dtype=dtype,
+                           device=device_of(pl_module))
+            x[:, list(axes)] = part.to(x)
+            y = fn(x)
+            del x
             if y is None:
                 return None
             outs.append(y.detach().reshape(-1).double().cpu())
         return torch.cat(outs)
 
+    @staticmethod
+    def _input_dim(pl_module: nn.Module) -> int:
+        return int(getattr(pl_module, "input_dim", 0) or _in_features(pl_module))
+
     def _setup_grid(self, pl_module: nn.Module) -> tuple[Any, ...]:
-        input_dim = int(getattr(pl_module, "input_dim", 0) or _in_features(pl_module))
+        input_dim = self._input_dim(pl_module)
         axes, labels = self._axes(pl_module, input_dim)
         bounds = self.bounds or self._infer_bounds(pl_module, axes, input_dim)
         if len(bounds) != len(axes):
             raise ValueError(f"SolutionPlot: bounds {bounds} do not match coordinates {axes}.")
         lines = [torch.linspace(lo, hi, self.resolution, dtype=torch.float64) for lo, hi in bounds]
         mesh = torch.meshgrid(*lines, indexing="xy") if len(axes) == 2 else (lines[0],)
-        dtype = getattr(pl_module, "dtype", torch.float32)
-        x = torch.full((mesh[0].numel(), input_dim), float(self.fixed_value), dtype=dtype)
-        for a, m in zip(axes, mesh, strict=True):
-            x[:, a] = m.reshape(-1).to(dtype)
-        x = x.to(device_of(pl_module))
+        plane = torch.stack([m.reshape(-1) for m in mesh], dim=1)
         exact_fn = getattr(pl_module, "exact_solution", None)
         with torch.no_grad():
-            exact = self._evaluate(exact_fn, x) if callable(exact_fn) else None
-        return axes, labels, bounds, x, exact
+            exact = self._evaluate(exact_fn, pl_module, plane, axes) if callable(exact_fn) else None
+        return axes, labels, bounds, plane, exact
 
     def figure(self, pl_module: nn.Module, step: int) -> Figure:
         """Return the figure of the current prediction (not saved)."""
         if self._grid is None:
             self._grid = self._setup_grid(pl_module)
-        axes, labels, bounds, x, exact = self._grid
+        axes, labels, bounds, plane, exact = self._grid
         with torch.no_grad():
-            pred = self._evaluate(pl_module, x)
+            pred = self._evaluate(pl_module, pl_module, plane, axes)
         panels = [("prediction", pred)]
         title = f"step {step}"
         if exact is not None:

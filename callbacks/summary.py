@@ -2,8 +2,9 @@
 
 At the end of ``fit`` (or when it stops on an exception) the callback writes
 ``summary.json`` with the final relative L2 error, loss, step count, wall time,
-peak memory, parameter count and fused-kernel use, and prints the same JSON as the last line of
-the run's output, so that a sweep can be collected with ``grep`` or ``jq``.
+peak memory, parameter count, intra-op thread count and fused-kernel use, and prints the
+same JSON as the last line of the run's output, so that a sweep can be collected with ``grep``
+or ``jq``.
 
 A resumed run (``trainer.fit(..., ckpt_path=...)``) adds to the summary it finds:
 ``steps`` and ``wall_time_s`` are cumulative, and ``segments`` lists each command's
@@ -35,6 +36,12 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+def _threads(pl_module: L.LightningModule) -> int:
+    """The intra-op thread count the run trained with (torch's current one if unknown)."""
+    used = getattr(pl_module, "intra_op_threads", None)
+    return int(used) if used is not None else torch.get_num_threads()
 
 
 class RunSummary(L.Callback):
@@ -124,6 +131,7 @@ class RunSummary(L.Callback):
             "wall_time_s": round(sum(s.get("wall_time_s") or 0.0 for s in segments), 3),
             "peak_memory_bytes": peak_memory_bytes(pl_module.device),
             "params": sum(p.numel() for p in pl_module.parameters()),
+            "threads": _threads(pl_module),
             "status": status,
             # another summation order than the eager code: part of the run's record
             "fused_kernels": (None if getattr(pl_module, "fused_kernels", None) is None

@@ -33,7 +33,8 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
     extra: dict[str, Any] = {}
     if "seed" not in cfg.pde:
         extra["seed"] = cfg.seed
-    for key in ("divergence", "prefetch", "fused_kernels"):  # top-level fields of the problem
+    # top-level fields of the problem
+    for key in ("divergence", "prefetch", "fused_kernels", "threads"):
         if key not in cfg.pde and cfg.get(key) is not None:
             extra[key] = cfg[key]
     scheduler = instantiate(cfg.scheduler) if config_group(cfg, "scheduler") is not None else None

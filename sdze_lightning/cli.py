@@ -9,6 +9,11 @@ Lightning ``Trainer``. Every run writes ``summary.json`` into its run directory
     sdze-train pde=poisson2d trainer.max_steps=2000 logger=csv
     sdze-train -m method=adam,sdze seed=0,1,2
     sdze-train --cfg job
+
+Bad input (a config value, a name, a custom PDE breaking the contract) found before the
+first training step is printed as one line, ``Error: <message>``, without a traceback,
+and the process exits with status 2; ``HYDRA_FULL_ERROR=1`` shows the traceback.
+Errors after the first step are bugs and keep theirs.
 """
 
 from __future__ import annotations
@@ -16,17 +21,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sdze_lightning.builders import build_problem, compose_config, config_group
 from sdze_lightning.callbacks.interrupt import GracefulInterrupt
@@ -64,6 +72,20 @@ def _quiet_third_party_warnings() -> Iterator[None]:
         yield
 
 
+#: Exception types that mean bad input when raised before the first training step.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    NotImplementedError,
+    HydraException,
+    OmegaConfBaseException,
+)
+#: Exit status of a run stopped by bad input (a failed run exits with 1).
+BAD_INPUT_EXIT = 2
+
+
 def build_loggers(cfg: DictConfig, record_config: bool = True) -> list[Any] | bool:
     """Instantiate the logger (fail-safe) and record the resolved config in it.
 
@@ -92,14 +114,42 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return [instantiate(c) for c in node.values() if c is not None]
 
 
+class FirstStepWatch(L.Callback):
+    """Records whether training reached its first step (later errors are not bad input)."""
+
+    def __init__(self) -> None:
+        self.reached = False
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        """Mark the first step as reached."""
+        self.reached = True
+
+
+def bad_input_message(err: BaseException) -> str | None:
+    """``err``'s message on one line if it is bad input (:data:`BAD_INPUT_ERRORS`), else ``None``.
+
+    Hydra's ``InstantiationException`` is unwrapped to the error of the constructor it
+    called (a ``RuntimeError`` there is a bug, not bad input).
+    """
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    if not isinstance(err, BAD_INPUT_ERRORS):
+        return None
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
 @_quiet_third_party_warnings()
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, run_dir: str | Path, callbacks: Sequence[L.Callback] = ()
+) -> dict[str, Any]:
     """Build everything from ``cfg``, fit, and return the run summary.
 
     All validation (names, dimensions, precision, residual shape, the resume's
     overrides, the logger's directory) happens before the first optimizer step and
     before anything is written to ``run_dir``. With ``ckpt_path`` the run continues
     with the config stored in the checkpoint (:mod:`sdze_lightning.run_dir`).
+    ``callbacks`` are added to the configured ones.
     """
     ckpt_path = cfg.get("ckpt_path")
     overrides, choices = _command_line(cfg)
@@ -116,7 +166,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     config = _plain(cfg)
     summary = RunSummary(dirpath=run_dir, echo=False)
     resume = f"sdze-train hydra.run.dir={run_dir} ckpt_path=last"
-    callbacks = [*build_callbacks(cfg), summary, GracefulInterrupt(resume)]
+    callbacks = [*build_callbacks(cfg), *callbacks, summary, GracefulInterrupt(resume)]
     callbacks.append(ConfigInCheckpoint(config, choices, run_dir))
     if cfg.get("replay_log"):
         from sdze_lightning.replay import SeedReplayLog, check_replayable
@@ -202,7 +252,15 @@ def run(overrides: list[str], run_dir: str | Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     """Run one training job (Hydra entry point)."""
     run_dir = HydraConfig.get().runtime.output_dir
-    summary = train(cfg, run_dir)
+    watch = FirstStepWatch()
+    try:
+        summary = train(cfg, run_dir, callbacks=[watch])
+    except Exception as err:
+        message = bad_input_message(err)
+        if message is None or watch.reached or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {message}", file=sys.stderr, flush=True)
+        sys.exit(BAD_INPUT_EXIT)
     print(json.dumps(summary), flush=True)
     if str(summary.get("status", "")).startswith("failed"):
         sys.exit(1)

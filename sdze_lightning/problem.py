@@ -45,6 +45,7 @@ from sdze_lightning.distributed import Shard, all_reduce_mean, all_true
 from sdze_lightning.divergence import MAX_CONSECUTIVE_SKIPS, NonFiniteLossError, check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
 from sdze_lightning.estimators.base import OPERATORS
+from sdze_lightning.memory_budget import Need, check_fits
 from sdze_lightning.methods.base import (
     ZerothOrderOptimizer,
     build_optimizer,
@@ -57,9 +58,15 @@ from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.nn.mlp import MLP
 from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
 from sdze_lightning.seeding import Stream, mix
+from sdze_lightning.threads import check_threads, resolve_threads
 
 log = logging.getLogger(__name__)
 
+#: Input numbers per held-out chunk at most (1 GiB in float32): the held-out points are
+#: drawn, evaluated and dropped chunk by chunk, so ``n_eval`` costs time, not memory.
+#: Up to d = 524,288 a chunk is 512 points, as the held-out set was always drawn.
+EVAL_CHUNK_ELEMENTS = 1 << 28
+EVAL_MAX_CHUNK = 512
 
 SUPPORTED_PRECISIONS = ("64-true", "64", "32-true", "32", "bf16-mixed", "bf16-true", "bf16")
 
@@ -175,6 +182,10 @@ class PINNProblem(L.LightningModule):
             source) through fused ``torch.compile`` kernels where it has them
             (:mod:`sdze_lightning.kernels`): faster at large ``d``, another
             summation order than the eager code. Recorded in ``summary.json``.
+        threads: torch's intra-op thread count during ``fit`` (restored afterwards):
+            ``"auto"`` picks it from the step's work and the cores free when ``fit``
+            starts (:mod:`sdze_lightning.threads`), an integer is used as given.
+            The count used is :attr:`intra_op_threads`.
 
     """
 
@@ -200,6 +211,7 @@ class PINNProblem(L.LightningModule):
         divergence: str = "stop",
         prefetch: bool = False,
         fused_kernels: bool = True,
+        threads: int | str = "auto",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -221,6 +233,7 @@ class PINNProblem(L.LightningModule):
         for name, flag in (("pde.prefetch", prefetch), ("pde.fused_kernels", fused_kernels)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be true or false, got {flag!r}.")
+        check_threads(threads)
         if squared_residual not in ("biased", "unbiased"):
             raise ValueError(
                 f"pde.squared_residual must be 'biased' or 'unbiased', got {squared_residual!r}."
@@ -242,6 +255,10 @@ class PINNProblem(L.LightningModule):
         self.steps_per_epoch = steps_per_epoch
         self.divergence = divergence
         self.fused_kernels = fused_kernels
+        self.threads = threads
+        #: The intra-op thread count of the last ``fit`` (``None`` before one).
+        self.intra_op_threads: int | None = None
+        self._threads_before: int | None = None
         #: This rank's share of each batch (the whole batch unless data-parallel).
         self.shard = Shard()
         #: Steps skipped under ``divergence="skip"`` (in total, and in a row).
@@ -314,7 +331,7 @@ class PINNProblem(L.LightningModule):
     # ------------------------------------------------------------------ helpers
     def _build_net(self, net: nn.Module | Callable[..., nn.Module] | None) -> nn.Module:
         if net is None:
-            return MLP(self.input_dim)
+            net = functools.partial(MLP)
         if not isinstance(net, nn.Module):
             given = getattr(net, "keywords", {}).get("in_features")
             if given is not None and given != self.input_dim:
@@ -324,6 +341,7 @@ class PINNProblem(L.LightningModule):
                     f"{' + time' if self.time_dependent else ''}); drop model.in_features: "
                     "the problem fills it in."
                 )
+            self._check_network_fits(net)
             net = net(in_features=self.input_dim)
         in_features = getattr(net, "in_features", None)
         if in_features is not None and in_features != self.input_dim:
@@ -334,6 +352,50 @@ class PINNProblem(L.LightningModule):
                 "or pass a factory."
             )
         return net
+
+    def _check_network_fits(self, factory: Callable[..., nn.Module]) -> None:
+        """Refuse a network whose parameters cannot fit, before allocating them.
+
+        Works for factories whose target has ``parameter_count(in_features=..., **kw)``
+        (:meth:`MLP.parameter_count`); others are built unchecked.
+        """
+        count = getattr(getattr(factory, "func", factory), "parameter_count", None)
+        if not callable(count):
+            return
+        try:
+            params = count(**{**getattr(factory, "keywords", {}), "in_features": self.input_dim})
+        except (TypeError, ValueError):
+            return  # bad values: the constructor reports them
+        itemsize = torch.empty((), dtype=torch.get_default_dtype()).element_size()
+        check_fits([self._network_need(params, itemsize)])
+
+    def _network_need(self, params: int, itemsize: int, what: str = "network parameters") -> Need:
+        width = "model.width (or pde.dim)" if self.input_dim > 1000 else "model.width"
+        return Need(f"{what} ({params:,})", params * itemsize, f"lower {width}")
+
+    def _check_training_fits(self) -> None:
+        """Refuse a run whose batches (and gradients) cannot fit next to the network.
+
+        The network is already allocated (the available memory excludes it); a
+        first-order method adds at least a gradient per parameter, each step holds its
+        collocation batch (two with ``prefetch``) and validation a held-out chunk.
+        """
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        needs = []
+        if not is_zeroth_order(self.method):
+            params = sum(p.numel() for p in self.net.parameters())
+            needs.append(self._network_need(params, itemsize, "gradients"))
+        batches = 2 if self._prefetcher is not None else 1
+        points = (self.n_interior + self.n_boundary) * batches
+        needs.append(Need(
+            f"collocation batch ({points} points x {self.input_dim} inputs)",
+            points * self.input_dim * itemsize,
+            "lower pde.n_interior" + (" or set prefetch=false" if batches > 1 else ""),
+        ))
+        rows = min(self.n_eval, self.eval_chunk_rows())
+        needs.append(Need(f"held-out chunk ({rows} points)", rows * self.input_dim * itemsize,
+                          "lower pde.n_eval"))
+        check_fits(needs, self.device)
 
     @property
     def model(self) -> ModelFunction:
@@ -648,6 +710,7 @@ class PINNProblem(L.LightningModule):
                     "and has no hard constraint): set pde.n_boundary to a positive number."
                 )
         self._dry_build_method()
+        self._check_training_fits()
 
     def _dry_build_method(self) -> None:
         """Build the method (and scheduler) once on a parameter-free copy of the network.
@@ -676,9 +739,10 @@ class PINNProblem(L.LightningModule):
             opt = build_optimizer(self.method, shadow)
             if self.scheduler is not None:
                 self.scheduler(opt)
-        except ValueError:
-            raise
         except Exception as err:
+            own = getattr(target, "__module__", "").startswith("sdze_lightning")
+            if isinstance(err, ValueError) and own:
+                raise  # this library's methods name the field themselves
             keywords = dict(getattr(self.method, "keywords", {}))
             raise ValueError(
                 f"The method {name} rejects its configuration {keywords} "
@@ -728,13 +792,16 @@ class PINNProblem(L.LightningModule):
             opt.reducer = all_reduce_mean
 
     def teardown(self, stage: str) -> None:
-        """Stop prefetching; back to the whole batch; zeroth-order methods closed.
+        """Stop prefetching; back to the whole batch and torch's thread count; methods closed.
 
         ``close()`` leaves the network a plain module (SDZE folds its offset and
         releases its forward hooks), so a later optimizer on the same network
         starts clean.
         """
         self.stop_prefetch()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         self.shard = Shard()
         for opt in self._zeroth_order_optimizers():
             opt.reducer = None
@@ -819,6 +886,7 @@ class PINNProblem(L.LightningModule):
         """Check the inputs on a tiny batch and set up data parallelism before the first step."""
         self.check_inputs()
         self._setup_data_parallel()
+        self._set_threads()
         self._skips_in_a_row = 0
         if is_zeroth_order(self.method) and not self.estimator.forward_only:
             log.warning(
@@ -826,6 +894,22 @@ class PINNProblem(L.LightningModule):
                 "but memory is no longer inference-level.",
                 self.estimator.name,
             )
+
+    def _set_threads(self) -> None:
+        """Apply the thread policy (:attr:`threads`) for this ``fit``; off accelerators only."""
+        if self.device.type != "cpu":
+            self.intra_op_threads = torch.get_num_threads()
+            return
+        points = self.n_interior + self.n_boundary
+        work = points * sum(p.numel() for p in self.net.parameters())
+        share = int(getattr(self.trainer, "num_devices", 1) or 1)
+        reserved = 1 if self._prefetcher is not None else 0
+        count = resolve_threads(self.threads, work, reserved=reserved, share=share)
+        if self._threads_before is None:
+            self._threads_before = torch.get_num_threads()
+        torch.set_num_threads(count)
+        self.intra_op_threads = count
+        log.info("Intra-op threads: %d (threads=%s).", count, self.threads)
 
     def on_train_end(self) -> None:
         """Fold the method's implicit offset (SDZE) into the weights at the end of training.
@@ -1026,36 +1110,47 @@ class PINNProblem(L.LightningModule):
         return StepOutcome(loss.detach(), terms)
 
     # ---------------------------------------------------------------- evaluation
-    def eval_batches(self, chunk: int = 512) -> Iterator[tuple[Tensor, Tensor]]:
-        """Held-out points and reference values in chunks (fixed seed)."""
+    def eval_chunk_rows(self) -> int:
+        """Held-out points per chunk: :data:`EVAL_CHUNK_ELEMENTS` input numbers at most."""
+        return max(1, min(EVAL_MAX_CHUNK, EVAL_CHUNK_ELEMENTS // self.input_dim))
+
+    def eval_batches(self, chunk: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Held-out points and reference values in chunks, regenerated from a fixed seed.
+
+        Each chunk is drawn when it is asked for: drop the previous one before asking
+        for the next to hold one chunk at a time. ``chunk`` defaults to
+        :meth:`eval_chunk_rows` (the points depend on it).
+        """
         gen = self.generator(0, 0, stream=Stream.EVAL)
-        remaining = self.n_eval
-        while remaining > 0:
-            n = min(chunk, remaining)
-            x = self.sample_interior(n, gen)
+        rows = chunk or self.eval_chunk_rows()
+        for start in range(0, self.n_eval, rows):
+            x = self.sample_interior(min(rows, self.n_eval - start), gen)
             ref = self.exact_solution(x)
             if ref is None:
                 return
             yield x, ref.to(self.dtype)
-            remaining -= n
+            del x, ref
 
     @torch.no_grad()
-    def relative_l2_error(self) -> float | None:
-        """Relative L2 error on the held-out points, or ``None`` without a reference."""
-        metric = RelativeL2Error().to(self.device)
+    def _update_eval_metric(self, metric: RelativeL2Error) -> bool:
+        """Stream the held-out set into ``metric``, one chunk in memory.
+
+        Returns ``False`` when the problem has no reference solution.
+        """
         found = False
         for x, ref in self.eval_batches():
             metric.update(self(x), ref)
             found = True
-        return float(metric.compute()) if found else None
+            del x, ref  # before the next chunk is drawn
+        return found
+
+    def relative_l2_error(self) -> float | None:
+        """Relative L2 error on the held-out points, or ``None`` without a reference."""
+        metric = RelativeL2Error().to(self.device)
+        return float(metric.compute()) if self._update_eval_metric(metric) else None
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Log ``val/rel_l2`` on the held-out points (torchmetrics, DDP-safe)."""
-        found = False
-        with torch.no_grad():
-            for x, ref in self.eval_batches():
-                self.rel_l2.update(self(x), ref)
-                found = True
-        if found:
+        if self._update_eval_metric(self.rel_l2):
             self.log("val/rel_l2", self.rel_l2, prog_bar=True)
 

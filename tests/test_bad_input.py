@@ -24,16 +24,27 @@ mistake for a result. The list:
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf.errors import OmegaConfBaseException
 from sdze_lightning.callbacks.summary import RunSummary
 from torch import nn
 
-from sdze_lightning.cli import run
+from sdze_lightning.cli import (
+    BAD_INPUT_EXIT,
+    FirstStepWatch,
+    bad_input_message,
+    compose_config,
+    main,
+    run,
+    train,
+)
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D
@@ -52,6 +63,11 @@ CONFIG_CASES = {
     "lr-sdze": (["method=sdze", "method.lr=fast"],
                 "method.lr must be a non-negative number, got 'fast'"),
     "lr-adam": (["method=adam", "method.lr=fast"], "The method Adam rejects its configuration"),
+    "lr-negative-adam": (["method=adam", "method.lr=-1"],
+                         "The method Adam rejects its configuration {'lr': -1}"),
+    "lr-negative-sdze": (["method=sdze", "method.lr=-1"],
+                         "method.lr must be a non-negative number, got -1"),
+    "threads": (["threads=0"], "threads must be 'auto' or a positive integer, got 0"),
     "betas": (["method=sdze", "method.betas=[0.9]"], "method.betas must be two numbers"),
     "queries": (["method=sdze", "method.queries=two"], "method.queries must be a positive integer"),
     "directions": (["estimator=fd", "estimator.num_directions=abc"],
@@ -245,3 +261,69 @@ def test_python_api_names_what_to_fix():
         from sdze_lightning.methods import SDZE
 
         SDZE([torch.zeros(2)])
+
+
+# ------------------------------------------------------------- the CLI's one-line report
+#: Cases that Hydra rejects while composing the config, before sdze-train's code runs:
+#: Hydra prints its own message (the allowed options on further lines), no traceback.
+COMPOSITION_CASES = {"pde-name", "method-name", "key"}
+
+
+def sdze_train_main(args, run_dir, capsys, monkeypatch) -> tuple[object, str]:
+    """Run the ``sdze-train`` entry point in this process; return (exit code, stderr)."""
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["sdze-train", *args, f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_cli_reports_bad_config_without_a_traceback(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    overrides, message = CONFIG_CASES[case]
+    code, err = sdze_train_main(BASE + overrides, tmp_path / "run", capsys, monkeypatch)
+    assert code not in (0, None)
+    assert "Traceback" not in err and 'File "' not in err
+    assert message in " ".join(err.split())
+    if case not in COMPOSITION_CASES:
+        assert code == BAD_INPUT_EXIT
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: "), err
+
+
+def test_cli_reports_a_custom_pde_contract_error_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code, err = sdze_train_main([*BASE, f"pde._target_={__name__}.WrongShape",
+                                 "pde.n_boundary=8"], tmp_path / "run", capsys, monkeypatch)
+    assert code == BAD_INPUT_EXIT and "Traceback" not in err
+    assert err.strip().startswith("Error: WrongShape.residual() must return a tensor of shape")
+
+
+def test_full_error_keeps_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(sys, "argv", ["sdze-train", *BASE, "method=sdze", "method.lr=-1",
+                                      f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="method.lr must be a non-negative number"):
+        main()
+
+
+class FailsLater(Poisson2D):
+    """A bug, not bad input: a ValueError at the second step, after the checks passed."""
+
+    def residual(self, x, d):
+        if self.global_step == 1:
+            raise ValueError("a bug in the second step")
+        return super().residual(x, d)
+
+
+def test_an_error_after_the_first_step_keeps_its_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    watch = FirstStepWatch()
+    cfg = compose_config([*BASE, "trainer.max_steps=3", f"pde._target_={__name__}.FailsLater",
+                          "logger=none"], tmp_path)
+    with pytest.raises(ValueError, match="a bug in the second step"):
+        train(cfg, tmp_path, callbacks=[watch])
+    assert watch.reached  # so main() re-raises it for Hydra to print with its traceback
+    assert bad_input_message(ValueError("x")) == "x"  # the type alone does not decide

@@ -210,3 +210,11 @@ def test_fused_scaling_smoke(tmp_path):
     fused = rows[1]
     assert fused["ratio_to_sdze"] == fused["s_per_step"] / rows[0]["s_per_step"]
     assert json.loads((tmp_path / "fused_scaling_smoke.json").read_text())["rows"] == rows
+
+
+def test_threads_smoke():
+    """benchmarks/threads.py: the main job through the CLI next to a busy process."""
+    mod = load_benchmark("threads")
+    (row,) = mod.main(["--smoke"])
+    assert row["run"] == "auto-busy" and row["busy_process"] is True and row["steps"] == 5
+    assert row["threads"] >= 1 and row["wall_s"] > row["train_s"] > 0

@@ -146,3 +146,42 @@ def test_bad_input_fails_early_without_results(tmp_path, override, message):
     assert out.returncode != 0
     assert message in out.stderr + out.stdout
     assert not (run / "summary.json").exists()
+
+
+def test_lightning_tips_are_silenced(caplog):
+    """Lightning logs a litlogger tip whenever a Trainer has no LitLogger: dropped here."""
+    import logging
+
+    import lightning as L
+
+    from sdze_lightning import tips
+
+    with caplog.at_level(logging.INFO):
+        L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    assert caplog.records, "Lightning logged nothing at all: the check below would be empty"
+    assert not [r for r in caplog.records if tips.TIP_PREFIX in r.getMessage()]
+    # without the filter the tip is there (so the assertion above can fail)
+    loggers = [logging.getLogger(name) for name in tips.RANK_ZERO_LOGGERS]
+    removed = [(lg, f) for lg in loggers for f in lg.filters
+               if isinstance(f, tips.DropLightningTips)]
+    for lg, f in removed:
+        lg.removeFilter(f)
+    caplog.clear()
+    try:
+        with caplog.at_level(logging.INFO):
+            L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    finally:
+        tips.silence_lightning_tips()
+    assert [r for r in caplog.records if tips.TIP_PREFIX in r.getMessage()]
+
+
+def test_cli_prints_bad_input_in_one_line_and_no_tip(tmp_path):
+    """The real console process: one line, status 2; a good run prints no tip."""
+    out = sdze_train(*SMALL, "method=sdze", "method.lr=-1", f"hydra.run.dir={tmp_path / 'a'}",
+                     cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "Error: method.lr must be a non-negative number, got -1."
+    out = sdze_train(*SMALL, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'b'}",
+                     cwd=tmp_path)
+    assert out.returncode == 0 and "Tip" not in out.stdout + out.stderr
+    assert last_json(out.stdout)["threads"] >= 1

@@ -163,6 +163,18 @@ class MLP(nn.Module):
             RNG is not used.
     """
 
+    @staticmethod
+    def parameter_count(
+        in_features: int, width: int = 128, depth: int = 4, out_features: int = 1, **_: object
+    ) -> int:
+        """The number of parameters of ``MLP(in_features, width, depth, out_features)``.
+
+        Lets a problem check the network's memory before allocating it; other
+        keyword arguments of the constructor are accepted and ignored.
+        """
+        sizes = [in_features] + [width] * depth + [out_features]
+        return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
     def __init__(
         self,
         in_features: int,

@@ -49,6 +49,7 @@ from sdze_lightning.memory_budget import Need, check_fits
 from sdze_lightning.methods.base import (
     ZerothOrderOptimizer,
     build_optimizer,
+    gradient_numel,
     is_zeroth_order,
     needs_forward_only_estimator,
 )
@@ -382,9 +383,9 @@ class PINNProblem(L.LightningModule):
         """
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         needs = []
-        if not is_zeroth_order(self.method):
-            params = sum(p.numel() for p in self.net.parameters())
-            needs.append(self._network_need(params, itemsize, "gradients"))
+        grads = gradient_numel(self.method, self.net)
+        if grads:
+            needs.append(self._network_need(grads, itemsize, "gradients"))
         batches = 2 if self._prefetcher is not None else 1
         points = (self.n_interior + self.n_boundary) * batches
         needs.append(Need(

@@ -339,3 +339,21 @@ def test_experiment_preset_decays_the_lr_to_zero_over_the_run(tmp_path):
     assert opt.param_groups[0]["lr"] == 0.0  # reached after trainer.max_steps steps
     summary = run(overrides, tmp_path / "run")
     assert summary["status"] == "completed" and summary["steps"] == 8
+
+
+def test_the_memory_check_counts_no_input_layer_gradient(monkeypatch):
+    """The pre-flight memory check charges Adam a gradient per parameter, the fused method
+    only its small layers' (the input layer's gradient is never formed)."""
+    from sdze_lightning import memory_budget
+
+    monkeypatch.setattr(memory_budget, "available_bytes", lambda device="cpu": 1)
+    messages = {}
+    for name, method in (("adam", torch.optim.Adam), ("fused", FusedAdafactor)):
+        problem = twobody(method=functools.partial(method), dim=400)
+        with pytest.raises(ValueError) as err:
+            problem.check_inputs()
+        messages[name] = str(err.value)
+    weight = WIDTH * 400
+    small = sum(p.numel() for p in twobody(dim=400).net.parameters()) - weight
+    assert f"gradients ({weight + small:,})" in messages["adam"]
+    assert f"gradients ({small:,})" in messages["fused"]

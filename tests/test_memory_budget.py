@@ -13,8 +13,8 @@ from sdze_lightning import memory_budget
 from sdze_lightning import problem as problem_module
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.nn import MLP
-from sdze_lightning.problem import STREAM_EVAL
 from sdze_lightning.problems import TwoBody
+from sdze_lightning.seeding import Stream
 
 
 class WatchedChunks(TwoBody):
@@ -75,7 +75,7 @@ def test_held_out_points_unchanged_at_moderate_dimension():
     """Up to d = 524,288 a chunk is 512 points: the same held-out set as before streaming."""
     problem = small_twobody(dim=8, n_eval=600)
     first, second = (x for x, _ in problem.eval_batches())
-    gen = problem.generator(0, 0, STREAM_EVAL)
+    gen = problem.generator(0, 0, stream=Stream.EVAL)
     assert torch.equal(first, problem.sample_interior(512, gen))
     assert torch.equal(second, problem.sample_interior(88, gen))
 

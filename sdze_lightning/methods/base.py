@@ -156,6 +156,20 @@ def needs_forward_only_estimator(factory: Any) -> bool:
     return bool(getattr(_target(factory), "needs_forward_only_estimator", False))
 
 
+def gradient_numel(factory: Any, module: nn.Module) -> int:
+    """Numbers of the dense gradients a method keeps for ``module`` (0: zeroth-order).
+
+    A method that keeps some gradients in another form says so with a static
+    ``gradient_numel(module)``; any other first-order method has one per parameter.
+    """
+    if is_zeroth_order(factory):
+        return 0
+    own = getattr(_target(factory), "gradient_numel", None)
+    if callable(own):
+        return int(own(module))
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 def build_optimizer(
     factory: Callable[..., torch.optim.Optimizer], module: nn.Module
 ) -> torch.optim.Optimizer:

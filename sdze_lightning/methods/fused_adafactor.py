@@ -129,6 +129,12 @@ class FusedAdafactor(torch.optim.Adam):
         self.register_load_state_dict_pre_hook(_remember_statistics)
         self.register_load_state_dict_post_hook(_restore_statistics)
 
+    @staticmethod
+    def gradient_numel(module: nn.Module) -> int:
+        """Dense gradient numbers: every parameter but the input layer's weight (factored)."""
+        weight = module.layers[0].weight
+        return sum(p.numel() for p in module.parameters() if p is not weight and p.requires_grad)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Run ``closure`` (forward + ``manual_backward``), then update every parameter.

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import statistics
 import sys
@@ -77,9 +76,8 @@ def fit_steps(method: str, dim: int, steps: int, cfg: BenchConfig) -> dict:
     """Train ``steps`` steps of ``method`` at ``dim``; the row of this method."""
     from sdze_lightning.nn import MLP
 
-    gc.collect()
+    reset_peak()  # trims the heap first: the base is read after it, so the peak is >= base
     base = rss()
-    reset_peak()
     est, opt = make_method(method, cfg.seed, cfg, DEFAULT_LRS)
     net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
     problem = make_problem("twobody", dim, cfg.seed, cfg, net=net, estimator=est, method=opt,

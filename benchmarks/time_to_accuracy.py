@@ -44,6 +44,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -234,7 +235,8 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
                 train_s=cb._train_s, final_rel_l2=final,
                 s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve,
                 floors=floor, lr=lrs["adam" if method.startswith("adam") else method],
-                lr_decay=lr_decay, peak_rss_bytes=peak_rss_total(), load=load_average())
+                lr_decay=lr_decay, peak_rss_bytes=peak_rss_total(), load=load_average(),
+                pid=os.getpid())
 
 
 #: Learning rates: the shipped configs' (SDZE, MeZO, Adam), and Adam's for the fused method.

@@ -136,27 +136,37 @@ class BatchSpanSDZE(SDZE):
 
 
 def captured_fractions(problem, steps: int, rank: int, seed: int) -> dict[str, float]:
-    """Share of the first layer's exact gradient ``G`` that a right factor holds, at the start.
+    """Share of the first layer's exact gradient that a right factor holds, at the start.
 
-    For steps ``0 .. steps - 1`` of the untrained network, ``G`` (``width x d``) of the
-    step's loss (key 0) by back-propagation, and the mean over the steps of
-    ``|G B|_F^2 / |G|_F^2`` for ``B`` = the whole batch span (the premise: 1 up to the
-    estimator's coordinate directions), the batch-span basis of rank ``rank`` (about
-    ``rank / N``) and a random basis as SDZE draws it (about ``rank / d``).
+    For steps ``s = 0 .. steps - 1`` of the untrained network: ``G_s`` (``width x d``),
+    the gradient of the step's loss (key 0) by back-propagation, and the mean over the
+    steps of ``|G B|_F^2 / |G|_F^2`` for ``B`` = the whole batch span (the premise: 1 up to
+    the estimator's coordinate directions), the batch-span basis of rank ``rank`` (about
+    ``rank / N``) and a random basis as SDZE draws it (about ``rank / d``). The same
+    shares of ``G`` = the mean gradient of the other steps (``mean_`` keys: the
+    direction that persists from batch to batch, which a basis of one batch's points
+    need not hold any better than a random one).
     """
     layer = problem.net.layers[0]
-    sums = dict(batch_span=0.0, span_basis=0.0, random_basis=0.0)
+    grads, bases = [], []
     for step in range(steps):
         problem.net.zero_grad(set_to_none=True)
         problem.loss_terms(step, 0)["loss"].backward()
-        grad, x = layer.weight.grad.double(), problem.points(step, 0).double()
-        bases = dict(batch_span=torch.linalg.qr(x.T)[0],
-                     span_basis=batch_span_basis(x, rank, seed, step),
-                     random_basis=LayerSubspace.draw(layer, rank, seed, step, 0).B.double())
-        for name, basis in bases.items():
-            sums[name] += float((grad @ basis).norm() ** 2 / grad.norm() ** 2) / steps
+        x = problem.points(step, 0).double()
+        grads.append(layer.weight.grad.double())
+        bases.append(dict(batch_span=torch.linalg.qr(x.T)[0],
+                          span_basis=batch_span_basis(x, rank, seed, step),
+                          random_basis=LayerSubspace.draw(layer, rank, seed, step, 0).B.double()))
     problem.net.zero_grad(set_to_none=True)
-    return sums
+    total = sum(grads)
+    shares: dict[str, float] = {}
+    for grad, step_bases in zip(grads, bases, strict=True):
+        others = (total - grad) / max(steps - 1, 1)
+        for name, basis in step_bases.items():
+            for key, g in ((name, grad), (f"mean_{name}", others)):
+                share = float((g @ basis).norm() ** 2 / g.norm() ** 2) / steps
+                shares[key] = shares.get(key, 0.0) + share
+    return shares
 
 
 def make_method(variant: str, seed: int, cfg: BenchConfig, lr: float,
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--lr", type=float, default=1e-2, help="every variant's lr (SDZE's default)")
     ap.add_argument("--rank", type=int, default=BenchConfig.rank)
     ap.add_argument("--period", type=int, default=BenchConfig.period)
-    ap.add_argument("--capture-steps", type=int, default=10,
+    ap.add_argument("--capture-steps", type=int, default=40,
                     help="steps over which the captured share of the gradient is averaged")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     ap.add_argument("--out", type=Path, default=RESULTS)

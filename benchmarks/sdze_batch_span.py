@@ -135,10 +135,11 @@ class BatchSpanSDZE(SDZE):
             self._install()
 
 
-def captured_fractions(problem, steps: int, rank: int, seed: int) -> dict[str, float]:
-    """Share of the first layer's exact gradient that a right factor holds, at the start.
+def captured_fractions(problem, steps: int, rank: int, seed: int,
+                       first_step: int = 0) -> dict[str, float]:
+    """Share of the first layer's exact gradient that a right factor holds, at the current weights.
 
-    For steps ``s = 0 .. steps - 1`` of the untrained network: ``G_s`` (``width x d``),
+    For steps ``s = first_step .. first_step + steps - 1``: ``G_s`` (``width x d``),
     the gradient of the step's loss (key 0) by back-propagation, and the mean over the
     steps of ``|G B|_F^2 / |G|_F^2`` for ``B`` = the whole batch span (the premise: 1 up to
     the estimator's coordinate directions), the batch-span basis of rank ``rank`` (about
@@ -149,7 +150,7 @@ def captured_fractions(problem, steps: int, rank: int, seed: int) -> dict[str, f
     """
     layer = problem.net.layers[0]
     grads, bases = [], []
-    for step in range(steps):
+    for step in range(first_step, first_step + steps):
         problem.net.zero_grad(set_to_none=True)
         problem.loss_terms(step, 0)["loss"].backward()
         x = problem.points(step, 0).double()
@@ -200,7 +201,9 @@ def run(variant: str, dim: int, seed: int, budget_s: float, every: int, n_eval: 
                            estimator=make_estimator("taylor", cfg.directions),
                            method=make_method(variant, seed, cfg, lr, points), n_eval=n_eval)
     floor = floors(problem, affine_max_dim=0)
-    captured = captured_fractions(problem, capture_steps, cfg.rank, seed) if capture_steps else None
+    captured = {}
+    if capture_steps:
+        captured["start"] = captured_fractions(problem, capture_steps, cfg.rank, seed)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10**9, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
@@ -208,6 +211,9 @@ def run(variant: str, dim: int, seed: int, budget_s: float, every: int, n_eval: 
     load_start = load_average()
     trainer.fit(problem)
     final = problem.relative_l2_error()
+    if capture_steps:  # at the trained weights (SDZE's offset is folded at the end), fresh batches
+        captured["end"] = captured_fractions(problem, capture_steps, cfg.rank, seed,
+                                             first_step=trainer.global_step + 1)
     return dict(variant=variant, dim=dim, seed=seed, lr=lr, steps=trainer.global_step,
                 train_s=cb._train_s, final_rel_l2=final, constant_floor=floor["constant"],
                 below_floor=final < floor["constant"],
@@ -246,9 +252,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"rel L2 {row['final_rel_l2']:.5f}, best constant {row['constant_floor']:.5f} "
               f"(1 - (err/floor)^2 = {row['explained']:+.4f}), load "
               f"{row['load_start']:.1f}-{row['load_end']:.1f}", flush=True)
-        if row["captured"]:
-            print("share of the first layer's gradient held at the start: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in row["captured"].items()), flush=True)
+        for when, shares in row["captured"].items():
+            print(f"share of the first layer's gradient held ({when}): " + ", ".join(
+                f"{k} {v:.4f}" for k, v in shares.items()), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "sdze_batch_span_smoke" if args.smoke else "sdze_batch_span"
     stem += f"_{args.tag}" if args.tag else ""

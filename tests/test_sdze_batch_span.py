@@ -104,12 +104,13 @@ def test_smoke_run_trains(tmp_path):
         assert len(errors) >= 2 and len(set(errors)) > 1  # the network changes as it trains
         assert 0 < r["constant_floor"] <= 1
         assert r["below_floor"] == (r["final_rel_l2"] < r["constant_floor"])
-        share = r["captured"]
-        assert all(0 <= v <= 1 + 1e-9 for v in share.values())
-        # the rank-r basis lies in the batch span, so it cannot hold more of either gradient
-        for prefix in ("", "mean_"):
-            assert share[f"{prefix}span_basis"] <= share[f"{prefix}batch_span"] + 1e-9
-        # fixed seeds, 10 steps: about r/N = 4/8 of the gradient against r/d = 4/50
-        assert share["span_basis"] > 2 * share["random_basis"]
+        assert set(r["captured"]) == {"start", "end"}
+        for share in r["captured"].values():  # untrained and trained weights
+            assert all(0 <= v <= 1 + 1e-9 for v in share.values())
+            # the rank-r basis lies in the batch span: it cannot hold more of either gradient
+            for prefix in ("", "mean_"):
+                assert share[f"{prefix}span_basis"] <= share[f"{prefix}batch_span"] + 1e-9
+            # fixed seeds, 10 steps: about r/N = 4/8 of the gradient against r/d = 4/50
+            assert share["span_basis"] > 2 * share["random_basis"]
     saved = json.loads((tmp_path / "sdze_batch_span_smoke.json").read_text())
     assert [r["variant"] for r in saved["rows"]] == ["span_p1", "span_rms"]

@@ -23,7 +23,10 @@ Variants, each through ``lightning.Trainer.fit`` for the same training wall time
   successive bases being exchangeable).
 
 Reported: the final relative L2 error on the held-out points against the error of the
-best constant network output (``floors``), per variant, and the load average.
+best constant network output (``floors``), per variant, and the load average; and, before
+and after training, the share of the first layer's exact gradient that the batch-span
+basis and a random basis hold, for one step's gradient and for the mean gradient of the
+other steps (``captured_fractions``).
 
     python benchmarks/sdze_batch_span.py                          # d = 1e3, 216 s per variant
     python benchmarks/sdze_batch_span.py --variants span_p1 --tag span_p1
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.smoke:
         cfg = dataclasses.replace(SMOKE, period=3)
         args.dim, args.budget_s, args.eval_every, args.n_eval = 50, 1.0, 5, 64
+        args.capture_steps = 10
     rows = []
     for variant in args.variants:
         row = run(variant, args.dim, args.seed, args.budget_s, args.eval_every, args.n_eval,

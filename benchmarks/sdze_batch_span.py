@@ -63,10 +63,10 @@ from _common import (  # noqa: E402
 from time_to_accuracy import WallClockEval, floors, make_problem  # noqa: E402
 
 from sdze_lightning.methods import SDZE  # noqa: E402
-from sdze_lightning.methods.seeds import generator  # noqa: E402
 from sdze_lightning.methods.subspace import LayerSubspace  # noqa: E402
+from sdze_lightning.seeding import Stream, generator  # noqa: E402
 
-#: Stream tag of the batch combinations (distinct from SDZE's streams).
+#: Tag of the batch combinations inside the user stream (the library's streams stay apart).
 _SPAN = 31
 #: The variants of the experiment.
 VARIANTS = ("sdze", "sdze_p1", "span_p1", "span_rms")
@@ -85,7 +85,7 @@ def batch_span_basis(x: Tensor, rank: int, seed: int, step: int) -> Tensor:
         ``Q`` of the QR of ``x^T R`` (``R``: ``(N, rank)`` Gaussian), signs fixed by ``diag(R)``.
 
     """
-    gen = generator(x.device, seed, _SPAN, step)
+    gen = generator(x.device, Stream.USER, seed, _SPAN, step)
     mix = torch.randn(x.shape[0], rank, generator=gen, device=x.device, dtype=x.dtype)
     q, r = torch.linalg.qr(x.T @ mix, mode="reduced")
     signs = torch.sign(torch.diagonal(r))

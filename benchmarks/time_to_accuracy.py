@@ -18,8 +18,9 @@ are not counted); every ``--eval-every`` steps a callback records the training w
 time and the relative L2 error on ``--n-eval`` held-out points. ``--lr-decay linear``
 decays every method's learning rate linearly to 0 over the budget's wall time (the
 schedule of the JAX STDE code, which decays over its step count). By default every
-run is a fresh subprocess whose peak RSS (``ru_maxrss``: parameters, optimizer state,
-batch, evaluation, the torch runtime) is reported beside its error. Reported: the final
+run is a fresh subprocess whose peak RSS (``VmHWM``: parameters, optimizer state,
+batch, evaluation, the torch runtime; not ``ru_maxrss``, which Linux carries over from
+the launching process) is reported beside its error. Reported: the final
 (not best) error per seed and its mean, for ``--seeds`` seeds.
 
 Reference lines (``floors``, in the JSON, the log and the plot): the error of the
@@ -64,7 +65,7 @@ from _common import (  # noqa: E402
     add_prefetch_flag,
     load_average,
     make_estimator,
-    peak_rss_total,
+    peak,
 )
 
 #: Methods: optimizer + spatial estimator.
@@ -235,7 +236,8 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
                 train_s=cb._train_s, final_rel_l2=final,
                 s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve,
                 floors=floor, lr=lrs["adam" if method.startswith("adam") else method],
-                lr_decay=lr_decay, peak_rss_bytes=peak_rss_total(), load=load_average(),
+                lr_decay=lr_decay, peak_rss_bytes=peak(),  # VmHWM: this process's own peak
+                load=load_average(),
                 pid=os.getpid())
 
 

@@ -11,6 +11,7 @@ from conftest import load_benchmark
 
 from sdze_lightning.methods.subspace import orthonormal_basis
 from sdze_lightning.nn import MLP
+from sdze_lightning.seeding import Stream
 
 span = load_benchmark("sdze_batch_span")
 
@@ -30,7 +31,8 @@ def test_batch_span_basis_is_orthonormal_and_in_the_span_of_the_batch():
     assert _span_residual(x, basis) < 1e-5
     # the check can fail: a random orthonormal basis of R^60 is mostly outside a 10-dim span
     # (expected squared distance of a unit column: 50/60)
-    random_basis = orthonormal_basis(60, 4, 0, 0, 0, 12, torch.float32, torch.device("cpu"))
+    random_basis = orthonormal_basis(60, 4, 0, 0, 0, Stream.SUBSPACE_RIGHT, torch.float32,
+                                     torch.device("cpu"))
     assert _span_residual(x, random_basis) > 0.5
     # a fresh draw per step, the same draw for the same step
     torch.testing.assert_close(span.batch_span_basis(x, 4, seed=0, step=3), basis)

@@ -65,6 +65,7 @@ def run_job(threads: str, busy: bool, steps: int, workdir: Path) -> dict:
             [sys.executable, "-m", "sdze_lightning.cli", *JOB, f"trainer.max_steps={steps}",
              f"threads={threads}", f"hydra.run.dir={run_dir}"],
             capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"),
+            cwd=run_dir,  # not the repository root: the installed package, not the source tree
         )
         wall = time.perf_counter() - start
     finally:

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
+from sdze_lightning.nn.mlp import MLP
 
 #: Default bound on the bytes of one block temporary (``width x columns``): small enough
 #: for a block and its statistics to stay in the CPU's cache between the passes over it.
@@ -100,8 +101,6 @@ class FusedAdafactor(torch.optim.Adam):
         block_bytes: int = BLOCK_BYTES,
         exact_rows: bool = False,
     ) -> None:
-        from sdze_lightning.nn.mlp import MLP
-
         if not isinstance(module, MLP):
             raise TypeError(
                 "method=fused_adafactor updates the input layer of the library's MLP "
@@ -113,10 +112,9 @@ class FusedAdafactor(torch.optim.Adam):
         if not eps1 >= 0:
             raise ValueError(f"method.eps1 must be >= 0, got {eps1!r}.")
         _refuse_data_parallel()
-        weight = module.layers[0].weight
-        rest = [p for p in module.parameters() if p is not weight and p.requires_grad]
         super().__init__(
-            [{"params": [weight], "factored": True}, {"params": rest, "factored": False}],
+            [{"params": [module.layers[0].weight], "factored": True},
+             {"params": _small_parameters(module), "factored": False}],
             lr=lr, betas=betas, eps=eps,
         )
         self.module = module
@@ -132,8 +130,7 @@ class FusedAdafactor(torch.optim.Adam):
     @staticmethod
     def gradient_numel(module: nn.Module) -> int:
         """Dense gradient numbers: every parameter but the input layer's weight (factored)."""
-        weight = module.layers[0].weight
-        return sum(p.numel() for p in module.parameters() if p is not weight and p.requires_grad)
+        return sum(p.numel() for p in _small_parameters(module))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -222,6 +219,12 @@ class FusedAdafactor(torch.optim.Adam):
         steps = [float(s["step"]) for s in self.state.values() if "step" in s]
         lrs = [g["lr"] for g in self.param_groups]
         return f"FusedAdafactor(lr={lrs}, step={int(max(steps)) if steps else 0})"
+
+
+def _small_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Every trainable parameter but the input layer's weight: Adam's group."""
+    weight = module.layers[0].weight
+    return [p for p in module.parameters() if p is not weight and p.requires_grad]
 
 
 def _refuse_data_parallel() -> None:

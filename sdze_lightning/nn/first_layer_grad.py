@@ -43,11 +43,6 @@ class FirstLayerGradient:
     def __bool__(self) -> bool:
         return bool(self.dense or self.sparse)
 
-    def clear(self) -> None:
-        """Forget the recorded factors."""
-        self.dense.clear()
-        self.sparse.clear()
-
     def product(self, z: Tensor, weight: Tensor) -> Tensor:
         """``z @ weight.T``, recording ``(dL/d out, z)`` when back-propagated."""
         return _RecordedProduct.apply(z, weight, self)

@@ -59,6 +59,13 @@ def directional_autodiff(model: ModelFunction, x: Tensor, v: Tensor, order: int)
     return fn(rows).reshape(k, n)
 
 
+def _distinct_up_to_sign(v: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct rows of ``v`` up to sign (first non-zero entry positive), with counts."""
+    lead = torch.gather(v, 1, (v != 0).to(torch.int8).argmax(dim=1, keepdim=True))
+    canonical = v * torch.where(lead < 0, -1.0, 1.0).to(v.dtype)
+    return torch.unique(canonical, dim=0, return_counts=True)
+
+
 class HutchinsonEstimator(DirectionalEstimator):
     """Hutchinson's ``E[v^T H v]`` via ``torch.func`` HVPs (back-propagates in ``x``).
 
@@ -88,6 +95,31 @@ class HutchinsonEstimator(DirectionalEstimator):
         v = dirs.materialize(x.dtype, x.device)
         out = {k: directional_autodiff(model, x, v, k) for k in sorted(orders)}
         return (model(x) if u0 is None else u0), out
+
+    def directional_means(
+        self, model: ModelFunction, x: Tensor, dirs: Directions, orders: Collection[int],
+        u0: Tensor | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Means over the directions, each probe that repeats up to sign computed once.
+
+        In ``D`` dimensions there are only ``2^(D-1)`` Rademacher probes up to sign, and
+        an even order ``D_v^k u`` is the same for ``v`` and ``-v``: with more probes
+        than that (16 probes on a 2-D problem: 2 distinct ones), the repeats are
+        evaluated once and weighted by their count. Same estimator, same value up to
+        the order of summation; the cost falls to that of the distinct probes.
+        """
+        repeats = (
+            dirs.dense is not None
+            and all(k % 2 == 0 for k in orders)
+            and 2 ** (dirs.dim - 1) < dirs.count
+        )
+        if repeats:
+            unique, counts = _distinct_up_to_sign(dirs.dense)
+            if unique.shape[0] < dirs.count:
+                weights = counts.to(x.dtype) / dirs.count
+                u, dv = self.directional(model, x, Directions(dirs.dim, dense=unique), orders, u0)
+                return u, {k: weights @ val for k, val in dv.items()}
+        return super().directional_means(model, x, dirs, orders, u0)
 
     def estimate(
         self,

@@ -62,9 +62,11 @@ estimators that differentiate in ``x`` with ``torch.autograd.grad`` (``exact``,
 
 The optimizer needs the per-point residuals, not only the loss: it sets
 :attr:`PDEAware.needs_residuals`, and :class:`~sdze_lightning.PINNProblem`
-then calls ``step(closure, residuals=fn)`` with ``fn()`` returning the
+then calls ``step(closure, residuals=fn, points=N)`` with ``fn()`` returning the
 interior residual vector ``(N,)`` and the weighted boundary term (or ``None``),
-both differentiable in the parameters.
+both differentiable in the parameters. Given ``points``, the default rule
+(``first_moment="loss"``) never builds the whole batch's residual graph: the
+closure has the loss gradient and the chunks have the moments.
 """
 
 from __future__ import annotations
@@ -201,7 +203,10 @@ class PDEAware(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Tensor] | None = None, residuals: ResidualFn | None = None
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        residuals: ResidualFn | None = None,
+        points: int | None = None,
     ) -> Tensor | None:
         """One update.
 
@@ -210,6 +215,8 @@ class PDEAware(torch.optim.Optimizer):
                 ``first_moment="loss"``; otherwise only used for the returned loss).
             residuals: Returns the interior residual vector ``(N,)`` and the
                 weighted boundary term (or ``None``), differentiable in the parameters.
+            points: ``N``, if known: spares the whole-batch residual when only the
+                chunks need it (``first_moment="loss"`` with a ``rows`` argument).
 
         Returns:
             The closure's loss, if a closure was given.
@@ -228,23 +235,46 @@ class PDEAware(torch.optim.Optimizer):
             raise ValueError("first_moment='loss' needs a closure that back-propagates the loss.")
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         with torch.enable_grad():
-            r, boundary = residuals()
-            if self._takes_rows(residuals):
-                mean_g2 = self._chunked_squares(residuals, params, r.numel())
-                mean_g = torch.autograd.grad(
-                    r.mean(), params, allow_unused=True, materialize_grads=True
-                ) if self.first_moment == "residual" else None
+            if points is not None and self.first_moment == "loss" and self._takes_rows(residuals):
+                first = self._grads(params)
+                mean_g2 = self._chunked_squares(residuals, params, points)
             else:
-                mean_g, mean_g2 = per_point_moments(r, params, self.chunk_size)
-            if self.first_moment == "residual":
-                first = list(mean_g)
-                if boundary is not None:
-                    gb = torch.autograd.grad(
-                        boundary, params, allow_unused=True, materialize_grads=True
-                    )
-                    first = [a + b for a, b in zip(first, gb, strict=True)]
-            else:
-                first = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+                first, mean_g2 = self._moments(residuals, params)
+        self._update(params, first, mean_g2)
+        return loss
+
+    def _moments(
+        self, residuals: ResidualFn, params: Sequence[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """First-moment input and ``mean_i g_i * g_i`` from the whole batch's residuals."""
+        r, boundary = residuals()
+        if self._takes_rows(residuals):
+            mean_g2 = self._chunked_squares(residuals, params, r.numel())
+            mean_g = torch.autograd.grad(
+                r.mean(), params, allow_unused=True, materialize_grads=True
+            ) if self.first_moment == "residual" else None
+        else:
+            mean_g, mean_g2 = per_point_moments(r, params, self.chunk_size)
+        if self.first_moment == "residual":
+            first = list(mean_g)
+            if boundary is not None:
+                gb = torch.autograd.grad(
+                    boundary, params, allow_unused=True, materialize_grads=True
+                )
+                first = [a + b for a, b in zip(first, gb, strict=True)]
+        else:
+            first = self._grads(params)
+        return first, list(mean_g2)
+
+    @staticmethod
+    def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+        """The closure's gradients (zero where a parameter got none)."""
+        return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+    def _update(
+        self, params: Sequence[Tensor], first: Sequence[Tensor], mean_g2: Sequence[Tensor]
+    ) -> None:
+        """Apply the rule given the first-moment input and ``mean_i g_i * g_i``."""
         pairs = zip(first, mean_g2, strict=True)
         moments = {id(p): fs for p, fs in zip(params, pairs, strict=True)}
         for group in self.param_groups:
@@ -269,4 +299,3 @@ class PDEAware(torch.optim.Optimizer):
                 else:
                     denom = v.sqrt()
                 p.addcdiv_(m, denom.add_(group["eps"]), value=-group["lr"])
-        return loss

@@ -25,7 +25,7 @@ def test_every_pair_of_the_configs_runs_or_refuses_at_a_small_size():
         row = bench.measure(method, estimator, 2, True)
         assert row["status"] in ("runs", "refuses"), row
         if row["status"] == "runs":
-            assert row["s_per_step"] > 0
+            assert row["s_per_step"] > 0 and row["adam_exact_s_per_step"] > 0
         else:
             assert row["why"], row
 

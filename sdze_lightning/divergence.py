@@ -17,6 +17,15 @@ the method's state. The problem's ``divergence`` policy then decides:
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sdze_lightning.stepping import StepOutcome
+
+log = logging.getLogger(__name__)
+
 #: Values of ``divergence`` (``PINNProblem(divergence=...)``, config key ``divergence``).
 DIVERGENCE_POLICIES: tuple[str, ...] = ("stop", "skip")
 #: Under ``divergence="skip"``, stop after this many non-finite steps in a row.
@@ -53,3 +62,48 @@ def check_policy(policy: str) -> None:
         raise ValueError(
             f"divergence must be one of {list(DIVERGENCE_POLICIES)}, got {policy!r}."
         )
+
+
+class DivergenceGuard:
+    """Applies a divergence policy to the steps of a run.
+
+    Args:
+        policy: ``"stop"`` or ``"skip"`` (:data:`DIVERGENCE_POLICIES`).
+
+    Attributes:
+        skipped_steps: Steps skipped under ``"skip"`` (saved in checkpoints).
+        in_a_row: Steps skipped in a row now.
+
+    """
+
+    def __init__(self, policy: str) -> None:
+        check_policy(policy)
+        self.policy = policy
+        self.skipped_steps = 0
+        self.in_a_row = 0
+
+    def run(self, step: Callable[[bool], StepOutcome]) -> StepOutcome:
+        """Run ``step(skip_nonfinite)``; count a skipped step or stop after too many.
+
+        Under ``"skip"`` the step that would be the :data:`MAX_CONSECUTIVE_SKIPS`-th skip in
+        a row is not allowed to skip: its error ends training.
+        """
+        skip = self.policy == "skip" and self.in_a_row + 1 < MAX_CONSECUTIVE_SKIPS
+        try:
+            outcome = step(skip)
+        except NonFiniteLossError as err:
+            if self.policy == "skip":
+                raise NonFiniteLossError(
+                    err.step,
+                    err.terms,
+                    f"{err.method_state}; stopping: {self.in_a_row + 1} non-finite "
+                    "steps in a row under divergence=skip",
+                ) from None
+            raise
+        if outcome.skipped is not None:
+            self.in_a_row += 1
+            self.skipped_steps += 1
+            log.warning("%s Skipping the step (divergence=skip).", outcome.skipped)
+        else:
+            self.in_a_row = 0
+        return outcome

@@ -5,7 +5,8 @@ applied: first-order steps check the loss before ``backward``, zeroth-order
 steps check the ``2 q`` loss values (after the data-parallel reduction, so all
 ranks decide alike) before the update. The step raises
 :class:`NonFiniteLossError`, whose message names the step, the loss terms and
-the method's state. The problem's ``divergence`` policy then decides:
+the method's state. The problem's ``divergence`` policy then decides
+(:class:`DivergenceGuard`):
 
 * ``"stop"`` (default): the error ends ``fit``. Lightning saves no checkpoint
   on an exception, so ``last.ckpt`` stays the last good one.
@@ -65,10 +66,7 @@ def check_policy(policy: str) -> None:
 
 
 class DivergenceGuard:
-    """Applies a divergence policy to the steps of a run.
-
-    Args:
-        policy: ``"stop"`` or ``"skip"`` (:data:`DIVERGENCE_POLICIES`).
+    """Applies a divergence policy to the steps of a run and counts the skipped ones.
 
     Attributes:
         skipped_steps: Steps skipped under ``"skip"`` (saved in checkpoints).
@@ -76,23 +74,21 @@ class DivergenceGuard:
 
     """
 
-    def __init__(self, policy: str) -> None:
-        check_policy(policy)
-        self.policy = policy
+    def __init__(self) -> None:
         self.skipped_steps = 0
         self.in_a_row = 0
 
-    def run(self, step: Callable[[bool], StepOutcome]) -> StepOutcome:
-        """Run ``step(skip_nonfinite)``; count a skipped step or stop after too many.
+    def run(self, policy: str, step: Callable[[bool], StepOutcome]) -> StepOutcome:
+        """Run ``step(skip_nonfinite)`` under ``policy``; count a skipped step.
 
         Under ``"skip"`` the step that would be the :data:`MAX_CONSECUTIVE_SKIPS`-th skip in
         a row is not allowed to skip: its error ends training.
         """
-        skip = self.policy == "skip" and self.in_a_row + 1 < MAX_CONSECUTIVE_SKIPS
+        skip = policy == "skip" and self.in_a_row + 1 < MAX_CONSECUTIVE_SKIPS
         try:
             outcome = step(skip)
         except NonFiniteLossError as err:
-            if self.policy == "skip":
+            if policy == "skip":
                 raise NonFiniteLossError(
                     err.step,
                     err.terms,

@@ -103,7 +103,7 @@ class PINNProblem(L.LightningModule):
         #: This rank's share of each batch (the whole batch unless data-parallel).
         self.shard = Shard()
         self.collocation = collocation.Collocation(self, prefetch)
-        self.divergence_guard = DivergenceGuard(divergence)
+        self.divergence_guard = DivergenceGuard()
         self.fit_threads = FitThreads(threads)
         #: The intra-op thread count of the last ``fit`` (``None`` before one).
         self.intra_op_threads: int | None = None
@@ -259,8 +259,7 @@ class PINNProblem(L.LightningModule):
     # ---------------------------------------------------------------- lightning hooks
     def setup(self, stage: str) -> None:
         """Reject a Trainer precision this library cannot train with."""
-        trainer = getattr(self, "_trainer", None)
-        check_precision(trainer.precision if trainer else "32-true")
+        check_precision(self.trainer.precision)
 
     def on_fit_start(self) -> None:
         """Check the inputs (once), shard the batches under DDP, set the thread count."""
@@ -269,9 +268,8 @@ class PINNProblem(L.LightningModule):
         sizes = {"pde.n_interior": self.n_interior, "pde.n_boundary": self.n_boundary}
         self.shard = data_parallel_shard(self.trainer, inner_optimizers(self), sizes)
         work = (self.n_interior + self.n_boundary) * sum(p.numel() for p in self.net.parameters())
-        share = int(getattr(self.trainer, "num_devices", 1) or 1)
         self.intra_op_threads = self.fit_threads.apply(
-            self.device.type == "cpu", work, reserved=int(self.prefetch), share=share
+            self.device.type == "cpu", work, int(self.prefetch), self.trainer.num_devices
         )
         self.divergence_guard.in_a_row = 0
 
@@ -306,7 +304,7 @@ class PINNProblem(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """One optimizer step (:meth:`run_step`) under the :attr:`divergence` policy."""
-        outcome = self.divergence_guard.run(lambda skip: self.run_step(
+        outcome = self.divergence_guard.run(self.divergence, lambda skip: self.run_step(
             self.optimizers(), self.global_step, backward=self.manual_backward, skip_nonfinite=skip
         ))
         sched = self.lr_schedulers()

@@ -163,7 +163,7 @@ def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> d
     row["ratio_to_sdze"] = row["s_per_step"] / row["sdze_s_per_step"]
     row["steps_timed"] = len(times)
     # share of the source's rows the prefetch thread prepared at the end (PreparePlacement)
-    row["prefetch_share"] = problem._placement.share if cfg.prefetch else None
+    row["prefetch_share"] = problem.collocation.placement.share if cfg.prefetch else None
     problem.stop_prefetch()  # no background build during the forward timing below
     if ref is not None:
         ref[0].stop_prefetch()

@@ -31,13 +31,15 @@ claim.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from sdze_lightning.methods.base import ZerothOrderOptimizer
 
 #: Collectives whose tensor payloads :class:`CommunicationCounter` counts.
 COLLECTIVES: tuple[str, ...] = (
@@ -114,6 +116,50 @@ class Shard:
         if not self.active:
             return values.mean()
         return values.sum() * (self.world_size / n_total)
+
+
+def data_parallel_shard(
+    trainer: Any,
+    optimizers: Sequence[Any],
+    sizes: Mapping[str, int],
+) -> Shard:
+    """This rank's :class:`Shard` for ``trainer``; installs the loss-value reduction under DDP.
+
+    Zeroth-order two-point methods and plain first-order optimizers (whose
+    gradients Lightning's DDP averages) evaluate this rank's share of the
+    points. Optimizers that compute their own per-point gradients
+    (``needs_residuals``, e.g. pde_aware) see the whole batch on every rank.
+
+    Args:
+        trainer: The Lightning Trainer.
+        optimizers: Its optimizers, unwrapped; the zeroth-order ones get
+            :func:`all_reduce_mean` as their ``reducer``.
+        sizes: Points per batch by config name (``pde.n_interior``, ...); each must
+            give every rank at least one point.
+
+    """
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if world <= 1:
+        return Shard()
+    from lightning.pytorch.strategies import DDPStrategy
+
+    zeroth_order = [o for o in optimizers if isinstance(o, ZerothOrderOptimizer)]
+    if zeroth_order and not isinstance(trainer.strategy, DDPStrategy):
+        raise ValueError(
+            f"Zeroth-order methods support trainer.strategy=ddp (ddp, ddp_spawn, ddp_fork) "
+            f"across devices; got {type(trainer.strategy).__name__}."
+        )
+    if any(getattr(o, "needs_residuals", False) for o in optimizers):
+        return Shard()
+    for name, n in sizes.items():
+        if 0 < n < world:
+            raise ValueError(
+                f"{name}={n} is smaller than the number of ranks ({world}); every rank "
+                "needs at least one point."
+            )
+    for opt in zeroth_order:
+        opt.reducer = all_reduce_mean
+    return Shard(int(trainer.global_rank), world)
 
 
 def all_reduce_mean(values: Tensor, group: Any = None) -> Tensor:

@@ -18,11 +18,14 @@ the user wins over ``auto``; a positive integer is used as given.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 #: Multiply-adds of one step's largest work item (points x network parameters) per
 #: thread below which another thread does not pay: Poisson 2D with the MLP 4x128 and
@@ -122,3 +125,42 @@ def resolve_threads(setting: int | str, work: float, reserved: int = 0, share: i
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     return choose_threads(work, free_cores(), allowed_cores(), reserved, share)
+
+
+class FitThreads:
+    """torch's intra-op thread count during ``fit``: :meth:`apply` sets it, :meth:`restore` undoes.
+
+    Args:
+        setting: ``"auto"`` or a positive integer (:func:`resolve_threads`).
+
+    """
+
+    def __init__(self, setting: int | str) -> None:
+        check_threads(setting)
+        self.setting = setting
+        self._before: int | None = None
+
+    def apply(self, on_cpu: bool, work: float, reserved: int = 0, share: int = 1) -> int:
+        """Set the count for one ``fit`` (off accelerators only) and return the count in use.
+
+        Args:
+            on_cpu: Whether the model runs on the CPU (elsewhere the count is left alone).
+            work: Multiply-adds of the step's largest work item (points x parameters).
+            reserved: Cores taken by this process's own extra threads (a prefetch thread).
+            share: Processes of this run on this machine.
+
+        """
+        if not on_cpu:
+            return torch.get_num_threads()
+        count = resolve_threads(self.setting, work, reserved=reserved, share=share)
+        if self._before is None:
+            self._before = torch.get_num_threads()
+        torch.set_num_threads(count)
+        log.info("Intra-op threads: %d (threads=%s).", count, self.setting)
+        return count
+
+    def restore(self) -> None:
+        """Put back the count torch had before :meth:`apply`."""
+        if self._before is not None:
+            torch.set_num_threads(self._before)
+            self._before = None

@@ -78,7 +78,7 @@ def worker(out: Path) -> None:
 
     def recording_begin_step(step: int) -> None:  # the batch each step gets from the thread
         begin_step(step)
-        sizes.append(ahead._points[(step, 0)].shape[0])
+        sizes.append(ahead.collocation.cache[(step, 0)].shape[0])
 
     ahead.begin_step = recording_begin_step
     ddp_bytes.trainer(2, STEPS, "64-true").fit(ahead)

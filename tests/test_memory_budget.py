@@ -9,8 +9,8 @@ import pytest
 import torch
 from sdze_lightning.callbacks import SolutionPlot
 
+from sdze_lightning import evaluation as problem_module
 from sdze_lightning import memory_budget
-from sdze_lightning import problem as problem_module
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import TwoBody

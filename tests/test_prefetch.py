@@ -104,8 +104,9 @@ def test_training_with_prefetch_is_identical_and_prepares_once_per_batch(
         monkeypatch.setattr(TwoBody, "_block_source", counted)
         problem = _two_body(prefetch, steps_per_epoch=3)  # validation between steps too
         if placement != "auto":
-            problem._placement.auto = False
-            problem._placement.share = {"ahead": 1.0, "main": 0.0, "split": 0.5}[placement]
+            placement_of = problem.collocation.placement
+            placement_of.auto = False
+            placement_of.share = {"ahead": 1.0, "main": 0.0, "split": 0.5}[placement]
         losses: list[float] = []
         problem.on_train_batch_end = lambda *a, p=problem, out=losses: out.append(p.last_loss)
         make_trainer(max_steps=8).fit(problem)
@@ -163,8 +164,8 @@ def test_a_one_argument_prepare_batch_override_still_works(make_trainer, share):
             n_interior=16, seed=3, prefetch=prefetch,
             method=functools.partial(SDZE, lr=1e-2, rank=2, period=3),
         )
-        problem._placement.auto = False
-        problem._placement.share = share
+        problem.collocation.placement.auto = False
+        problem.collocation.placement.share = share
         out: list[float] = []
         problem.on_train_batch_end = lambda *a, p=problem, o=out: o.append(p.last_loss)
         make_trainer(max_steps=4).fit(problem)
@@ -219,23 +220,23 @@ def test_a_failed_fit_stops_the_thread_and_drops_its_batch(make_trainer):
     problem.loss_terms = nan_at_step_3
     with pytest.raises(NonFiniteLossError):
         make_trainer(max_steps=8).fit(problem)
-    assert problem._prefetcher.pending_step is None
+    assert problem.collocation.prefetcher.pending_step is None
     assert not _prefetch_threads()
 
 
 def test_a_batch_prefetched_before_fit_is_dropped_at_train_start(make_trainer):
     problem = _two_body(True)
     problem.begin_step(0)  # leaves step 1 pending, as a failed or manual run could
-    assert problem._prefetcher.pending_step == 1
+    assert problem.collocation.prefetcher.pending_step == 1
     problem.on_train_start()
-    assert problem._prefetcher.pending_step is None
+    assert problem.collocation.prefetcher.pending_step is None
 
 
 def test_prefetch_is_turned_off_without_crns(make_trainer):
     problem = _two_body(True, method=functools.partial(SDZE, lr=1e-2, rank=2, crns=False))
     with pytest.warns(UserWarning, match="crns=false"):
         make_trainer(max_steps=2).fit(problem)
-    assert problem._prefetcher is None and not _prefetch_threads()
+    assert problem.collocation.prefetcher is None and not _prefetch_threads()
 
 
 @pytest.mark.parametrize("precision", ["32-true", "64-true", "bf16-mixed"])
@@ -261,8 +262,8 @@ def test_prefetch_gives_the_same_losses_under_every_accepted_precision(
             n_interior=16, n_eval=0, seed=3, prefetch=prefetch,
             method=functools.partial(SDZE, lr=1e-2, rank=2, period=3),
         )
-        problem._placement.auto = False
-        problem._placement.share = 0.5
+        problem.collocation.placement.auto = False
+        problem.collocation.placement.share = 0.5
         losses: list[float] = []
         problem.on_train_batch_end = lambda *a, p=problem, out=losses: out.append(p.last_loss)
         make_trainer(max_steps=6, precision=precision).fit(problem)

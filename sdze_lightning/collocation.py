@@ -1,0 +1,170 @@
+"""Collocation points: sampling, the per-step cache and the prefetch hand-over.
+
+The points of a step are a pure function of ``(seed, step, key, stream)``
+(:mod:`sdze_lightning.seeding`): every evaluation of a step with the same noise key
+sees the same points, and under data parallelism every rank draws the whole batch
+and keeps its share (:class:`~sdze_lightning.distributed.Shard`). Within a step the
+interior points are cached per key (:attr:`Collocation.cache`); with ``prefetch`` the
+batch of the next step is built on a background thread (:mod:`sdze_lightning.prefetch`)
+and handed over when the step begins.
+
+The functions take the problem first: :class:`~sdze_lightning.problem.PINNProblem`
+binds them as its methods (``problem.points(step, key)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
+from sdze_lightning.seeding import Stream
+
+if TYPE_CHECKING:
+    from sdze_lightning.problem import PINNProblem
+
+
+class Collocation:
+    """The collocation state of one problem (its ``collocation`` attribute).
+
+    Args:
+        problem: The problem whose batches are prefetched.
+        prefetch: Build the next step's interior batch on a background thread.
+
+    Attributes:
+        cache: Interior points of the current step, by ``(step, key)``.
+        prefetcher: The background builder (``None`` without prefetching).
+        placement: Which thread prepares prefetched batches (chosen from measured times).
+        prepare_takes_rows: Whether ``prepare_batch`` takes ``rows`` (an older override
+            may not).
+
+    """
+
+    def __init__(self, problem: PINNProblem, prefetch: bool) -> None:
+        self.cache: dict[tuple[int, int], Tensor] = {}
+        make = functools.partial(training_batch, problem)
+        self.prefetcher = BatchPrefetcher(make) if prefetch else None
+        self.placement = PreparePlacement()
+        self.prepare_takes_rows = "rows" in inspect.signature(problem.prepare_batch).parameters
+        self.main_since: float | None = None
+
+
+def points(problem: PINNProblem, step: int, key: int) -> Tensor:
+    """Interior points of ``step`` for noise key ``key`` (cached within the step).
+
+    Under data parallelism, this rank's share (``problem.shard``) of the batch:
+    every rank samples the whole batch from the same seed and keeps its rows.
+    """
+    state = problem.collocation
+    cached = state.cache.get((step, key))
+    if cached is None:
+        cached = sample_points(problem, step, key)
+        state.cache = {(step, key): cached} | {
+            k: v for k, v in state.cache.items() if k[0] == step
+        }
+    return cached
+
+
+def sample_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
+    """Interior points of ``step`` for noise key ``key``, drawn anew (not cached)."""
+    gen = problem.generator(step, key, stream=Stream.INTERIOR)
+    return problem.shard.take(problem.sample_interior(problem.n_interior, gen))
+
+
+def boundary_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
+    """Boundary/initial points of ``step`` (this rank's share under data parallelism)."""
+    gen = problem.generator(step, key, stream=Stream.BOUNDARY)
+    xb = problem.sample_boundary(problem.n_boundary, gen)
+    if xb.shape[0] == 0:
+        raise ValueError(f"{type(problem).__name__}.sample_boundary() returned no points.")
+    return problem.shard.take(xb)
+
+
+@contextlib.contextmanager
+def isolated_points(problem: PINNProblem) -> Iterator[None]:
+    """Points cached inside the block (probes, measurements) are dropped at its end.
+
+    The per-step cache of :func:`points` is left as the block found it.
+    """
+    saved = dict(problem.collocation.cache)
+    try:
+        yield
+    finally:
+        problem.collocation.cache = saved
+
+
+def training_batch(problem: PINNProblem, step: int) -> tuple[Tensor, float, float]:
+    """Interior points of training ``step`` (key 0) with the times of building them.
+
+    Returns ``(x, sampling seconds, prepare seconds)``; on the prefetch thread the
+    problem's ``prepare_batch`` gets the share of rows that the placement gives that
+    thread (none: 0 s).
+    """
+    state = problem.collocation
+    t0 = time.perf_counter()
+    x = sample_points(problem, step, 0)
+    t1 = time.perf_counter()
+    rows = state.placement.rows_ahead(len(x))
+    if state.prepare_takes_rows:
+        if rows > 0:
+            problem.prepare_batch(x, rows)
+    elif 2 * rows >= len(x):  # an override of the one-argument hook: all or nothing
+        problem.prepare_batch(x)
+    return x, t1 - t0, time.perf_counter() - t1
+
+
+def begin_step(problem: PINNProblem, step: int) -> None:
+    """Make the interior batch of training ``step`` ready (``prefetch=True``).
+
+    Takes it from the prefetch thread (waiting if it is not done), prepares
+    the rows the prefetch thread left (:class:`~sdze_lightning.prefetch.PreparePlacement`
+    splits them between the threads) and starts the batch of ``step + 1``;
+    without prefetching, does nothing (the batch is drawn when the loss first
+    asks for it).
+    """
+    state = problem.collocation
+    if state.prefetcher is None:
+        return
+    now = time.perf_counter()
+    main_s = None if state.main_since is None else now - state.main_since
+    x, sample_s, ahead_s = state.prefetcher.get(step)
+    t0 = time.perf_counter()
+    problem.prepare_batch(x)
+    state.placement.record(sample_s, ahead_s + time.perf_counter() - t0, main_s)
+    state.cache = {(step, 0): x}
+    state.main_since = time.perf_counter()
+
+
+def end_step(problem: PINNProblem) -> None:
+    """Drop the points of the step."""
+    problem.collocation.cache = {}
+
+
+def stop_prefetch(problem: PINNProblem) -> None:
+    """Stop the prefetch thread and drop the batch it was building."""
+    state = problem.collocation
+    state.main_since = None
+    if state.prefetcher is not None:
+        state.prefetcher.close()
+
+
+def drop_prefetch_without_crns(problem: PINNProblem, zeroth_order: Iterable[Any]) -> None:
+    """Turn prefetching off (warned) if a zeroth-order method draws points per evaluation.
+
+    A method with ``crns=False`` never uses the shared key-0 batch that is prefetched.
+    """
+    state = problem.collocation
+    if state.prefetcher is not None and any(not o.crns for o in zeroth_order):
+        warnings.warn(
+            "prefetch=true has no effect with method.crns=false (each evaluation draws "
+            "its own points); prefetching is turned off.",
+            stacklevel=3,
+        )
+        state.prefetcher = None

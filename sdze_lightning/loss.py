@@ -1,0 +1,74 @@
+"""The physics-informed loss of a step, from the residuals at its collocation points.
+
+``loss = mean(r^2) + boundary_weight * mean(r_b^2)``, with ``r`` the PDE residual at the
+interior points and ``r_b`` the boundary residual. With
+``squared_residual="unbiased"`` the interior term is ``mean(r_1 * r_2)`` from two
+independent halves of the estimator's directions, an unbiased estimate of the squared
+residual where ``mean(r^2)`` is biased upwards by the estimator's variance. Under data
+parallelism each term is this rank's estimate of the global mean
+(:meth:`~sdze_lightning.distributed.Shard.mean`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from sdze_lightning.input_checks import checked_residual
+from sdze_lightning.seeding import Stream
+
+if TYPE_CHECKING:
+    from sdze_lightning.problem import PINNProblem
+
+
+def interior_residuals(
+    problem: PINNProblem, step: int, key: int = 0, rows: slice | None = None
+) -> tuple[Tensor, ...]:
+    """Per-point residual(s) of ``step``: one tensor, or two independent halves.
+
+    ``rows`` restricts them to those interior points (same estimator seed).
+    """
+    x = problem.points(step, key)
+    if rows is not None:
+        x = x[rows]
+    gen = problem.generator(step, key, stream=Stream.ESTIMATOR)
+    if problem.squared_residual == "unbiased":
+        return tuple(
+            checked_residual(problem, x, problem.derivatives(x, gen, half))
+            for half in problem.estimator_halves
+        )
+    return (checked_residual(problem, x, problem.derivatives(x, gen)),)
+
+
+def loss_terms(problem: PINNProblem, step: int, key: int = 0) -> dict[str, Tensor]:
+    """Loss of ``step`` as a dict with ``"loss"``, ``"interior"`` and ``"boundary"``."""
+    res = problem.interior_residuals(step, key)
+    interior = problem.shard.mean(res[0] * res[-1], problem.n_interior)
+    terms = {"interior": interior}
+    loss = interior
+    if problem.n_boundary > 0:
+        rb = problem.boundary_residual(problem.boundary_points(step, key))
+        terms["boundary"] = problem.shard.mean(rb.square(), problem.n_boundary)
+        loss = loss + problem.boundary_weight * terms["boundary"]
+    terms["loss"] = loss
+    return terms
+
+
+def residual_batch(
+    problem: PINNProblem, step: int, key: int = 0, rows: slice | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Per-point interior residual ``(N,)`` and weighted boundary term (or ``None``).
+
+    For optimizers that need per-point residual gradients (``needs_residuals``,
+    e.g. :class:`~sdze_lightning.methods.PDEAware`); the two halves of the
+    unbiased form are averaged. With ``rows``, the residuals of those interior
+    points only (recomputed on them alone) and no boundary term.
+    """
+    res = problem.interior_residuals(step, key, rows)
+    r = res[0] if len(res) == 1 else 0.5 * (res[0] + res[1])
+    boundary = None
+    if problem.n_boundary > 0 and rows is None:
+        xb = problem.boundary_points(step, key)
+        boundary = problem.boundary_weight * problem.boundary_residual(xb).square().mean()
+    return r, boundary

@@ -1,0 +1,54 @@
+"""Resume state: what a checkpoint records so that a resumed run continues exactly.
+
+Points and estimator directions are drawn from ``(seed, step, key, stream)``, a
+method's directions and bases from ``(method seed, step/window, layer)``: no
+generator state exists between steps, so the step counter (saved by Lightning) and
+the seeds fix the rest of the trajectory. The checkpoint records the seeds under
+:data:`CHECKPOINT_KEY`; a resume with other seeds is refused, naming the seed to use.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sdze_lightning.methods.base import ZerothOrderOptimizer
+
+#: Key of the resume state in a Lightning checkpoint.
+CHECKPOINT_KEY = "sdze_lightning"
+
+
+def method_seed(optimizer: Any) -> int | None:
+    """The seed of a zeroth-order method, or ``None`` (other methods, or unseeded)."""
+    seed = optimizer.seed if isinstance(optimizer, ZerothOrderOptimizer) else None
+    return int(seed) if isinstance(seed, numbers.Integral) else None
+
+
+def resume_state(seed: int, optimizers: Iterable[Any], skipped_steps: int) -> dict[str, Any]:
+    """The state a resumed run must share: the problem's and the methods' seeds."""
+    return {
+        "seed": int(seed),
+        "method_seeds": [method_seed(o) for o in optimizers],
+        "skipped_steps": skipped_steps,
+    }
+
+
+def check_seed(saved: Mapping[str, Any], seed: int) -> None:
+    """Refuse to resume a checkpoint trained with another problem seed."""
+    if saved.get("seed") is not None and int(saved["seed"]) != int(seed):
+        raise ValueError(
+            f"The checkpoint was trained with seed={saved['seed']}, this problem has "
+            f"seed={seed}; resume with seed={saved['seed']}."
+        )
+
+
+def check_method_seeds(saved: Mapping[str, Any], optimizers: Iterable[Any]) -> None:
+    """Refuse to resume with methods seeded otherwise than in the checkpoint."""
+    now = [method_seed(o) for o in optimizers]
+    for before, after in zip(saved.get("method_seeds", []), now, strict=False):
+        if before is not None and after is not None and before != after:
+            raise ValueError(
+                f"The checkpoint was trained with method.seed={before}, the method now has "
+                f"seed={after}; resume with method.seed={before}."
+            )

@@ -1,0 +1,185 @@
+"""One optimizer step: the first-/zeroth-order dispatch and its non-finite checks.
+
+A zeroth-order method (:class:`~sdze_lightning.methods.ZerothOrderOptimizer`) gets
+``step(loss_at=..., step_index=step)``, ``loss_at(key)`` being the loss of the step
+with noise key ``key``; it checks the (reduced) loss values before its update. Any
+other ``torch.optim.Optimizer`` gets ``step(closure)``: the closure checks the loss
+before ``backward``. Either way a NaN/Inf loss applies nothing: the step raises
+:class:`~sdze_lightning.divergence.NonFiniteLossError`, or, asked to skip, reports it
+in :attr:`StepOutcome.skipped`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from sdze_lightning.collocation import end_step
+from sdze_lightning.distributed import all_true
+from sdze_lightning.divergence import NonFiniteLossError
+from sdze_lightning.methods.base import ZerothOrderOptimizer
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from sdze_lightning.problem import PINNProblem
+
+#: Copies of an optimizer's state and of its parameters (:func:`snapshot`).
+Snapshot = tuple[dict[str, Any], list[Tensor]]
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did (:meth:`PINNProblem.run_step`).
+
+    Attributes:
+        loss: The step's loss (detached; zeroth-order: the mean of the evaluated
+            losses); NaN for a skipped step.
+        terms: Loss terms (``"loss"``, ``"interior"``, ``"boundary"``) of the step's
+            last evaluation.
+        skipped: For a non-finite step skipped under ``skip_nonfinite``: its report
+            (nothing of the step was applied); ``None`` otherwise.
+
+    """
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    skipped: NonFiniteLossError | None = None
+
+
+def inner_optimizers(module: L.LightningModule) -> list[Any]:
+    """The optimizers of ``module``'s Trainer, unwrapped from Lightning's wrappers."""
+    trainer = getattr(module, "_trainer", None)
+    return [getattr(o, "optimizer", o) for o in (trainer.optimizers if trainer else [])]
+
+
+def zeroth_order_optimizers(module: L.LightningModule) -> list[ZerothOrderOptimizer]:
+    """The zeroth-order methods among :func:`inner_optimizers`."""
+    return [o for o in inner_optimizers(module) if isinstance(o, ZerothOrderOptimizer)]
+
+
+def describe(optimizer: torch.optim.Optimizer) -> str:
+    """The method's state for divergence reports (zeroth-order state, or the learning rate)."""
+    if isinstance(optimizer, ZerothOrderOptimizer):
+        return optimizer.describe_state()
+    lrs = [g.get("lr") for g in optimizer.param_groups]
+    return f"{type(optimizer).__name__}(lr={lrs[0] if len(lrs) == 1 else lrs})"
+
+
+def snapshot(optimizer: torch.optim.Optimizer) -> Snapshot:
+    """Copies of an optimizer's state and of its parameters (restored by :func:`restore`)."""
+    params = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+    return copy.deepcopy(optimizer.state_dict()), params
+
+
+@torch.no_grad()
+def restore(optimizer: torch.optim.Optimizer, saved: Snapshot) -> None:
+    """Put back the state and parameters of a :func:`snapshot`."""
+    state, params = saved
+    for p, value in zip((p for g in optimizer.param_groups for p in g["params"]), params,
+                        strict=True):
+        p.copy_(value)
+    optimizer.load_state_dict(state)
+
+
+def run_step(
+    problem: PINNProblem,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    backward: Callable[[Tensor], Any] | None = None,
+    skip_nonfinite: bool = False,
+) -> StepOutcome:
+    """One step of ``optimizer`` on the points of ``step`` (:meth:`PINNProblem.run_step`).
+
+    Takes the (prefetched) batch, evaluates the loss as the method asks and updates
+    the network, under the network's first-layer cache (where it has one); the
+    step's points are dropped at the end.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
+    cache = getattr(problem.net, "first_layer_cache", None)
+    try:
+        problem.begin_step(step)
+        with cache() if cache is not None else contextlib.nullcontext():
+            if isinstance(inner, ZerothOrderOptimizer):
+                return _zeroth_order_step(problem, optimizer, inner, step, skip_nonfinite)
+            return _first_order_step(
+                problem, optimizer, inner, step, backward or Tensor.backward, skip_nonfinite
+            )
+    except BaseException:
+        problem.stop_prefetch()  # Lightning skips teardown when fit raises
+        raise
+    finally:
+        end_step(problem)
+
+
+def _zeroth_order_step(
+    problem: PINNProblem, optimizer: Any, inner: ZerothOrderOptimizer, step: int, skip: bool
+) -> StepOutcome:
+    terms: dict[str, Tensor] = {}
+    bad: dict[str, float] = {}
+
+    def loss_at(key: int) -> Tensor:
+        # Never raises on a non-finite value: the method checks the (reduced) values,
+        # so that under DDP every rank decides alike.
+        out = problem.loss_terms(step, key)
+        if not bad and not bool(torch.isfinite(out["loss"])):
+            bad.update({k: float(v.detach()) for k, v in out.items()})
+        terms.clear()
+        terms.update(out)
+        return out["loss"]
+
+    try:
+        loss = optimizer.step(loss_at=loss_at, step_index=step, skip_nonfinite=skip)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(step, {**bad, **err.terms}, err.method_state) from None
+    loss = torch.as_tensor(loss).detach()
+    if bool(torch.isfinite(loss)):
+        return StepOutcome(loss, terms)
+    report = NonFiniteLossError(step, bad or {"loss": float(loss)}, inner.describe_state())
+    return StepOutcome(loss, terms, report)
+
+
+def _first_order_step(
+    problem: PINNProblem, optimizer: Any, inner: torch.optim.Optimizer, step: int,
+    backward: Callable[[Tensor], Any], skip: bool,
+) -> StepOutcome:
+    terms: dict[str, Tensor] = {}
+    bad: dict[str, float] = {}
+    saved: list[Snapshot] = []
+
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        out = problem.loss_terms(step, 0)
+        terms.clear()
+        terms.update(out)
+        finite = bool(torch.isfinite(out["loss"]))
+        if problem.shard.active:
+            finite = all_true(finite, problem.device)  # every rank decides alike
+        if finite:
+            backward(out["loss"])
+            return out["loss"]
+        if not bad:
+            bad.update({k: float(v.detach()) for k, v in out.items()})
+        if not skip:
+            raise NonFiniteLossError(step, dict(bad), describe(inner))
+        if not saved:  # skipped: undo whatever the optimizer does without gradients
+            saved.append(snapshot(inner))
+        return out["loss"].detach()
+
+    kwargs: dict[str, Any] = {}
+    if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
+        kwargs["residuals"] = functools.partial(problem.residual_batch, step)
+    loss = optimizer.step(closure=closure, **kwargs)
+    if saved:
+        restore(inner, saved[0])
+        nan = torch.full((), float("nan"), dtype=problem.dtype)
+        return StepOutcome(nan, terms, NonFiniteLossError(step, dict(bad), describe(inner)))
+    loss = loss if isinstance(loss, Tensor) else terms["loss"]
+    return StepOutcome(loss.detach(), terms)

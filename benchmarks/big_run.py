@@ -1,4 +1,4 @@
-"""The 10-million-dimensional run on a 24 GB CPU machine (issue 7, item 2).
+"""The 10-million-dimensional run on a 24 GB CPU machine.
 
 SDZE (``taylor`` estimator, 16 coordinate directions, rank 4, Adam in the
 subspace) trains two-body Allen-Cahn on the unit ball at d = 1e7 with the

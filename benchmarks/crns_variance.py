@@ -1,4 +1,4 @@
-"""Variance explosion without CRNS, and its cure (issue 4).
+"""Variance explosion without CRNS, and its cure.
 
 On a fixed model and a fixed batch of collocation points, with a randomized
 spatial estimator, the projected-gradient scalar ``(L(c + eps u) - L(c - eps u)) / (2 eps)``

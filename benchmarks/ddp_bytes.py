@@ -1,4 +1,4 @@
-"""Bytes communicated per training step under DDP: SDZE against first-order Adam (issue 8).
+"""Bytes communicated per training step under DDP: SDZE against first-order Adam.
 
 Two CPU processes (gloo) on one machine, started like ``torchrun`` does (``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``): run without those variables, the script

@@ -1,4 +1,4 @@
-"""Cost of a forward-only Laplacian estimate against one forward pass, d = 1e3 .. 1e6 (issue 3).
+"""Cost of a forward-only Laplacian estimate against one forward pass, d = 1e3 .. 1e6.
 
 At a fixed number of directions K and batch N, a forward-only Laplacian
 estimate through the first-layer shortcut costs one product ``W x`` for the

@@ -1,4 +1,4 @@
-"""Accuracy of the methods after a fixed step budget (issue 4): final rel. L2 error, 3 seeds.
+"""Accuracy of the methods after a fixed step budget: final rel. L2 error, 3 seeds.
 
 Each run goes through the same path as `sdze-train` (`sdze_lightning.cli.run`), with
 no logger and no callbacks, and reports the final (not best) relative L2 error on the
@@ -44,7 +44,7 @@ PROBLEMS: dict[str, list[str]] = {
     # not in the default grid: the PDE-aware paper's problem (checks of its defaults)
     "allen_cahn1d": ["pde=allen_cahn1d", "pde.n_interior=200", "pde.n_boundary=100"],
 }
-#: The problems of issue 4 (``--problems`` to choose others).
+#: The problems of the accuracy grid (``--problems`` to choose others).
 GRID_PROBLEMS = ["poisson2d", "allen_cahn_twobody_d1000"]
 
 
@@ -62,7 +62,7 @@ def methods(stein_directions: int) -> dict[str, list[str]]:
     }
 
 
-#: The grid of issue 4 (``--methods`` to choose others).
+#: The method grid (``--methods`` to choose others).
 GRID = ["sdze+taylor", "mezo+taylor", "adam+hte", "adam+stein"]
 
 

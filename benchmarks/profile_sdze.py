@@ -1,4 +1,4 @@
-"""``torch.profiler`` of the SDZE step at d = 1e5 and 1e6 (issue 7).
+"""``torch.profiler`` of the SDZE step at d = 1e5 and 1e6.
 
 Shared setup (two-body Allen-Cahn, MLP 4x128 tanh, 100 points, ``taylor`` with
 16 coordinate directions, SDZE rank 4). After one warm-up step, ``--steps``

@@ -1,4 +1,4 @@
-"""Seed-replay log against checkpoints (issue 8): size, and a bit-identical rebuild.
+"""Seed-replay log against checkpoints: size, and a bit-identical rebuild.
 
 Trains SDZE on two-body Allen-Cahn (unit ball, hard constraint, MLP 4x128 tanh, ``taylor``
 with 16 coordinate directions, 100 points) with :class:`~sdze_lightning.replay.SeedReplayLog`,

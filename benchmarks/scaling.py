@@ -1,4 +1,4 @@
-"""Per-step time and peak memory against the dimension d (issue 7, item 1).
+"""Per-step time and peak memory against the dimension d.
 
 Two-body Allen-Cahn on the unit ball (hard constraint), MLP 4x128 tanh, 100
 collocation points, 16 estimator directions, float32, for
@@ -30,7 +30,7 @@ sampled on a background thread while the step runs, and its source is split betw
 that thread and the main one (same numbers; one more batch in memory, which the peak
 includes; ``prefetch_share`` is the share of source rows left to the background thread).
 
-``--device cuda`` runs the same on a GPU (issue 7, item 4): the steps are timed with
+``--device cuda`` runs the same on a GPU: the steps are timed with
 ``torch.cuda.synchronize()`` around them, ``peak`` is the CUDA peak allocated memory
 (``torch.cuda.max_memory_allocated``) above what was allocated before the build,
 no address-space cap is set (CUDA maps far more virtual memory than it uses), and

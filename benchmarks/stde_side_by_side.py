@@ -11,7 +11,7 @@ held-out points of our run with ``--seed``, on which both sides' final networks
 are evaluated (STDE's own error on ``--n-stde-points`` points of its sampler is
 reported beside it).
 
-Run one after the other in this session, each for ``--budget-s`` seconds of training:
+Run one after the other, each for ``--budget-s`` seconds of training:
 
 * ``stde``: STDE's own ``train`` (``benchmarks/_stde_driver.py``, run by
   ``--stde-python``): sparse STDE, 16 random coordinates, Adam lr 1e-3 decayed

@@ -1,4 +1,4 @@
-"""He et al. (2023) Figure 4 ablation: error of Stein estimators against K (issue 3).
+"""He et al. (2023) Figure 4 ablation: error of Stein estimators against K.
 
 A fixed random MLP ``f`` (5 linear layers, width 100, tanh; Xavier init, seed 0)
 with ``d = 1000`` inputs, points uniform in ``[0, 1]^d``, ``sigma = 0.1``. For

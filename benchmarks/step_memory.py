@@ -1,4 +1,4 @@
-"""Peak memory of one training step: SDZE vs Adam+HTE (issue 4).
+"""Peak memory of one training step: SDZE vs Adam+HTE.
 
 Two-body Allen-Cahn on the unit ball (hard constraint), MLP 4x128 tanh, 100
 collocation points, 16 estimator directions, d = 1e3, 1e4, 1e5, float32.
@@ -20,7 +20,7 @@ Freed heap memory is handed back (``malloc_trim``) before each baseline, so the
 figures are peaks of live memory, not of glibc's cache. Timings are not the
 point here (and are noisy on a shared machine).
 
-Target (issue 4): SDZE peak <= 1.3 x (parameter bytes + batch input bytes),
+Target: SDZE peak <= 1.3 x (parameter bytes + batch input bytes),
 and >= 5x below Adam+HTE at d = 1e5. Results: ``results/step_memory.{csv,json}``.
 
     python benchmarks/step_memory.py                     # d = 1e3, 1e4, 1e5

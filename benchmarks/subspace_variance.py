@@ -1,4 +1,4 @@
-"""Variance of the zeroth-order gradient estimate: low-rank subspace vs full space (issue 4).
+"""Variance of the zeroth-order gradient estimate: low-rank subspace vs full space.
 
 Fixed model, batch and estimator seed (CRNS on), float64. The reference is the
 autodiff gradient ``g`` of the *same* estimated loss ``L_hat(.; xi)``. For

@@ -1,4 +1,4 @@
-"""Relative L2 error of every shipped problem with its default config (issue 5).
+"""Relative L2 error of every shipped problem with its default config.
 
 Each run composes the packaged Hydra config exactly as ``sdze-train`` does
 (``pde=<name> method=<m> estimator=<e>`` with ``sdze_lightning.cli.compose_config``),
@@ -7,7 +7,7 @@ builds the problem with ``sdze_lightning.cli.build_problem`` and the ``Trainer``
 evaluates the final (not best) model on the problem's held-out points. Results go to
 ``benchmarks/results/<stem>.{csv,json}``.
 
-    python benchmarks/zoo_accuracy.py --table               # the table of results/zoo.md
+    python benchmarks/zoo_accuracy.py --table               # the table of benchmarks/README.md
     python benchmarks/zoo_accuracy.py --table --problems kdv1d biharmonic
     python benchmarks/zoo_accuracy.py --runs adam:exact sdze:taylor --problems burgers1d --steps 500
     python benchmarks/zoo_accuracy.py --render benchmarks/results/zoo_table.json  # markdown
@@ -64,15 +64,15 @@ SMOKE_PDE = {
     "allen_cahn1d": ["pde.reference_points=128", "pde.reference_dt=5e-3"],
 }
 
-#: The runs of the table in ``results/zoo.md``: per problem, ``(method, estimator, steps,
-#: overrides)``. Steps are chosen so that one run takes about 1-3 minutes on one core of
+#: The runs of the table in ``benchmarks/README.md``: per problem, ``(method, estimator,
+#: steps, overrides)``. Steps are chosen so that one run takes about 1-3 minutes on one core of
 #: the 2-core benchmark machine. In 1D and 2D ``taylor`` with coordinate directions is the
 #: exact operator (the coordinate set is capped at d), so only ``exact`` is run for Adam;
 #: likewise at d <= 16 (the cube), where ``hte`` is the randomized one. The biharmonic
 #: uses ``taylor`` (random coordinate sets); ``hte`` there costs over 1 s per step.
 #: SDZE's setting in the table: the packaged default with ``lr`` raised from 1e-3 to 1e-2
 #: (the default learns too slowly in a few thousand steps; 1e-2 was the best of 1e-3..1e-1
-#: in the issue-4 sweep on Poisson 2D and two-body Allen-Cahn, d = 1000, 300 steps).
+#: in the learning-rate sweep on Poisson 2D and two-body Allen-Cahn, d = 1000, 300 steps).
 SDZE_TUNED = ("method.lr=1e-2",)
 TABLE: dict[str, list[tuple[str, str, int, tuple[str, ...]]]] = {
     "poisson2d": [("adam", "exact", 2000, ()), ("sdze", "taylor", 2000, ()),

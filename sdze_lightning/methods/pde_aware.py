@@ -37,7 +37,7 @@ fails on the two problems it was checked on (Allen-Cahn 1D, Poisson 2D):
   a third state tensor.
 
 Measured evidence (final relative L2 / loss, both modes, both floors):
-``benchmarks/results/method_accuracy.md``; the tests in ``tests/test_methods.py``
+``benchmarks/README.md`` (``method_accuracy.py``); the tests in ``tests/test_methods.py``
 check both modes.
 
 Per-point gradients are the rows of the Jacobian of the residual vector,

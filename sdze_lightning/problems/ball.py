@@ -14,7 +14,7 @@ from ``psi``, ``Delta psi`` and ``x . grad psi``:
 
     Delta u = (1 - |x|^2) Delta psi - 4 x . grad psi - 2 d psi.
 
-Caveat (DESIGN.md section 6): with these points every ``|x_i|`` is about
+Caveat (``docs/design.md``, Benchmark problems): with these points every ``|x_i|`` is about
 ``1/sqrt(d)``, so at large ``d`` the solutions are nearly affine in ``x`` and a
 small relative error is a weak bar; see
 :class:`~sdze_lightning.problems.hard_cube.HardCube` for one that stays hard.

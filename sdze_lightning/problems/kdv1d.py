@@ -29,8 +29,8 @@ class KdV1D(IntervalProblem):
     The coefficients ``alpha = 1``, ``beta = 0.0025`` are those of the PINN
     KdV benchmark (Raissi et al.; used by the PDE-aware optimizer paper); its
     ``cos(pi x)`` periodic initial condition has no closed-form solution, so
-    this problem uses the exact one-soliton solution instead (DESIGN.md
-    section 6): amplitude ``3 c / alpha`` = 1.5, width about
+    this problem uses the exact one-soliton solution instead
+    (``docs/design.md``, Benchmark problems): amplitude ``3 c / alpha`` = 1.5, width about
     ``2 sqrt(beta / c)`` = 0.14, moving from ``x0 = -0.25`` to ``0.25``.
     Initial and end values come from the exact solution (soft loss).
 

@@ -1,7 +1,7 @@
 """Three-body manufactured solution on the unit ball (STDE / SDGD benchmark).
 
 Note on the source term: the public reference code of this benchmark is
-known (DESIGN.md section 6) to drop product-rule terms when it forms
+known (``docs/design.md``, Benchmark problems) to drop product-rule terms when it forms
 ``L u`` for ``u = (1 - |x|^2) psi``. Here every term is kept,
 
     Delta u = (1 - |x|^2) Delta psi + 2 grad(1 - |x|^2) . grad psi + psi Delta(1 - |x|^2)

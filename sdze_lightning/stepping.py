@@ -176,6 +176,7 @@ def _first_order_step(
     kwargs: dict[str, Any] = {}
     if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
         kwargs["residuals"] = functools.partial(problem.residual_batch, step)
+        kwargs["points"] = problem.points(step, 0).shape[0]
     loss = optimizer.step(closure=closure, **kwargs)
     if saved:
         restore(inner, saved[0])

@@ -40,3 +40,21 @@ def test_points_spare_the_whole_batch_residual_and_change_nothing():
     assert seen[0] is None and seen[1:] == [slice(0, 8), slice(8, 16), slice(16, 20)]
     for a, b in zip(with_points, without, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_problem_step_hands_pde_aware_the_batch_size():
+    """Through run_step, the default rule builds residual graphs on the chunks only."""
+    problem = Poisson2D(net=MLP(2, width=8, depth=2, seed=0), n_interior=24, n_boundary=4,
+                        estimator="stein", method="pde_aware")
+    seen: list[slice | None] = []
+    batch = problem.residual_batch
+
+    def recording(step: int, key: int = 0, rows: slice | None = None):
+        seen.append(rows)
+        return batch(step, key, rows)
+
+    problem.residual_batch = recording
+    opt = problem.configure_optimizers()
+    problem.run_step(opt, 0)
+    assert seen and None not in seen
+    assert sum(r.stop - r.start for r in seen) == 24  # every point (moment_points 128 > 24)

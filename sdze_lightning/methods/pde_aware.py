@@ -47,8 +47,8 @@ parameters``). A one-hot cotangent still flows through the graph of every point
 it was built with, so the residuals are recomputed on chunks of ``chunk_size``
 points and each chunk's VJPs run through that chunk's graph only: the cost grows
 like ``N x chunk_size`` backward rows instead of ``N^2`` (Poisson 2D, 1000
-points, exact estimator: ~58 s -> well under a second per step on one thread,
-``benchmarks/method_matrix.py``). A ``residuals`` callable without a ``rows``
+points, exact estimator: a fraction of a second per step on one thread instead of
+about a minute; ``benchmarks/method_matrix.py``). A ``residuals`` callable without a ``rows``
 argument gets the whole-batch computation.
 
 ``moment_points`` (default 128) estimates ``v`` from the first that many points of
@@ -153,7 +153,7 @@ class PDEAware(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.99, 0.99),
         eps: float = 1e-8,
         first_moment: str = "loss",
-        chunk_size: int = 16,
+        chunk_size: int = 8,
         adam_floor: bool = True,
         moment_points: int | None = 128,
     ) -> None:

@@ -10,29 +10,11 @@ from __future__ import annotations
 import numbers
 
 
-def _expected(minimum: int | None) -> str:
-    if minimum is None:
-        return "an integer"
-    if minimum == 0:
-        return "a non-negative integer"
-    if minimum == 1:
-        return "a positive integer"
-    return f"an integer >= {minimum}"
-
-
-def integer(name: str, value: object, minimum: int | None = None) -> int:
-    """Return ``value`` as an ``int`` if it is an integer (not a bool) ``>= minimum``.
-
-    Args:
-        name: The config key, as the message shows it (``"pde.n_interior"``).
-        value: The value given.
-        minimum: The smallest value allowed; ``None`` allows any integer.
-
-    Returns:
-        The value as an ``int``.
+def _integer_at_least(name: str, value: object, minimum: int | None, expected: str) -> int:
+    """Return ``int(value)`` if ``value`` is an integer (not a bool) ``>= minimum``.
 
     Raises:
-        ValueError: ``value`` is not such an integer.
+        ValueError: Otherwise: ``<name> must be <expected>, got <value>.``
 
     """
     if (
@@ -40,27 +22,44 @@ def integer(name: str, value: object, minimum: int | None = None) -> int:
         or isinstance(value, bool)
         or (minimum is not None and value < minimum)
     ):
-        raise ValueError(f"{name} must be {_expected(minimum)}, got {value!r}.")
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
     return int(value)
+
+
+def integer(name: str, value: object, minimum: int | None = None) -> int:
+    """Return ``value`` as an ``int`` if it is an integer (not a bool) ``>= minimum``.
+
+    Args:
+        name: The config key, as the message shows it (``"estimator.num_directions"``).
+        value: The value given.
+        minimum: The smallest value allowed; ``None`` allows any integer.
+
+    Returns:
+        The value as an ``int``.
+
+    Raises:
+        ValueError: ``name must be an integer, got ...`` (``an integer >= <minimum>``).
+
+    """
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    return _integer_at_least(name, value, minimum, expected)
 
 
 def positive_int(name: str, value: object) -> int:
     """Return ``value`` if it is an integer ``>= 1``, else raise ``ValueError`` naming ``name``."""
-    return integer(name, value, minimum=1)
+    return _integer_at_least(name, value, 1, "a positive integer")
 
 
 def non_negative_int(name: str, value: object) -> int:
     """Return ``value`` if it is an integer ``>= 0``, else raise ``ValueError`` naming ``name``."""
-    return integer(name, value, minimum=0)
+    return _integer_at_least(name, value, 0, "a non-negative integer")
 
 
 def positive_int_or_none(name: str, value: object) -> int | None:
     """Return ``value`` if it is ``None`` or an integer ``>= 1``, else raise ``ValueError``."""
     if value is None:
         return None
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    raise ValueError(f"{name} must be a positive integer or null, got {value!r}.")
+    return _integer_at_least(name, value, 1, "a positive integer or null")
 
 
 def boolean(name: str, value: object) -> bool:

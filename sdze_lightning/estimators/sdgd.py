@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 import torch
 from torch import Tensor
 
-from sdze_lightning.checks import positive_int
+from sdze_lightning.checks import integer
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.estimators.directional import sample_coordinates
 from sdze_lightning.estimators.exact import ExactEstimator, pure_derivatives
@@ -37,7 +37,7 @@ class SDGDEstimator(ExactEstimator):
     name = "sdgd"
 
     def __init__(self, num_directions: int = 16) -> None:
-        self.num_directions = positive_int("estimator.num_directions", num_directions)
+        self.num_directions = integer("estimator.num_directions", num_directions, minimum=1)
 
     def __repr__(self) -> str:
         return f"SDGDEstimator(num_directions={self.num_directions})"

@@ -29,7 +29,7 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
     """Instantiate the problem with its injected network, estimator, method and scheduler."""
     for key in ("pde", "model", "estimator", "method"):
         node = config_group(cfg, key)
-        if node is None or "_target_" not in node:  # pde=null leaves pde.seed alone
+        if node is None or "_target_" not in node:  # ~pde leaves config.yaml's pde.seed
             raise ValueError(f"Config group '{key}' is empty; choose one, e.g. {key}=<name>.")
     # Run options that a resume may change: copied here, not interpolated into pde (the
     # checkpoint stores the resolved config, which would keep the first segment's values).

@@ -28,12 +28,12 @@ def config_group(cfg: DictConfig, key: str) -> Any:
 def build_problem(cfg: DictConfig) -> PINNProblem:
     """Instantiate the problem with its injected network, estimator, method and scheduler."""
     for key in ("pde", "model", "estimator", "method"):
-        if config_group(cfg, key) is None:
+        node = config_group(cfg, key)
+        if node is None or "_target_" not in node:  # ~pde leaves config.yaml's pde.seed
             raise ValueError(f"Config group '{key}' is empty; choose one, e.g. {key}=<name>.")
+    # Run options that a resume may change: copied here, not interpolated into pde (the
+    # checkpoint stores the resolved config, which would keep the first segment's values).
     extra: dict[str, Any] = {}
-    if "seed" not in cfg.pde:
-        extra["seed"] = cfg.seed
-    # top-level fields of the problem
     for key in ("divergence", "prefetch", "fused_kernels", "threads"):
         if key not in cfg.pde and cfg.get(key) is not None:
             extra[key] = cfg[key]

@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sdze_lightning.builders import build_problem, compose_config, config_group
 from sdze_lightning.callbacks.interrupt import GracefulInterrupt
 from sdze_lightning.callbacks.summary import RunSummary
+from sdze_lightning.config_schema import check_run_options
 from sdze_lightning.loggers import check_writable, fail_safe
 from sdze_lightning.problem import NonFiniteLossError, check_precision
 from sdze_lightning.run_dir import (
@@ -154,11 +155,8 @@ def train(
     ckpt_path = cfg.get("ckpt_path")
     overrides, choices = _command_line(cfg)
     cfg, choices = _resume_or_start(cfg, run_dir, ckpt_path, overrides, choices)
+    check_run_options(cfg)  # seed, divergence, trainer.max_steps & co.: typed
     check_precision(cfg.trainer.get("precision", "32-true"))
-    for key in ("max_steps", "max_epochs", "log_every_n_steps", "num_sanity_val_steps"):
-        value = cfg.trainer.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"trainer.{key} must be an integer, got {value!r}.")
     if ckpt_path not in (None, "last", "best", "hpc") and not Path(ckpt_path).exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist.")
     problem = build_problem(cfg)

@@ -1,4 +1,4 @@
-"""Spatial derivative estimators behind one interface and one registry."""
+"""Spatial derivative estimators behind one interface, by name from `configs/estimator/`."""
 
 from sdze_lightning.estimators.base import OPERATORS, Estimator
 from sdze_lightning.estimators.registry import ESTIMATORS, build_estimator, estimator_class

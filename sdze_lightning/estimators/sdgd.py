@@ -19,8 +19,9 @@ from collections.abc import Callable, Collection
 import torch
 from torch import Tensor
 
+from sdze_lightning.checks import integer
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.estimators.directional import check_count, sample_coordinates
+from sdze_lightning.estimators.directional import sample_coordinates
 from sdze_lightning.estimators.exact import ExactEstimator, pure_derivatives
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 
@@ -36,7 +37,7 @@ class SDGDEstimator(ExactEstimator):
     name = "sdgd"
 
     def __init__(self, num_directions: int = 16) -> None:
-        self.num_directions = check_count("num_directions", num_directions)
+        self.num_directions = integer("estimator.num_directions", num_directions, minimum=1)
 
     def __repr__(self) -> str:
         return f"SDGDEstimator(num_directions={self.num_directions})"

@@ -44,9 +44,10 @@ from collections.abc import Callable, Collection
 import torch
 from torch import Tensor
 
+from sdze_lightning.checks import integer
 from sdze_lightning.directions import Directions
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.estimators.directional import check_count, sample_directions, time_axis
+from sdze_lightning.estimators.directional import sample_directions, time_axis
 from sdze_lightning.estimators.fd import central_differences, default_step
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 
@@ -147,7 +148,7 @@ class SteinEstimator(Estimator):
         variant: str = "antithetic",
         value: str = "plain",
     ) -> None:
-        self.num_directions = check_count("num_directions", num_directions, 2)
+        self.num_directions = integer("estimator.num_directions", num_directions, minimum=2)
         if not float(sigma) > 0:
             raise ValueError(f"estimator.sigma must be positive, got {sigma!r}.")
         if variant not in VARIANTS:

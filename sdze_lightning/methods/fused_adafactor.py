@@ -56,6 +56,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.checks import boolean, positive_int
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
 from sdze_lightning.nn.mlp import MLP
 
@@ -107,8 +108,7 @@ class FusedAdafactor(torch.optim.Adam):
                 f"(sdze_lightning.nn.MLP); got {type(module).__name__}. Use model=mlp or "
                 "method=adam."
             )
-        if not isinstance(block_bytes, int) or isinstance(block_bytes, bool) or block_bytes <= 0:
-            raise ValueError(f"method.block_bytes must be a positive integer, got {block_bytes!r}.")
+        positive_int("method.block_bytes", block_bytes)
         if not eps1 >= 0:
             raise ValueError(f"method.eps1 must be >= 0, got {eps1!r}.")
         _refuse_data_parallel()
@@ -120,9 +120,7 @@ class FusedAdafactor(torch.optim.Adam):
         self.module = module
         self.eps1 = float(eps1)
         self.block_bytes = block_bytes
-        if not isinstance(exact_rows, bool):
-            raise ValueError(f"method.exact_rows must be true or false, got {exact_rows!r}.")
-        self.exact_rows = exact_rows
+        self.exact_rows = boolean("method.exact_rows", exact_rows)
         self._saved_statistics: dict[int, tuple[Tensor, Tensor]] = {}
         self.register_load_state_dict_pre_hook(_remember_statistics)
         self.register_load_state_dict_post_hook(_restore_statistics)

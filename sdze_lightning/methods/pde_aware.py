@@ -78,6 +78,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from sdze_lightning.checks import boolean, positive_int, positive_int_or_none
+
 #: Values of ``first_moment``.
 FIRST_MOMENTS: tuple[str, ...] = ("residual", "loss")
 
@@ -163,17 +165,9 @@ class PDEAware(torch.optim.Optimizer):
             )
         if not lr >= 0 or not eps > 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"Invalid lr={lr}, eps={eps} or betas={betas}.")
-        if chunk_size < 1:
-            raise ValueError(f"method.chunk_size must be positive, got {chunk_size}.")
-        if moment_points is not None and (
-            not isinstance(moment_points, int) or isinstance(moment_points, bool)
-            or moment_points < 1
-        ):
-            raise ValueError(
-                f"method.moment_points must be a positive integer or null, got {moment_points!r}."
-            )
-        if not isinstance(adam_floor, bool):
-            raise ValueError(f"method.adam_floor must be true or false, got {adam_floor!r}.")
+        positive_int("method.chunk_size", chunk_size)
+        positive_int_or_none("method.moment_points", moment_points)
+        boolean("method.adam_floor", adam_floor)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
         self.first_moment = first_moment
         self.chunk_size = chunk_size

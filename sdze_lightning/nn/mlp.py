@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.checks import integer, positive_int
 from sdze_lightning.directions import Directions
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
 from sdze_lightning.nn.perturb import delta_of, linear_forward
@@ -191,10 +192,8 @@ class MLP(nn.Module):
             ("model.depth", depth),
             ("model.out_features", out_features),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"model.seed must be an integer, got {seed!r}.")
+            positive_int(name, value)
+        integer("model.seed", seed)
         _act_derivatives(activation, torch.zeros(1), 0)  # validates the name early
         self.activation = activation
         sizes = [in_features] + [width] * depth + [out_features]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sdze_lightning.checks import positive_int
 from sdze_lightning.constraints import BallConstraint, row_sq_norm
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.problem import PINNProblem
@@ -86,8 +87,7 @@ def checked_dim(kwargs: dict[str, Any], default: int, minimum: int, what: str) -
 
     """
     dim = kwargs.setdefault("dim", default)
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-        raise ValueError(f"pde.dim must be a positive integer, got {dim!r}.")
+    positive_int("pde.dim", dim)
     if dim < minimum:
         raise ValueError(f"{what} needs pde.dim >= {minimum}, got {dim}.")
     return dim

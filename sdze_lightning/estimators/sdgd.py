@@ -19,8 +19,9 @@ from collections.abc import Callable, Collection
 import torch
 from torch import Tensor
 
+from sdze_lightning.directions import sample_coordinates
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.estimators.directional import check_count, sample_coordinates
+from sdze_lightning.estimators.directional import check_count
 from sdze_lightning.estimators.exact import ExactEstimator, pure_derivatives
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 

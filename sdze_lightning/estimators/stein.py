@@ -44,9 +44,9 @@ from collections.abc import Callable, Collection
 import torch
 from torch import Tensor
 
-from sdze_lightning.directions import Directions
+from sdze_lightning.directions import Directions, sample_directions, time_axis
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.estimators.directional import check_count, sample_directions, time_axis
+from sdze_lightning.estimators.directional import check_count
 from sdze_lightning.estimators.fd import central_differences, default_step
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from sdze_lightning.methods.base import LossAt
 from sdze_lightning.methods.subspace import LayerSubspace
 from sdze_lightning.methods.two_point import TwoPointOptimizer, perturbation_sweep
-from sdze_lightning.methods.update_rules import RULE_STATE, check_rule, rule_step
+from sdze_lightning.methods.update_rules import RULE_STATE, apply_rule, check_rule
 from sdze_lightning.nn.perturb import HookHold, attach_hooks, linear_layers
 from sdze_lightning.seeding import PROBE_KEY_BASE, Stream, generator
 
@@ -254,15 +254,10 @@ class SDZE(TwoPointOptimizer):
             [s * torch.cat(u) for s, u in zip(scalars.tolist(), self._directions, strict=True)]
         )
         self.zo_state["rule_step"] += 1
-        t = self.zo_state["rule_step"]
-        for i, g in enumerate(grads):
-            st = self.layer_state(i)
-            rule_state = {k: st[k] for k in RULE_STATE[self.update] if k in st}
-            inc = rule_step(
-                self.update, g, rule_state, self.lr, t, self.momentum, self.betas, self.adam_eps
-            )
-            st.update(rule_state)
-            st["coords"].add_(inc.to(st["coords"].dtype))
+        apply_rule(
+            self.update, [self.layer_state(i) for i in range(len(self.layers))], grads, self.lr,
+            self.zo_state["rule_step"], self.momentum, self.betas, self.adam_eps,
+        )
         self._install()
 
     # -------------------------------------------------------------------- public

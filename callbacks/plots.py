@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sdze_lightning.callbacks._utils import device_of
 from torch import Tensor, nn
 
+from sdze_lightning.devices import device_of
 from sdze_lightning.seeding import Stream, mix
 
 log = logging.getLogger(__name__)

@@ -17,25 +17,26 @@ from __future__ import annotations
 
 import json
 import math
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from sdze_lightning.callbacks.memory import peak_rss_bytes
 
 from sdze_lightning.kernels import fused_report
 from sdze_lightning.loggers import logger_failures
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size.
+
+    ``None`` where the operating system does not report the peak resident set size.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+    return peak_rss_bytes()
 
 
 def _threads(pl_module: L.LightningModule) -> int:

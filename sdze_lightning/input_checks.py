@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import numbers
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.checks import boolean, integer, non_negative_int, positive_int
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.divergence import check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
@@ -63,10 +63,6 @@ def check_precision(precision: Any) -> None:
         )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_arguments(problem_type: type, **args: Any) -> None:
     """Check the :class:`~sdze_lightning.problem.PINNProblem` constructor's arguments.
 
@@ -79,21 +75,16 @@ def check_arguments(problem_type: type, **args: Any) -> None:
 
     """
     for name in ("dim", "n_interior", "steps_per_epoch"):
-        if not _is_int(args[name]) or args[name] <= 0:
-            raise ValueError(f"pde.{name} must be a positive integer, got {args[name]!r}.")
+        positive_int(f"pde.{name}", args[name])
     for name in ("n_boundary", "n_eval"):
-        if not _is_int(args[name]) or args[name] < 0:
-            raise ValueError(f"pde.{name} must be a non-negative integer, got {args[name]!r}.")
-    seed = args["seed"]
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an integer, got {seed!r}.")
+        non_negative_int(f"pde.{name}", args[name])
+    integer("seed", args["seed"])
     weight = args["boundary_weight"]
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         raise ValueError(f"pde.boundary_weight must be a number, got {weight!r}.")
     check_policy(args["divergence"])
     for name in ("prefetch", "fused_kernels"):
-        if not isinstance(args[name], bool):
-            raise ValueError(f"pde.{name} must be true or false, got {args[name]!r}.")
+        boolean(f"pde.{name}", args[name])
     check_threads(args["threads"])
     if args["squared_residual"] not in ("biased", "unbiased"):
         raise ValueError(

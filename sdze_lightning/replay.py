@@ -306,19 +306,12 @@ def _build_from_config(config: dict) -> L.LightningModule:
     return build_problem(OmegaConf.create(config))
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if a.keys() != b.keys():
+def _identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two (nested) state dicts hold the same keys, dtypes and values, bit for bit."""
+    try:
+        torch.testing.assert_close(a, b, rtol=0, atol=0, check_device=False)
+    except (AssertionError, TypeError, ValueError):
         return False
-    for k, v in a.items():
-        w = b[k]
-        if isinstance(v, Tensor):
-            if not isinstance(w, Tensor) or v.dtype != w.dtype or not torch.equal(v, w):
-                return False
-        elif isinstance(v, dict):
-            if not isinstance(w, dict) or not _same(v, w):
-                return False
-        elif v != w:
-            return False
     return True
 
 
@@ -362,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     result: dict[str, Any] = {"steps": opt.zo_state["step"], "out": str(out), "folded": fold}
     if reference is not None:
-        result["identical_weights"] = _same(problem.state_dict(), reference["state_dict"])
-        result["identical_method_state"] = _same(
+        result["identical_weights"] = _identical(problem.state_dict(), reference["state_dict"])
+        result["identical_method_state"] = _identical(
             opt.state_dict()["state"], reference["optimizer_states"][0]["state"]
         )
     print(json.dumps(result), flush=True)

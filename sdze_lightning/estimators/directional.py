@@ -34,100 +34,24 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from sdze_lightning.directions import Directions
+from sdze_lightning.checks import integer
+from sdze_lightning.directions import (
+    DISTRIBUTIONS,
+    Directions,
+    sample_coordinates,
+    sample_directions,
+    time_axis,
+)
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 
-#: Direction distributions of the directional estimators.
-DISTRIBUTIONS: tuple[str, ...] = ("coordinate", "rademacher", "gaussian")
-
-
-def sample_coordinates(
-    count: int, dim: int, generator: torch.Generator, device: torch.device | str = "cpu"
-) -> Tensor:
-    """Draw ``min(count, dim)`` distinct coordinates uniformly from ``range(dim)``.
-
-    For ``count`` small against ``dim`` the cost does not grow with ``dim``: the
-    first distinct values of an i.i.d. uniform stream form a uniformly random
-    subset (by symmetry), so no permutation of all ``dim`` coordinates is needed.
-
-    Args:
-        count: Number of coordinates wanted.
-        dim: Size of the range.
-        generator: The only source of randomness.
-        device: Device of the result.
-
-    Returns:
-        Long tensor of ``min(count, dim)`` distinct coordinates.
-
-    """
-    count = min(count, dim)
-    if 4 * count >= dim:
-        return torch.randperm(dim, generator=generator, device=device)[:count]
-    found = torch.empty(0, dtype=torch.long, device=device)
-    while found.numel() < count:
-        draw = torch.randint(0, dim, (2 * count,), generator=generator, device=device)
-        stream = torch.cat([found, draw])
-        uniq, inverse = torch.unique(stream, return_inverse=True)
-        first = torch.full((uniq.numel(),), stream.numel(), dtype=torch.long, device=device)
-        first.scatter_reduce_(0, inverse, torch.arange(stream.numel(), device=device), "amin")
-        found = stream[first.sort().values][:count]
-    return found
-
-
-def sample_directions(
-    distribution: str,
-    count: int,
-    input_dim: int,
-    spatial_dim: int,
-    generator: torch.Generator,
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-) -> Directions:
-    """Draw ``count`` directions in the spatial coordinates of a ``input_dim`` input.
-
-    Dense directions are zero on the coordinates past ``spatial_dim`` (time).
-
-    Args:
-        distribution: ``"coordinate"`` (axes without replacement; at most
-            ``spatial_dim`` of them), ``"rademacher"`` or ``"gaussian"``.
-        count: Number of directions ``K``.
-        input_dim: Input dimension ``D``.
-        spatial_dim: Number of leading spatial coordinates ``d``.
-        generator: The only source of randomness.
-        dtype: Dtype of dense directions.
-        device: Device of the directions.
-
-    """
-    if distribution == "coordinate":
-        index = sample_coordinates(count, spatial_dim, generator, device)
-        return Directions(input_dim, index=index)
-    if distribution == "gaussian":
-        v = torch.randn(count, spatial_dim, generator=generator, dtype=dtype, device=device)
-    elif distribution == "rademacher":
-        v = torch.randint(
-            0, 2, (count, spatial_dim), generator=generator, dtype=dtype, device=device
-        )
-        v.mul_(2).sub_(1)
-    else:
-        raise ValueError(f"Unknown distribution {distribution!r}; use one of {DISTRIBUTIONS}.")
-    if input_dim > spatial_dim:
-        v = torch.cat([v, v.new_zeros(count, input_dim - spatial_dim)], dim=1)
-    return Directions(input_dim, dense=v)
-
-
-def time_axis(x: Tensor, spatial_dim: int) -> Directions:
-    """The direction of the time coordinate, or ``ValueError`` if ``x`` has none."""
-    if x.shape[1] == spatial_dim:
-        raise ValueError("Operator 'dt' needs a time coordinate (time_dependent=True).")
-    return Directions.axis(x.shape[1], x.shape[1] - 1, device=x.device)
-
-
-def check_count(name: str, count: int, minimum: int = 1) -> int:
-    """Validate a number of directions."""
-    if not isinstance(count, int) or isinstance(count, bool) or count < minimum:
-        raise ValueError(f"estimator.{name} must be an integer >= {minimum}, got {count!r}.")
-    return count
+# The samplers live in sdze_lightning.directions; importing them from here keeps working.
+__all__ = [
+    "DirectionalEstimator",
+    "sample_coordinates",
+    "sample_directions",
+    "scatter_gradient",
+]
 
 
 def scatter_gradient(d1: Tensor, dirs: Directions, spatial_dim: int, scale: float) -> Tensor:
@@ -171,7 +95,7 @@ class DirectionalEstimator(Estimator):
     distributions: ClassVar[tuple[str, ...]] = DISTRIBUTIONS
 
     def __init__(self, num_directions: int = 16, distribution: str = "coordinate") -> None:
-        self.num_directions = check_count("num_directions", num_directions)
+        self.num_directions = integer("estimator.num_directions", num_directions, minimum=1)
         if distribution not in self.distributions:
             raise ValueError(
                 f"estimator.distribution must be one of {self.distributions}, got {distribution!r}."

@@ -22,8 +22,8 @@ from collections.abc import Callable, Collection
 import torch
 from torch import Tensor
 
-from sdze_lightning.directions import Directions
-from sdze_lightning.estimators.directional import DirectionalEstimator, time_axis
+from sdze_lightning.directions import Directions, time_axis
+from sdze_lightning.estimators.directional import DirectionalEstimator
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 
 

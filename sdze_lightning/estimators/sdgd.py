@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from sdze_lightning.checks import integer
+from sdze_lightning.directions import sample_coordinates
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.estimators.directional import sample_coordinates
 from sdze_lightning.estimators.exact import ExactEstimator, pure_derivatives
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 

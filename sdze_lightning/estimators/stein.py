@@ -45,9 +45,8 @@ import torch
 from torch import Tensor
 
 from sdze_lightning.checks import integer
-from sdze_lightning.directions import Directions
+from sdze_lightning.directions import Directions, sample_directions, time_axis
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.estimators.directional import sample_directions, time_axis
 from sdze_lightning.estimators.fd import central_differences, default_step
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 

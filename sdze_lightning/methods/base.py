@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.checks import non_negative_int
+
 #: ``loss_at(noise_key)``: the loss with the random inputs (points, estimator
 #: directions) of ``noise_key``, evaluated without back-propagation.
 LossAt = Callable[[int], Tensor]
@@ -95,10 +97,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 )
             loss, closure = closure, None
             loss_at = lambda key: loss()  # noqa: E731 - a noise-free loss ignores the key
-        if step_index is not None and (
-            not isinstance(step_index, int) or isinstance(step_index, bool) or step_index < 0
-        ):
-            raise ValueError(f"step_index must be a non-negative integer, got {step_index!r}.")
+        if step_index is not None:
+            non_negative_int("step_index", step_index)
         return self.zo_step(loss_at, step_index, closure, skip_nonfinite)
 
     def zo_step(

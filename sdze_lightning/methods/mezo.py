@@ -40,6 +40,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.checks import boolean
 from sdze_lightning.methods.two_point import TwoPointOptimizer
 from sdze_lightning.seeding import Stream, generator
 
@@ -73,8 +74,7 @@ class MeZO(TwoPointOptimizer):
         normalize: bool = False,
         norm_beta: float = 0.99,
     ) -> None:
-        if not isinstance(normalize, bool):
-            raise ValueError(f"method.normalize must be true or false, got {normalize!r}.")
+        boolean("method.normalize", normalize)
         if not isinstance(norm_beta, int | float) or isinstance(norm_beta, bool) or not (
             0 <= norm_beta < 1
         ):

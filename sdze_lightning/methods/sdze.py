@@ -40,10 +40,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.checks import positive_int
 from sdze_lightning.methods.base import LossAt
 from sdze_lightning.methods.subspace import LayerSubspace
-from sdze_lightning.methods.two_point import TwoPointOptimizer
-from sdze_lightning.methods.update_rules import RULE_STATE, check_rule, rule_step
+from sdze_lightning.methods.two_point import TwoPointOptimizer, perturbation_sweep
+from sdze_lightning.methods.update_rules import RULE_STATE, apply_rule, check_rule
 from sdze_lightning.nn.perturb import HookHold, attach_hooks, linear_layers
 from sdze_lightning.seeding import PROBE_KEY_BASE, Stream, generator
 
@@ -111,9 +112,8 @@ class SDZE(TwoPointOptimizer):
             raise ValueError(f"method.betas must be two numbers in [0, 1), got {betas!r}.")
         if carry not in CARRY_MODES:
             raise ValueError(f"method.carry must be one of {list(CARRY_MODES)}, got {carry!r}.")
-        for name, value in (("method.rank", rank), ("method.period", period)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        positive_int("method.rank", rank)
+        positive_int("method.period", period)
         layers = list(linear_layers(module))
         covered = {id(p) for layer in layers for p in layer.parameters()}
         outside = [
@@ -217,19 +217,28 @@ class SDZE(TwoPointOptimizer):
         window = step // self.period
         if window != self.zo_state["window"]:
             self._change_window(window)
+        gen = generator(self.layers[0].weight.device, Stream.SDZE_DIRECTIONS, self.seed, step)
+        self._directions = self._draw_directions(self.queries, gen)
+
+    def _draw_directions(self, count: int, gen: torch.Generator) -> list[list[Tensor]]:
+        """``count`` Gaussian directions in the current window's coordinates, one list per query."""
         subs = self.subspaces()
         device, dtype = self.layers[0].weight.device, self.layers[0].weight.dtype
-        gen = generator(device, Stream.SDZE_DIRECTIONS, self.seed, step)
-        self._directions = [
+        return [
             [torch.randn(sub.size, generator=gen, device=device, dtype=dtype) for sub in subs]
-            for _ in range(self.queries)
+            for _ in range(count)
         ]
 
-    def _perturb(self, query: int | None, sign: int) -> None:
+    def _offsets(
+        self, directions: list[list[Tensor]], query: int | None, sign: int
+    ) -> list[Tensor] | None:
+        """Per-layer coordinate offsets ``sign eps u_query`` (``None`` for ``query=None``)."""
         if query is None:
-            self._install()
-        else:
-            self._install([(sign * self.eps) * u for u in self._directions[query]])
+            return None
+        return [(sign * self.eps) * u for u in directions[query]]
+
+    def _perturb(self, query: int | None, sign: int) -> None:
+        self._install(self._offsets(self._directions, query, sign))
 
     def gradient(self, scalars: Tensor) -> list[Tensor]:
         """Per-layer coordinate gradient estimate ``(1/q) sum_j s_j u_j`` of scalars ``s``."""
@@ -245,15 +254,10 @@ class SDZE(TwoPointOptimizer):
             [s * torch.cat(u) for s, u in zip(scalars.tolist(), self._directions, strict=True)]
         )
         self.zo_state["rule_step"] += 1
-        t = self.zo_state["rule_step"]
-        for i, g in enumerate(grads):
-            st = self.layer_state(i)
-            rule_state = {k: st[k] for k in RULE_STATE[self.update] if k in st}
-            inc = rule_step(
-                self.update, g, rule_state, self.lr, t, self.momentum, self.betas, self.adam_eps
-            )
-            st.update(rule_state)
-            st["coords"].add_(inc.to(st["coords"].dtype))
+        apply_rule(
+            self.update, [self.layer_state(i) for i in range(len(self.layers))], grads, self.lr,
+            self.zo_state["rule_step"], self.momentum, self.betas, self.adam_eps,
+        )
         self._install()
 
     # -------------------------------------------------------------------- public
@@ -316,30 +320,23 @@ class SDZE(TwoPointOptimizer):
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"probe needs a positive number of probes, got {n!r}.")
-        subs = self.subspaces()
         first = self.layers[0].weight
         gen = generator(first.device, Stream.SDZE_PROBES, self.seed, self.zo_state["step"])
-        rows: list[Tensor] = []
-        scalars: list[float] = []
-        try:
-            for j in range(n):
-                u = [
-                    torch.randn(sub.size, generator=gen, device=first.device, dtype=first.dtype)
-                    for sub in subs
-                ]
-                values = []
-                for sign in (1, -1):
-                    key = PROBE_KEY_BASE + 2 * j + (0 if crns or sign > 0 else 1)
-                    self._install([(sign * self.eps) * ui for ui in u])
-                    values.append(torch.as_tensor(loss_at(key)).detach().reshape(()))
-                pair = self._reduce(torch.stack(values).to(torch.float64).view(1, 2))
-                scalar = float(self.scalars(pair)[0])
-                scalars.append(scalar)
-                rows.append(scalar * torch.cat(u).to(torch.float64))
-        finally:
-            self._install()
-        self.last_probe_scalars = torch.tensor(scalars, dtype=torch.float64)
-        return torch.stack(rows)
+        directions = self._draw_directions(n, gen)
+
+        def key_for(j: int, sign: int) -> int:
+            return PROBE_KEY_BASE + 2 * j + (0 if crns or sign > 0 else 1)
+
+        values = perturbation_sweep(
+            n,
+            lambda j, sign: self._install(self._offsets(directions, j, sign)),
+            lambda j, sign: loss_at(key_for(j, sign)),
+        )
+        scalars = self.scalars(self._reduce(values))
+        self.last_probe_scalars = scalars.cpu()
+        return torch.stack(
+            [s * torch.cat(u).to(torch.float64) for s, u in zip(scalars, directions, strict=True)]
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict` and re-install the offsets it holds."""

@@ -8,8 +8,9 @@ for ``W + A C B^T``, ``b + A c_b``. The coordinates are kept as one flat vector
 of ``ra * rb + ra`` numbers per layer, independent of ``n`` (the input
 dimension for the first layer).
 
-The factors are the Q factors of seeded Gaussian matrices (signs fixed by the
-diagonal of R, so the basis is Haar distributed and unique). They are a pure
+The factors are the Q factors of seeded Gaussian matrices, signs fixed by the
+diagonal of R so that the basis is Haar distributed and unique
+(:func:`torch.nn.init.orthogonal_` with the seeded generator). They are a pure
 function of ``(seed, window, layer)``: they are never part of the optimizer
 state, and after a resume they are simply drawn again.
 """
@@ -29,7 +30,7 @@ def orthonormal_basis(
     rows: int, rank: int, seed: int, window: int, layer: int, side: Stream,
     dtype: torch.dtype, device: torch.device,
 ) -> Tensor:
-    """Orthonormal ``(rows, rank)`` matrix: QR of a seeded Gaussian matrix.
+    """Orthonormal ``(rows, rank)`` matrix: QR of a seeded Gaussian matrix (``orthogonal_``).
 
     Args:
         rows: Number of rows (``m`` or ``n``); ``rank <= rows``.
@@ -38,18 +39,17 @@ def orthonormal_basis(
         window: Index of the refresh window.
         layer: Index of the layer.
         side: ``Stream.SUBSPACE_LEFT`` or ``Stream.SUBSPACE_RIGHT``.
-        dtype: Floating dtype of the result.
+        dtype: Floating dtype of the result (bfloat16 and float16 are drawn and
+            factored in float32, which has a QR, then cast).
         device: Device of the result (the generator lives there too).
 
     """
     gen = generator(device, side, seed, window, layer)
-    g = torch.randn(rows, rank, generator=gen, dtype=dtype, device=device)
-    if dtype not in (torch.float32, torch.float64):  # no QR in bfloat16/float16
-        g = g.float()
-    q, r = torch.linalg.qr(g, mode="reduced")
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1
-    return (q * signs).to(dtype)
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    # Column-major, the layout of LAPACK's Q factor, so the products with the basis
+    # round as they would with the factor itself.
+    basis = torch.empty(rank, rows, dtype=work, device=device).T
+    return nn.init.orthogonal_(basis, generator=gen).to(dtype)
 
 
 @dataclass

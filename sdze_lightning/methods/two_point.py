@@ -37,16 +37,68 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.checks import boolean, integer, positive_int
 from sdze_lightning.divergence import NonFiniteLossError
 from sdze_lightning.methods.base import LossAt, ZerothOrderOptimizer
 
 #: Key of the method-wide counters inside ``optimizer.state`` (saved as is).
 STATE_KEY = "zo"
+
+
+#: ``perturb(query, sign)``: make the network evaluate at ``theta + sign eps z_query``
+#: from now on (``query=None``: back at ``theta``).
+Perturb = Callable[[int | None, int], None]
+
+
+@overload
+def perturbation_sweep(queries: int, perturb: Perturb, evaluate: None = None) -> None: ...
+
+
+@overload
+def perturbation_sweep(
+    queries: int, perturb: Perturb, evaluate: Callable[[int, int], Any]
+) -> Tensor: ...
+
+
+def perturbation_sweep(
+    queries: int, perturb: Perturb, evaluate: Callable[[int, int], Any] | None = None
+) -> Tensor | None:
+    """Visit ``theta + eps z_j`` and ``theta - eps z_j`` for every query, then ``theta`` again.
+
+    The one perturbation loop of the two-point methods: a step's evaluations, a
+    replayed step's perturbations (which MeZO's in-place writes need to
+    reproduce the recorded run bit for bit) and SDZE's variance probes. The
+    network is back at ``theta`` afterwards, also when ``evaluate`` raises.
+
+    Args:
+        queries: Number of directions ``q``.
+        perturb: Moves the network (see :data:`Perturb`).
+        evaluate: ``evaluate(query, sign)`` returns the loss at the current
+            perturbation; ``None`` only perturbs.
+
+    Returns:
+        Float64 tensor ``(q, 2)``: ``[L(theta + eps z_j), L(theta - eps z_j)]``,
+        or ``None`` without ``evaluate``.
+
+    """
+    values: list[Tensor] = []
+    try:
+        with torch.no_grad():
+            for j in range(queries):
+                for sign in (1, -1):
+                    perturb(j, sign)
+                    if evaluate is not None:
+                        values.append(torch.as_tensor(evaluate(j, sign)).detach().reshape(()))
+    finally:
+        perturb(None, 0)
+    if evaluate is None:
+        return None
+    return torch.stack(values).to(torch.float64).view(queries, 2)
 
 
 def _is_number(value: Any) -> bool:
@@ -85,12 +137,9 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
             raise ValueError(f"method.lr must be a non-negative number, got {lr!r}.")
         if not _is_number(eps) or not eps > 0:
             raise ValueError(f"method.eps must be a positive number, got {eps!r}.")
-        if not isinstance(queries, int) or isinstance(queries, bool) or queries < 1:
-            raise ValueError(f"method.queries must be a positive integer, got {queries!r}.")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"method.seed must be an integer, got {seed!r}.")
-        if not isinstance(crns, bool):
-            raise ValueError(f"method.crns must be true or false, got {crns!r}.")
+        positive_int("method.queries", queries)
+        integer("method.seed", seed)
+        boolean("method.crns", crns)
         super().__init__(module, defaults)
         self.eps = float(eps)
         self.queries = queries
@@ -156,19 +205,10 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
             Float64 tensor ``(q, 2)``: ``[L(theta + eps z_j), L(theta - eps z_j)]``.
 
         """
-        step = self.zo_state["step"]
-        self._prepare(step)
-        values: list[Tensor] = []
-        try:
-            with torch.no_grad():
-                for j in range(self.queries):
-                    for sign in (1, -1):
-                        self._perturb(j, sign)
-                        value = loss_at(self.noise_key_for(j, sign))
-                        values.append(torch.as_tensor(value).detach().reshape(()))
-        finally:
-            self._perturb(None, 0)
-        return torch.stack(values).to(torch.float64).view(self.queries, 2)
+        self._prepare(self.zo_state["step"])
+        return perturbation_sweep(
+            self.queries, self._perturb, lambda j, sign: loss_at(self.noise_key_for(j, sign))
+        )
 
     def scalars(self, values: Tensor) -> Tensor:
         """Projected-gradient scalars ``(L_+ - L_-) / (2 eps)`` of loss values ``(q, 2)``."""
@@ -253,12 +293,7 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
         for group in self.param_groups:
             group["lr"] = lr
         self._prepare(self.zo_state["step"])
-        try:
-            for j in range(self.queries):
-                for sign in (1, -1):
-                    self._perturb(j, sign)
-        finally:
-            self._perturb(None, 0)
+        perturbation_sweep(self.queries, self._perturb)
         values = torch.as_tensor(values, dtype=torch.float64).reshape(self.queries, 2)
         if bool(torch.isfinite(values).all()):
             scalars = self.scalars(values)

@@ -1,21 +1,27 @@
-"""Update rules applied to a flat coordinate vector (plain, momentum, Adam).
+"""Update rules of SDZE's coordinate vectors (plain, momentum, Adam) with torch.optim's arithmetic.
 
-SDZE keeps its optimizer state in the subspace coordinates, so the rules are
-written for a gradient estimate ``g`` of one coordinate vector and a small
-state dict of tensors of the same shape: memory ``O(size of g)``.
+SDZE keeps its optimizer state in the subspace coordinates: per layer a flat
+coordinate vector and a small dict of rule tensors of the same shape (memory
+``O(size of the coordinates)``). :func:`apply_rule` updates them in place with
+the functional forms of ``torch.optim.SGD`` and ``torch.optim.Adam``
+(:func:`torch.optim.sgd.sgd`, :func:`torch.optim.adam.adam`). The optimizer
+classes are not used because they bind to tensor objects and count steps per
+tensor, while SDZE replaces the coordinates at every window change, resets or
+rotates the rule state into the new subspace and checkpoints it in its own
+state (a ``rule_step`` counter shared by the layers).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 #: Names of the update rules.
 UPDATE_RULES: tuple[str, ...] = ("plain", "momentum", "adam")
 
-#: State tensors each rule keeps (same shape as the coordinates).
+#: State tensors each rule keeps (same shape as the coordinates; torch.optim's names).
 RULE_STATE: dict[str, tuple[str, ...]] = {
     "plain": (),
     "momentum": ("momentum_buffer",),
@@ -29,49 +35,54 @@ def check_rule(rule: str) -> None:
         raise ValueError(f"method.update must be one of {list(UPDATE_RULES)}, got {rule!r}.")
 
 
-def rule_step(
+def apply_rule(
     rule: str,
-    grad: Tensor,
-    state: dict[str, Tensor],
+    states: list[dict[str, Tensor]],
+    grads: list[Tensor],
     lr: float,
     t: int,
     momentum: float = 0.9,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-) -> Tensor:
-    """Return the increment of the coordinates for gradient estimate ``grad``.
+) -> None:
+    """Update every layer's ``coords`` in place from its gradient estimate.
 
     Args:
-        rule: ``"plain"`` (``-lr g``), ``"momentum"`` (heavy ball,
-            ``buf <- momentum buf + g``, ``-lr buf``) or ``"adam"`` (bias-corrected
-            moments, ``-lr m_hat / (sqrt(v_hat) + eps)``).
-        grad: Gradient estimate.
-        state: The rule's state tensors (created on first use, updated in place).
+        rule: ``"plain"`` (SGD, ``-lr g``), ``"momentum"`` (SGD with heavy-ball
+            momentum, ``buf <- momentum buf + g``, ``-lr buf``) or ``"adam"``
+            (bias-corrected moments, ``-lr m_hat / (sqrt(v_hat) + eps)``).
+        states: Per layer, ``coords`` and the rule's tensors (:data:`RULE_STATE`;
+            created on first use, updated in place).
+        grads: Per layer, the gradient estimate of the coordinates.
         lr: Learning rate.
-        t: Number of updates since the state was (re)started, this one included (Adam's
-            bias correction).
+        t: Number of updates since the rule state was (re)started, this one included
+            (Adam's bias correction).
         momentum: Momentum factor.
         betas: Adam's decay rates.
         eps: Adam's denominator term.
 
     """
-    if rule == "plain":
-        return -lr * grad
-    if rule == "momentum":
-        buf = state.get("momentum_buffer")
-        buf = grad.clone() if buf is None else buf.mul_(momentum).add_(grad)
-        state["momentum_buffer"] = buf
-        return -lr * buf
-    if rule == "adam":
-        b1, b2 = betas
-        m = state.get("exp_avg")
-        v = state.get("exp_avg_sq")
-        m = torch.zeros_like(grad) if m is None else m
-        v = torch.zeros_like(grad) if v is None else v
-        m.mul_(b1).add_(grad, alpha=1 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        state["exp_avg"], state["exp_avg_sq"] = m, v
-        c1, c2 = 1 - b1**t, 1 - b2**t
-        return -(lr / c1) * m / (v.sqrt() / math.sqrt(c2) + eps)
     check_rule(rule)
-    raise AssertionError("unreachable")
+    coords = [st["coords"] for st in states]
+    grads = [g.to(c.dtype) for g, c in zip(grads, coords, strict=True)]
+    if rule == "adam":
+        for st, g in zip(states, grads, strict=True):
+            for key in RULE_STATE["adam"]:
+                if key not in st:
+                    st[key] = torch.zeros_like(g)
+        adam(
+            coords, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            [], [torch.tensor(float(t - 1)) for _ in states], foreach=False,
+            amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=0.0, eps=eps,
+            maximize=False,
+        )
+        return
+    buffers = [st.get("momentum_buffer") for st in states]  # sgd fills in new ones
+    sgd(
+        coords, grads, buffers, foreach=False, weight_decay=0.0,
+        momentum=momentum if rule == "momentum" else 0.0, lr=lr, dampening=0.0,
+        nesterov=False, maximize=False,
+    )
+    if rule == "momentum":
+        for st, buf in zip(states, buffers, strict=True):
+            st["momentum_buffer"] = buf

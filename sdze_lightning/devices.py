@@ -1,4 +1,4 @@
-"""Small helpers shared by the callbacks."""
+"""The device a module computes on."""
 
 from __future__ import annotations
 

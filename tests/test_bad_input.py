@@ -1,4 +1,4 @@
-"""Bad input, tried as a new user would (issue 8).
+"""Bad input, tried as a new user would.
 
 Every case fails before the first training step with an error that names what to fix, and
 leaves nothing behind (no summary.json, checkpoint or logger files) that a later run could

@@ -1,4 +1,4 @@
-"""Smoke runs of the performance benchmarks (issue 7), called as functions.
+"""Smoke runs of the performance benchmarks, called as functions.
 
 Each script's ``--smoke`` mode runs a tiny configuration in-process; the tests
 check that it produces its result files and sane rows, not the numbers (those
@@ -54,7 +54,7 @@ def test_scaling_rejects_cuda_without_a_gpu(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_scaling_smoke_on_cuda(tmp_path):
-    """Item 4 of issue 7: the scaling study on a GPU (CUDA peak memory, synchronised timing)."""
+    """The scaling study on a GPU (CUDA peak memory, synchronised timing)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -221,3 +221,14 @@ def test_threads_smoke():
     (row,) = mod.main(["--smoke"])
     assert row["run"] == "auto-busy" and row["busy_process"] is True and row["steps"] == 5
     assert row["threads"] >= 1 and row["wall_s"] > row["train_s"] > 0
+
+
+def test_fused_kernels_smoke(tmp_path):
+    """The fused two-body source agrees with the eager code (float32 sums in another order:
+    a few 1e-6 of the largest magnitude at this size) and both are timed."""
+    mod = load_benchmark("fused_kernels")
+    (row,) = mod.main(["--dims", "9000", "--points", "4", "--repeats", "1",
+                       "--out", str(tmp_path)])
+    assert row["eager_s"] > 0 and row["fused_s"] > 0
+    assert row["max_rel_diff"] < 1e-4
+    assert json.loads((tmp_path / "fused_kernels.json").read_text())["rows"] == [row]

@@ -1,4 +1,4 @@
-"""DDP with scalar communication (issue 8): two CPU processes (gloo) against one process.
+"""DDP with scalar communication: two CPU processes (gloo) against one process.
 
 The fixture launches this file twice as a script, as ``torchrun`` would (``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` in the environment; Lightning then joins

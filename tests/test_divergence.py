@@ -1,4 +1,4 @@
-"""Divergence (issue 8): a NaN/Inf loss is caught at its step, reported with the step and the
+"""Divergence: a NaN/Inf loss is caught at its step, reported with the step and the
 method's state, not applied, and training stops (default) or skips the step (config),
 without overwriting the last good checkpoint."""
 

@@ -1,4 +1,4 @@
-"""Spatial derivative estimators (issue 3): unbiasedness, seeding, graphs, jets.
+"""Spatial derivative estimators: unbiasedness, seeding, graphs, jets.
 
 Statistical tolerance. An estimator called ``R`` times with one generator gives
 ``R`` independent estimates (the generator advances). Their mean has standard

@@ -1,4 +1,4 @@
-"""Tests of the methods: SDZE, MeZO, PDE-aware (issue 4)."""
+"""Tests of the methods: SDZE, MeZO, PDE-aware."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Property tests (issue 8, hypothesis): the estimators' shape/dtype contract, and implicit
+"""Property tests (hypothesis): the estimators' shape/dtype contract, and implicit
 low-rank perturbation = explicit perturbation across random layer shapes.
 
 ``derandomize=True``: the examples come from a fixed seed, so a run is reproducible;

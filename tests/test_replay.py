@@ -1,4 +1,4 @@
-"""Seed-replay log (issue 8): per step only (step, lr, 2q loss values); ``sdze-replay`` rebuilds
+"""Seed-replay log: per step only (step, lr, 2q loss values); ``sdze-replay`` rebuilds
 the trained model from the initial checkpoint and the log, bit-identical on CPU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exact resume (issue 8): a run killed at step k, resumed from ``last.ckpt``, continues the
+"""Exact resume: a run killed at step k, resumed from ``last.ckpt``, continues the
 same trajectory bit for bit (CPU, float64).
 
 Nothing but the checkpoint carries state between the two processes: points and estimator

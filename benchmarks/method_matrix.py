@@ -162,10 +162,11 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = [
         f"Command: `{command}` ({datetime.date.today()}, {platform.machine()} CPU, "
         f"1 torch thread, torch {torch.__version__}; "
-        "2-core machine shared with other jobs, so timings carry their load).",
+        "2-core machine shared with other jobs: s/step is wall time and carries the load; "
+        "the ratio to Adam+exact is one of CPU time, in the same process).",
         "",
-        "| method | estimator | s/step | adam+exact s/step | ratio | peak RSS (GB) | load "
-        "| verdict |",
+        "| method | estimator | s/step | adam+exact s/step | CPU-time ratio | peak RSS (GB) "
+        "| load | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -213,7 +214,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     rows = verdicts(rows)
     command = "python benchmarks/method_matrix.py" + (
-        f" --steps {args.steps}" if args.steps != 4 else "")
+        f" --steps {args.steps}" if args.steps != 4 else "") + (
+        f" --timeout {args.timeout:g}" if args.timeout != 300 else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "method_matrix.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown(rows, command)

@@ -22,10 +22,12 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
-from sdze_lightning.seeding import Stream
+from sdze_lightning.seeding import Stream, mix
 
 if TYPE_CHECKING:
     from sdze_lightning.problem import PINNProblem
@@ -54,6 +56,31 @@ class Collocation:
         self.placement = PreparePlacement()
         self.prepare_takes_rows = "rows" in inspect.signature(problem.prepare_batch).parameters
         self.main_since: float | None = None
+
+
+def generator(problem: PINNProblem, *parts: int, stream: Stream = Stream.USER) -> torch.Generator:
+    """A generator on the problem's device seeded from ``(stream, seed, *parts)``.
+
+    The library's draws have their own streams (:mod:`sdze_lightning.seeding`).
+    """
+    gen = torch.Generator(device=problem.device)
+    gen.manual_seed(mix(stream, problem.seed, *parts))
+    return gen
+
+
+def rand(problem: PINNProblem, *shape: int, generator: torch.Generator) -> Tensor:
+    """Uniform ``[0, 1)`` samples on the problem's device and dtype."""
+    return torch.rand(*shape, generator=generator, device=problem.device, dtype=problem.dtype)
+
+
+def randn(problem: PINNProblem, *shape: int, generator: torch.Generator) -> Tensor:
+    """Standard normal samples on the problem's device and dtype."""
+    return torch.randn(*shape, generator=generator, device=problem.device, dtype=problem.dtype)
+
+
+def prefetching(problem: PINNProblem) -> bool:
+    """Whether training batches are prefetched (the problem's ``prefetch`` argument)."""
+    return problem.collocation.prefetcher is not None
 
 
 def points(problem: PINNProblem, step: int, key: int) -> Tensor:
@@ -168,3 +195,20 @@ def drop_prefetch_without_crns(problem: PINNProblem, zeroth_order: Iterable[Any]
             stacklevel=3,
         )
         state.prefetcher = None
+
+
+def step_indices(problem: PINNProblem, n: int) -> DataLoader[int]:
+    """``n`` step indices: the Trainer's batches (the points are sampled in the step)."""
+    # An own generator: a loader's iterator draws its base seed from it, not globally.
+    gen = torch.Generator().manual_seed(problem.seed)
+    return DataLoader(range(n), batch_size=None, generator=gen)
+
+
+def train_dataloader(problem: PINNProblem) -> DataLoader[int]:
+    """The step indices of an epoch (``steps_per_epoch``)."""
+    return step_indices(problem, problem.steps_per_epoch)
+
+
+def val_dataloader(problem: PINNProblem) -> DataLoader[int]:
+    """One index: validation evaluates the held-out set."""
+    return step_indices(problem, 1)

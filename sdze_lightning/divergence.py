@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sdze_lightning.stepping import StepOutcome
@@ -103,3 +103,8 @@ class DivergenceGuard:
         else:
             self.in_a_row = 0
         return outcome
+
+
+def steps_skipped(problem: Any) -> int:
+    """Steps a problem skipped under ``divergence="skip"`` (its ``skipped_steps``)."""
+    return problem.divergence_guard.skipped_steps

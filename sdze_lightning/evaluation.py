@@ -67,3 +67,9 @@ def relative_l2_error(problem: PINNProblem) -> float | None:
     """Relative L2 error of ``problem`` on its held-out points, or ``None`` without a reference."""
     metric = RelativeL2Error().to(problem.device)
     return float(metric.compute()) if update_error(problem, metric) else None
+
+
+def validation_step(problem: PINNProblem, batch: object, batch_idx: int) -> None:
+    """Log ``val/rel_l2`` on the held-out points (torchmetrics, DDP-safe)."""
+    if update_error(problem, problem.rel_l2):
+        problem.log("val/rel_l2", problem.rel_l2, prog_bar=True)

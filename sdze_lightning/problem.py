@@ -15,20 +15,26 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from sdze_lightning import collocation, evaluation, input_checks, loss, resume, stepping
+from sdze_lightning import (
+    collocation,
+    evaluation,
+    fit_lifecycle,
+    input_checks,
+    loss,
+    resume,
+    stepping,
+)
 from sdze_lightning.constraints import Constraint
 from sdze_lightning.derivatives import Derivatives
-from sdze_lightning.distributed import Shard, data_parallel_shard
-from sdze_lightning.divergence import DivergenceGuard, NonFiniteLossError
+from sdze_lightning.distributed import Shard
+from sdze_lightning.divergence import DivergenceGuard, NonFiniteLossError, steps_skipped
 from sdze_lightning.estimators import Estimator
 from sdze_lightning.input_checks import check_precision
 from sdze_lightning.methods.base import build_optimizer
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
-from sdze_lightning.seeding import Stream, mix
-from sdze_lightning.stepping import StepOutcome, inner_optimizers, zeroth_order_optimizers
+from sdze_lightning.stepping import StepOutcome
 from sdze_lightning.threads import FitThreads
 
 __all__ = ["NonFiniteLossError", "PINNProblem", "StepOutcome", "check_precision"]
@@ -186,34 +192,17 @@ class PINNProblem(L.LightningModule):
         values = est.estimate(model or self.model, x, self.operators, generator, self.dim)
         return Derivatives(x, values, self.dim)
 
-    def generator(self, *parts: int, stream: Stream = Stream.USER) -> torch.Generator:
-        """A generator on this module's device seeded from ``(stream, seed, *parts)``.
-
-        The library's draws have their own streams (:mod:`sdze_lightning.seeding`).
-        """
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(mix(stream, self.seed, *parts))
-        return gen
-
-    def rand(self, *shape: int, generator: torch.Generator) -> Tensor:
-        """Uniform ``[0, 1)`` samples on this module's device and dtype."""
-        return torch.rand(*shape, generator=generator, device=self.device, dtype=self.dtype)
-
-    def randn(self, *shape: int, generator: torch.Generator) -> Tensor:
-        """Standard normal samples on this module's device and dtype."""
-        return torch.randn(*shape, generator=generator, device=self.device, dtype=self.dtype)
-
     # -------- the library's API: functions of the problem in their modules, bound as methods
-    # The points of a step (:mod:`sdze_lightning.collocation`).
+    # Random numbers and the points of a step (:mod:`sdze_lightning.collocation`).
+    generator = collocation.generator
+    rand = collocation.rand
+    randn = collocation.randn
     points = collocation.points
     sample_points = collocation.sample_points
     boundary_points = collocation.boundary_points
     isolated_points = collocation.isolated_points
 
-    @property
-    def prefetch(self) -> bool:
-        """Whether training batches are prefetched (see the ``prefetch`` argument)."""
-        return self.collocation.prefetcher is not None
+    prefetch = property(collocation.prefetching)
 
     begin_step = collocation.begin_step
     stop_prefetch = collocation.stop_prefetch
@@ -251,35 +240,18 @@ class PINNProblem(L.LightningModule):
         input_checks.check_inputs(self)
         self._checked_as = (self.device, self.dtype)
 
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped under ``divergence="skip"``."""
-        return self.divergence_guard.skipped_steps
+    skipped_steps = property(steps_skipped)
 
     # ---------------------------------------------------------------- lightning hooks
     def setup(self, stage: str) -> None:
         """Reject a Trainer precision this library cannot train with."""
         check_precision(self.trainer.precision)
 
-    def on_fit_start(self) -> None:
-        """Check the inputs (once), shard the batches under DDP, set the thread count."""
-        if self._checked_as != (self.device, self.dtype):
-            self.check_inputs()
-        sizes = {"pde.n_interior": self.n_interior, "pde.n_boundary": self.n_boundary}
-        self.shard = data_parallel_shard(self.trainer, inner_optimizers(self), sizes)
-        work = (self.n_interior + self.n_boundary) * sum(p.numel() for p in self.net.parameters())
-        self.intra_op_threads = self.fit_threads.apply(
-            self.device.type == "cpu", work, int(self.prefetch), self.trainer.num_devices
-        )
-        self.divergence_guard.in_a_row = 0
-
-    def on_train_start(self) -> None:
-        """Drop a batch prefetched by an earlier fit; after a resume, refuse another method seed."""
-        self.stop_prefetch()
-        collocation.drop_prefetch_without_crns(self, zeroth_order_optimizers(self))
-        saved, self._resumed_from = self._resumed_from, None
-        if saved:
-            resume.check_method_seeds(saved, inner_optimizers(self))
+    # The fit's set-up and release (:mod:`sdze_lightning.fit_lifecycle`).
+    on_fit_start = fit_lifecycle.on_fit_start
+    on_train_start = fit_lifecycle.on_train_start
+    on_train_end = fit_lifecycle.on_train_end
+    teardown = fit_lifecycle.teardown
 
     def configure_optimizers(self) -> Any:
         """Build the injected method (and scheduler)."""
@@ -289,70 +261,12 @@ class PINNProblem(L.LightningModule):
         scheduler = {"scheduler": self.scheduler(opt), "interval": "step"}
         return {"optimizer": opt, "lr_scheduler": scheduler}
 
-    def train_dataloader(self) -> DataLoader[int]:
-        """The step indices of an epoch; the points are sampled in ``training_step``."""
-        return self._indices(self.steps_per_epoch)
+    # The steps' indices, the step itself, the held-out error.
+    train_dataloader = collocation.train_dataloader
+    val_dataloader = collocation.val_dataloader
+    training_step = stepping.training_step
+    validation_step = evaluation.validation_step
 
-    def val_dataloader(self) -> DataLoader[int]:
-        """One index: validation evaluates the held-out set."""
-        return self._indices(1)
-
-    def _indices(self, n: int) -> DataLoader[int]:
-        # An own generator: a loader's iterator draws its base seed from it, not globally.
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(range(n), batch_size=None, generator=gen)
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        """One optimizer step (:meth:`run_step`) under the :attr:`divergence` policy."""
-        outcome = self.divergence_guard.run(self.divergence, lambda skip: self.run_step(
-            self.optimizers(), self.global_step, backward=self.manual_backward, skip_nonfinite=skip
-        ))
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
-        self.last_loss = float(outcome.loss)
-        self.log("train/loss", outcome.loss, prog_bar=True)
-        if "boundary" in outcome.terms:
-            self.log("train/boundary", outcome.terms["boundary"].detach())
-        if self.skipped_steps:
-            self.log("train/skipped_steps", float(self.skipped_steps))
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Log ``val/rel_l2`` on the held-out points (torchmetrics, DDP-safe)."""
-        if evaluation.update_error(self, self.rel_l2):
-            self.log("val/rel_l2", self.rel_l2, prog_bar=True)
-
-    def on_train_end(self) -> None:
-        """Fold the methods' implicit offsets (SDZE) into the weights: a plain network again."""
-        for opt in zeroth_order_optimizers(self):
-            opt.fold()
-
-    def teardown(self, stage: str) -> None:
-        """Stop prefetching; restore the whole batch, the thread count; close the methods."""
-        self.stop_prefetch()
-        self.fit_threads.restore()
-        self.shard, self._checked_as = Shard(), None
-        for opt in zeroth_order_optimizers(self):
-            opt.reducer = None
-            opt.close()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the seeds a resumed run must share (:mod:`sdze_lightning.resume`)."""
-        checkpoint[resume.CHECKPOINT_KEY] = resume.resume_state(
-            self.seed, inner_optimizers(self), self.skipped_steps
-        )
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Convert to the Trainer's precision before the weights load; refuse another seed.
-
-        Lightning loads the weights before it converts the module: with ``64-true`` a
-        float32 module would round the float64 checkpoint first.
-        """
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None:
-            trainer.strategy.precision_plugin.convert_module(self)
-        saved = checkpoint.get(resume.CHECKPOINT_KEY)
-        if saved:
-            resume.check_seed(saved, self.seed)
-            self.divergence_guard.skipped_steps = int(saved.get("skipped_steps", 0))
-        self._resumed_from = saved or None
+    # The seeds a resume must share (:mod:`sdze_lightning.resume`).
+    on_save_checkpoint = resume.on_save_checkpoint
+    on_load_checkpoint = resume.on_load_checkpoint

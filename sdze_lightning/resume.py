@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdze_lightning.methods.base import ZerothOrderOptimizer
+from sdze_lightning.stepping import inner_optimizers
+
+if TYPE_CHECKING:
+    from sdze_lightning.problem import PINNProblem
 
 #: Key of the resume state in a Lightning checkpoint.
 CHECKPOINT_KEY = "sdze_lightning"
@@ -52,3 +56,26 @@ def check_method_seeds(saved: Mapping[str, Any], optimizers: Iterable[Any]) -> N
                 f"The checkpoint was trained with method.seed={before}, the method now has "
                 f"seed={after}; resume with method.seed={before}."
             )
+
+
+def on_save_checkpoint(problem: PINNProblem, checkpoint: dict[str, Any]) -> None:
+    """Record the seeds a resumed run must share (a ``PINNProblem`` hook)."""
+    checkpoint[CHECKPOINT_KEY] = resume_state(
+        problem.seed, inner_optimizers(problem), problem.skipped_steps
+    )
+
+
+def on_load_checkpoint(problem: PINNProblem, checkpoint: dict[str, Any]) -> None:
+    """Convert to the Trainer's precision before the weights load; refuse another seed.
+
+    A ``PINNProblem`` hook. Lightning loads the weights before it converts the module:
+    with ``64-true`` a float32 module would round the float64 checkpoint first.
+    """
+    trainer = getattr(problem, "_trainer", None)
+    if trainer is not None:
+        trainer.strategy.precision_plugin.convert_module(problem)
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    if saved:
+        check_seed(saved, problem.seed)
+        problem.divergence_guard.skipped_steps = int(saved.get("skipped_steps", 0))
+    problem._resumed_from = saved or None

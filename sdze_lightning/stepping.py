@@ -184,3 +184,24 @@ def _first_order_step(
         return StepOutcome(nan, terms, NonFiniteLossError(step, dict(bad), describe(inner)))
     loss = loss if isinstance(loss, Tensor) else terms["loss"]
     return StepOutcome(loss.detach(), terms)
+
+
+def training_step(problem: PINNProblem, batch: Any, batch_idx: int) -> None:
+    """``PINNProblem.training_step``: :func:`run_step` under the divergence policy, logged.
+
+    The scheduler steps after every step; ``train/loss`` (and the boundary term and the
+    count of skipped steps, when there are any) go to the loggers.
+    """
+    outcome = problem.divergence_guard.run(problem.divergence, lambda skip: problem.run_step(
+        problem.optimizers(), problem.global_step, backward=problem.manual_backward,
+        skip_nonfinite=skip,
+    ))
+    sched = problem.lr_schedulers()
+    if sched is not None:
+        sched.step()
+    problem.last_loss = float(outcome.loss)
+    problem.log("train/loss", outcome.loss, prog_bar=True)
+    if "boundary" in outcome.terms:
+        problem.log("train/boundary", outcome.terms["boundary"].detach())
+    if problem.skipped_steps:
+        problem.log("train/skipped_steps", float(problem.skipped_steps))

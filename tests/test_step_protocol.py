@@ -257,9 +257,9 @@ def test_every_stream_in_use_is_a_distinct_member_and_no_seed_is_shared(monkeypa
 
     from sdze_lightning.callbacks import plots, variance
 
-    import sdze_lightning.problem as problem_module
+    import sdze_lightning.collocation as collocation_module
 
-    for module in (seeding, problem_module, variance, plots):
+    for module in (seeding, collocation_module, variance, plots):
         monkeypatch.setattr(module, "mix", recording)
     for method in (functools.partial(SDZE, lr=1e-2, rank=2, queries=2),
                    functools.partial(MeZO, lr=1e-4)):

@@ -14,7 +14,9 @@ import gc
 import os
 import re
 import resource
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,7 +102,7 @@ METHODS: dict[str, tuple[str, str]] = {
 __all__ = [
     "MACHINE", "METHODS", "RESULTS", "SMOKE", "BenchConfig", "build", "forward_pass",
     "limit_memory", "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
-    "add_prefetch_flag", "machine", "sync",
+    "add_prefetch_flag", "machine", "median_time", "sync",
 ]
 
 
@@ -256,3 +258,14 @@ def limit_memory(nbytes: int) -> None:
 def load_average() -> float:
     """One-minute load average (context for the noisy timings)."""
     return os.getloadavg()[0]
+
+
+def median_time(fn: Callable[[], object], repeats: int,
+                clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median of ``repeats`` timings of ``fn()`` on ``clock`` (wall time by default)."""
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return statistics.median(times)

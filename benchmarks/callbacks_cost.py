@@ -28,6 +28,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _common import median_time
 from lightning.pytorch.callbacks import ProgressBar
 from sdze_lightning.callbacks import (
     EstimatorVarianceMonitor,
@@ -138,15 +139,6 @@ def fit(args, method, callbacks, tmp: Path) -> tuple[float, L.Trainer, Poisson2D
     )
     trainer.fit(problem)
     return clock.seconds / max(clock.steps, 1), trainer, problem
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:

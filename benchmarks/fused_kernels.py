@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
-from _common import MACHINE, RESULTS, load_average
+from _common import MACHINE, RESULTS, load_average, median_time
 
 from sdze_lightning.problems.ball import coefficients
 from sdze_lightning.problems.twobody import two_body_terms
@@ -29,12 +28,7 @@ from sdze_lightning.problems.twobody import two_body_terms
 def cpu_time(fn, repeats: int) -> float:
     """Median CPU time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+    return median_time(fn, repeats, time.process_time)
 
 
 def measure(dim: int, points: int, repeats: int) -> dict:

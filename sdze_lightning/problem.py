@@ -167,6 +167,12 @@ class PINNProblem(L.LightningModule):
         An override without ``rows`` gets the whole batch on one thread.
         """
 
+    # Random numbers for the samplers, on this module's device and dtype (see
+    # :mod:`sdze_lightning.collocation`; the library's own draws use other streams).
+    generator = collocation.generator
+    rand = collocation.rand
+    randn = collocation.randn
+
     # -------------------------------------------------- the solution and its operators
     @property
     def model(self) -> ModelFunction:
@@ -193,16 +199,16 @@ class PINNProblem(L.LightningModule):
         return Derivatives(x, values, self.dim)
 
     # -------- the library's API: functions of the problem in their modules, bound as methods
-    # Random numbers and the points of a step (:mod:`sdze_lightning.collocation`).
-    generator = collocation.generator
-    rand = collocation.rand
-    randn = collocation.randn
+    # The points of a step (:mod:`sdze_lightning.collocation`).
     points = collocation.points
     sample_points = collocation.sample_points
     boundary_points = collocation.boundary_points
     isolated_points = collocation.isolated_points
 
-    prefetch = property(collocation.prefetching)
+    @property
+    def prefetch(self) -> bool:
+        """Whether training batches are prefetched (see the ``prefetch`` argument)."""
+        return collocation.prefetching(self)
 
     begin_step = collocation.begin_step
     stop_prefetch = collocation.stop_prefetch
@@ -243,6 +249,10 @@ class PINNProblem(L.LightningModule):
     skipped_steps = property(steps_skipped)
 
     # ---------------------------------------------------------------- lightning hooks
+    # The seeds a resume must share (:mod:`sdze_lightning.resume`).
+    on_save_checkpoint = resume.on_save_checkpoint
+    on_load_checkpoint = resume.on_load_checkpoint
+
     def setup(self, stage: str) -> None:
         """Reject a Trainer precision this library cannot train with."""
         check_precision(self.trainer.precision)
@@ -266,7 +276,3 @@ class PINNProblem(L.LightningModule):
     val_dataloader = collocation.val_dataloader
     training_step = stepping.training_step
     validation_step = evaluation.validation_step
-
-    # The seeds a resume must share (:mod:`sdze_lightning.resume`).
-    on_save_checkpoint = resume.on_save_checkpoint
-    on_load_checkpoint = resume.on_load_checkpoint

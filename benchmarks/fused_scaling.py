@@ -11,13 +11,17 @@ each d, in one process, one after the other: SDZE (the shipped config: rank 4, p
 * ``peak_bytes``: the process's peak RSS (``VmHWM``, reset before the build) minus its
   RSS before the build: parameters, optimizer state, batch and every transient;
 * ``peak_ratio``: ``peak_bytes / (parameter bytes + batch bytes)``;
-* the loss of the first and of the last step.
+* the loss of the first and of the last step, and the means of the first and last 10
+  (fresh batches every step, so single losses are noisy).
+
+``--sdze-steps`` trains SDZE for fewer steps than the fused method: its median step is
+the reference, and a long fused run need not be paired with an equally long SDZE run.
 
 ``ratio_to_sdze`` is the fused method's ``s_per_step`` over SDZE's, measured in the
 same process (the figure to trust on a loaded machine, with its load average).
 
     python benchmarks/fused_scaling.py --dims 100000 1000000 --steps 20
-    python benchmarks/fused_scaling.py --dims 10000000 --steps 10
+    python benchmarks/fused_scaling.py --dims 10000000 --steps 200 --sdze-steps 10 --tag 1e7_200
     python benchmarks/fused_scaling.py --smoke
 
 Results: ``results/fused_scaling[_<tag>].json`` (``fused_scaling_smoke.json``).
@@ -94,7 +98,9 @@ def fit_steps(method: str, dim: int, steps: int, cfg: BenchConfig) -> dict:
                first_step_s=clock.seconds[0],
                s_per_step=statistics.median(clock.seconds[1:] or clock.seconds),
                peak_bytes=peak() - base, first_loss=clock.losses[0],
-               last_loss=clock.losses[-1], load=load_average())
+               last_loss=clock.losses[-1], load=load_average(),
+               mean_loss_first_10=statistics.fmean(clock.losses[:10]),
+               mean_loss_last_10=statistics.fmean(clock.losses[-10:]))
     row["peak_ratio"] = row["peak_bytes"] / (row["param_bytes"] + row["batch_bytes"])
     return row
 
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sdze-steps", type=int, default=None,
+                    help="SDZE's steps (default --steps): its step time is the reference")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -118,7 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for dim in args.dims:
         by = {}
         for method in METHODS:
-            by[method] = row = fit_steps(method, dim, args.steps, cfg)
+            steps = args.sdze_steps if method == "sdze" and args.sdze_steps else args.steps
+            by[method] = row = fit_steps(method, dim, steps, cfg)
             rows.append(row)
             print(f"d={dim:>9} {method:15s} {row['s_per_step']:.3f} s/step (first "
                   f"{row['first_step_s']:.1f} s), peak {row['peak_bytes'] / 2**30:.2f} GiB = "

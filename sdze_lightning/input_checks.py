@@ -238,6 +238,9 @@ def checked_residual(problem: PINNProblem, x: Tensor, d: Derivatives) -> Tensor:
 def check_inputs(problem: PINNProblem) -> None:
     """Check the user contract on a tiny batch; raise a clear error naming what to fix.
 
+    ``PINNProblem.check_inputs``. ``fit`` calls it unless it already ran for the module's
+    device and dtype (the CLI calls it before it writes any logger, checkpoint or summary).
+
     The points' shape, the network's input size, the residual's shape and dtype, the
     boundary sample; then the method's configuration (:func:`dry_build_method`) and
     the memory of training (:func:`check_training_fits`).
@@ -270,6 +273,7 @@ def check_inputs(problem: PINNProblem) -> None:
         _check_boundary(problem)
     dry_build_method(problem)
     check_training_fits(problem)
+    problem._checked_as = (problem.device, problem.dtype)  # fit checks again only if changed
     if is_zeroth_order(problem.method) and not problem.estimator.forward_only:
         log.warning(
             "estimator=%s back-propagates through x: the zeroth-order method still works, "

@@ -227,24 +227,10 @@ class PINNProblem(L.LightningModule):
     eval_batches = evaluation.eval_batches
     relative_l2_error = evaluation.relative_l2_error
 
-    def run_step(
-        self, optimizer: torch.optim.Optimizer, step: int, *,
-        backward: Callable[[Tensor], Any] | None = None, skip_nonfinite: bool = False,
-    ) -> StepOutcome:
-        """One optimizer step on the points of ``step``: what ``training_step`` runs.
+    # One optimizer step, usable without a Trainer (:mod:`sdze_lightning.stepping`).
+    run_step = stepping.run_step
 
-        Usable without a ``Trainer``; see :func:`sdze_lightning.stepping.run_step`.
-        """
-        return stepping.run_step(self, optimizer, step, backward, skip_nonfinite)
-
-    def check_inputs(self) -> None:
-        """Check the user contract on a tiny batch (:mod:`sdze_lightning.input_checks`).
-
-        ``fit`` calls it unless it already ran for the module's device and dtype (the
-        CLI calls it before it writes any logger, checkpoint or summary).
-        """
-        input_checks.check_inputs(self)
-        self._checked_as = (self.device, self.dtype)
+    check_inputs = input_checks.check_inputs
 
     skipped_steps = property(steps_skipped)
 

@@ -93,14 +93,26 @@ def run_step(
     problem: PINNProblem,
     optimizer: torch.optim.Optimizer,
     step: int,
+    *,
     backward: Callable[[Tensor], Any] | None = None,
     skip_nonfinite: bool = False,
 ) -> StepOutcome:
-    """One step of ``optimizer`` on the points of ``step`` (:meth:`PINNProblem.run_step`).
+    """One step of ``optimizer`` on the points of ``step``: ``PINNProblem.run_step``.
 
-    Takes the (prefetched) batch, evaluates the loss as the method asks and updates
-    the network, under the network's first-layer cache (where it has one); the
-    step's points are dropped at the end.
+    What ``training_step`` runs, usable without a ``Trainer``: takes the (prefetched)
+    batch, evaluates the loss as the method asks and updates the network, under the
+    network's first-layer cache (where it has one); the step's points are dropped at the
+    end.
+
+    Args:
+        problem: The problem.
+        optimizer: A zeroth-order method (``step(loss_at=...)``) or any
+            ``torch.optim.Optimizer`` (``step(closure)``), or Lightning's wrapper of one.
+        step: The step index: it fixes the points and the estimator's directions.
+        backward: What back-propagates the loss (default ``Tensor.backward``; the
+            Trainer passes ``manual_backward``).
+        skip_nonfinite: On a NaN/Inf loss, report it in the outcome instead of raising
+            :class:`~sdze_lightning.divergence.NonFiniteLossError`.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
     cache = getattr(problem.net, "first_layer_cache", None)

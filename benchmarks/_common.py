@@ -9,6 +9,7 @@ and memory probes. Every script imports this module; it imports none of them.
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import gc
 import os
@@ -102,7 +103,7 @@ METHODS: dict[str, tuple[str, str]] = {
 __all__ = [
     "MACHINE", "METHODS", "RESULTS", "SMOKE", "BenchConfig", "build", "forward_pass",
     "limit_memory", "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
-    "add_prefetch_flag", "machine", "median_time", "sync",
+    "add_prefetch_flag", "machine", "median_time", "sync", "write_csv",
 ]
 
 
@@ -269,3 +270,11 @@ def median_time(fn: Callable[[], object], repeats: int,
         fn()
         times.append(clock() - start)
     return statistics.median(times)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with the same keys, the first one's order) as a CSV file."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

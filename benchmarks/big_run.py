@@ -25,7 +25,6 @@ Results: ``results/big_run.{csv,json}`` (``big_run_smoke.*`` for the smoke mode)
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import statistics
@@ -50,6 +49,7 @@ from _common import (  # noqa: E402
     peak_rss_total,
     rss,
     train_step,
+    write_csv,
 )
 
 GiB = 2**30
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                        eval_every=args.eval_every)
         rows = res.pop("rows")
         summary["sdze"] = res
-        with open(args.out / f"{stem}.csv", "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
+        write_csv(args.out / f"{stem}.csv", rows)
         print(f"SDZE d={args.dim}: {res['params']:,} params, {res['steps_done']} steps, "
               f"median {res['median_s_per_step']:.2f} s/step, peak RSS "
               f"{res['peak_rss_bytes'] / GiB:.2f} GiB (params+batch "

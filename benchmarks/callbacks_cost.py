@@ -17,7 +17,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import importlib.util
 import json
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _common import median_time
+from _common import median_time, write_csv
 from lightning.pytorch.callbacks import ProgressBar
 from sdze_lightning.callbacks import (
     EstimatorVarianceMonitor,
@@ -273,10 +272,7 @@ def run(args: argparse.Namespace) -> dict:
         "probe_cost": probe_rows,
     }
     (args.out / f"callbacks_cost{suffix}.json").write_text(json.dumps(result, indent=2))
-    with open(args.out / f"callbacks_cost{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(probe_rows[0]))
-        writer.writeheader()
-        writer.writerows(probe_rows)
+    write_csv(args.out / f"callbacks_cost{suffix}.csv", probe_rows)
     return result
 
 

@@ -20,7 +20,6 @@ run (other users' load is not controlled: report it). Targets: with a busy core,
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import write_csv
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -101,10 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "cores": CORES, "date": time.strftime("%Y-%m-%d")}
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{args.out}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-        with open(RESULTS / f"{args.out}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(RESULTS / f"{args.out}.csv", rows)
     return rows
 
 

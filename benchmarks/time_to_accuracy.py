@@ -42,6 +42,7 @@ RSS) and ``error_vs_time_<problem>.png`` (a panel per d).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import json
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--n-eval", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once, each in its own subprocess (give each a core: "
+                         "jobs x threads <= cores, or the runs slow each other down)")
     ap.add_argument("--sdze-lr", type=float, default=DEFAULT_LRS["sdze"],
                     help="SDZE learning rate; 1e-2 is the best of a sweep on two-body Allen-Cahn "
                          "d = 1e3 (benchmarks/README.md); 0.1 was better at d = 1e4")
@@ -381,26 +385,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lrs = {"sdze": args.sdze_lr, "mezo": DEFAULT_LRS["mezo"], "adam": args.adam_lr,
            "fused_adafactor": args.fused_lr}
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    jobs = [dict(method=method, dim=dim, seed=seed, budget_s=args.budget_s,
+                 every=args.eval_every, n_eval=args.n_eval, problem_name=args.problem,
+                 lrs=lrs, sdze_queries=args.sdze_queries, affine_max_dim=args.affine_max_dim,
+                 lr_decay=args.lr_decay, sdze_cosine_steps=args.sdze_cosine_steps)
+            for dim in args.dims for method in args.methods for seed in range(args.seeds)]
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.in_process and args.jobs > 1:
+        ap.error("--in-process runs one configuration at a time; drop --jobs")
+
+    def report(r: dict) -> dict:
+        print(f"d={r['dim']:>6} {r['method']:15s} seed {r['seed']}: {r['steps']} steps in "
+              f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "
+              f"{r['final_rel_l2']:.3e}, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
+              f"({r['status']})", flush=True)
+        return r
+
+    if args.in_process:
+        rows = [report(run(**job, cfg=cfg)) for job in jobs]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_isolated, {**job, "cfg": cfg.dict()}) for job in jobs]
+            rows = [report(f.result()) for f in futures]  # in job order
     floor: dict[int, dict] = {}
     for dim in args.dims:
         for method in args.methods:
-            for seed in range(args.seeds):
-                job = dict(method=method, dim=dim, seed=seed, budget_s=args.budget_s,
-                           every=args.eval_every, n_eval=args.n_eval, problem_name=args.problem,
-                           lrs=lrs, sdze_queries=args.sdze_queries,
-                           affine_max_dim=args.affine_max_dim, lr_decay=args.lr_decay,
-                           sdze_cosine_steps=args.sdze_cosine_steps)
-                if args.in_process:
-                    r = run(**job, cfg=cfg)
-                else:
-                    r = run_isolated({**job, "cfg": cfg.dict()})
-                rows.append(r)
-                print(f"d={dim:>6} {method:15s} seed {seed}: {r['steps']} steps in "
-                      f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "
-                      f"{r['final_rel_l2']:.3e}, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
-                      f"({r['status']})",
-                      flush=True)
             errs = [r["final_rel_l2"] for r in rows if r["dim"] == dim and r["method"] == method]
             print(f"d={dim:>6} {method:15s} mean final rel L2 {statistics.mean(errs):.3e} "
                   f"(min {min(errs):.3e}, max {max(errs):.3e})", flush=True)

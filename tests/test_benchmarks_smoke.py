@@ -131,7 +131,8 @@ def test_profile_smoke(tmp_path):
 
 def test_time_to_accuracy_smoke(tmp_path):
     mod = load_benchmark("time_to_accuracy")
-    rows = mod.main(["--smoke", "--out", str(tmp_path)])
+    # two runs at once (--jobs 2): the rows still come back in job order
+    rows = mod.main(["--smoke", "--jobs", "2", "--out", str(tmp_path)])
     assert [r["method"] for r in rows] == list(mod.METHODS)  # every method, one subprocess each
     # each run in a process of its own, so its peak RSS is its own, not a running maximum
     pids = {r["pid"] for r in rows}
@@ -157,6 +158,14 @@ def test_time_to_accuracy_smoke(tmp_path):
               str(tmp_path)])
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert (tmp_path / "error_vs_time_twobody.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("bad", [["--jobs", "0"], ["--jobs", "2", "--in-process"]])
+def test_time_to_accuracy_refuses_bad_jobs(bad, capsys):
+    mod = load_benchmark("time_to_accuracy")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--smoke", *bad])
+    assert exc.value.code == 2 and "--jobs" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -272,9 +272,17 @@ def median_time(fn: Callable[[], object], repeats: int,
     return statistics.median(times)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Write ``rows`` (dicts with the same keys, the first one's order) as a CSV file."""
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Write ``rows`` as a CSV file.
+
+    Args:
+        path: The file to write.
+        rows: One dict per row.
+        fields: The columns, in order (keys outside them are left out, missing ones left
+            empty); default: the first row's keys.
+
+    """
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

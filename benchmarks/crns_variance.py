@@ -20,12 +20,12 @@ MLP tanh. Results: ``results/crns_variance.{csv,json,png}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
 
 import torch
+from _common import write_csv
 
 from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
 from sdze_lightning.estimators.taylor import TaylorEstimator
@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     flush=True,
                 )
     stem = "crns_variance_smoke" if args.smoke else "crns_variance"
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(args.out / f"{stem}.csv", rows)
     (args.out / f"{stem}.json").write_text(json.dumps({"args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
     }, "rows": rows}, indent=2))

@@ -17,7 +17,6 @@ parameter count; Adam sends the gradients (``P`` numbers per step).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -35,6 +34,9 @@ from sdze_lightning.estimators.taylor import TaylorEstimator
 from sdze_lightning.methods import SDZE
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D, TwoBody
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
+from _common import write_csv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLD = 2
@@ -159,11 +161,9 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     keys = ["problem", "dim", "width", "depth", "params", "method", "queries", "precision",
             "bytes_per_param", "seconds_per_step"]
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*keys, "bytes_per_step", "calls_per_step"])
-        for r in rows:
-            w.writerow([r[k] for k in keys] + [max(r["bytes_per_step"]), max(r["calls_per_step"])])
+    write_csv(args.out / f"{stem}.csv",
+              [{**{k: r[k] for k in keys}, "bytes_per_step": max(r["bytes_per_step"]),
+                "calls_per_step": max(r["calls_per_step"])} for r in rows])
 
 
 def free_port() -> int:

@@ -21,13 +21,13 @@ dense). Results: ``results/first_layer_scaling.{csv,json}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _common import write_csv
 
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for d in args.dims:
         rows.extend(measure(d, args))
     stem = "first_layer_scaling_smoke" if args.smoke else "first_layer_scaling"
-    with open(out / f"{stem}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / f"{stem}.csv", rows)
     meta = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows

@@ -20,7 +20,6 @@ Results: ``results/method_accuracy[_<tag>].csv`` (one row per run) and ``.json``
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import shlex
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import write_csv
 
 from sdze_lightning.cli import run
 
@@ -182,10 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.smoke:
         RESULTS.mkdir(exist_ok=True)
         stem = "method_accuracy" + (f"_{args.tag}" if args.tag else "")
-        with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(RESULTS / f"{stem}.csv", rows)
         meta = {
             "command": "python benchmarks/method_accuracy.py " + shlex.join(sys.argv[1:]
                                                                           if argv is None

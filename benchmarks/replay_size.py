@@ -14,7 +14,6 @@ training (ratio, same process).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _common import write_csv
 
 from sdze_lightning.estimators.taylor import TaylorEstimator
 from sdze_lightning.methods import SDZE
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "replay_size_smoke" if args.smoke else "replay_size"
     (args.out / f"{stem}.json").write_text(json.dumps(row, indent=1) + "\n")
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        w.writeheader()
-        w.writerow(row)
+    write_csv(args.out / f"{stem}.csv", [row])
     return row
 
 

@@ -53,7 +53,6 @@ Results: ``results/scaling.{csv,json,png}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
@@ -86,6 +85,7 @@ from _common import (  # noqa: E402
     sync,
     train_step,
     warm_fused_kernels,
+    write_csv,
 )
 
 MiB = 2**20
@@ -358,10 +358,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           memory=fit_slope([r for r in rows if r["method"] == m], "peak_bytes"))
                   for m in METHODS}
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("method", "dim"), k))
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=fields)
-        wr.writeheader()
-        wr.writerows(rows)
+    write_csv(args.out / f"{stem}.csv", rows, fields)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"cfg": cfg.dict(), "machine": machine(args.device), "date": time.strftime("%Y-%m-%d"),
          "cap_s": args.cap, "huge_pages": args.huge_pages, "rows": rows, "slopes": slopes},

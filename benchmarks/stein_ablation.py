@@ -31,13 +31,13 @@ Results: ``results/stein_ablation.{csv,json,png}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
 from pathlib import Path
 
 import torch
+from _common import write_csv
 
 from sdze_lightning.directions import Directions
 from sdze_lightning.estimators.fd import central_differences, default_step
@@ -268,10 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "seconds_terms": t_terms,
     }
     stem = "stein_ablation_smoke" if args.smoke else "stein_ablation"
-    with open(out / f"{stem}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / f"{stem}.csv", rows)
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(json.dumps(meta, indent=1, default=str))
     print(f"{'estimator':18s} {'K':>6s} {'grad L1':>10s} {'lap L1':>10s} {'lap rel':>9s}")

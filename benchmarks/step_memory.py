@@ -31,7 +31,6 @@ and >= 5x below Adam+HTE at d = 1e5. Results: ``results/step_memory.{csv,json}``
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
 
-from _common import RESULTS, peak, reset_peak, rss, train_step, warm_fused_kernels  # noqa: E402
+from _common import RESULTS, peak, reset_peak, rss, train_step, warm_fused_kernels, write_csv  # noqa: E402
 
 METHODS = ("sdze", "mezo", "adam-hte")
 
@@ -190,10 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{by['adam-hte']['peak_bytes'] / max(by['sdze']['peak_bytes'], 1):.2f}")
     stem = "step_memory_smoke" if args.smoke else "step_memory"
     fields = [k for k in rows[0] if k != "losses"]
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        wr.writeheader()
-        wr.writerows(rows)
+    write_csv(args.out / f"{stem}.csv", rows, fields)
     (args.out / f"{stem}.json").write_text(json.dumps({"cfg": cfg, "rows": rows}, indent=2))
     return rows
 

@@ -30,13 +30,13 @@ Results: ``results/subspace_variance.{csv,json}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import time
 from pathlib import Path
 
 import torch
+from _common import write_csv
 
 from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
 from sdze_lightning.methods import SDZE, MeZO
@@ -135,10 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"[{time.perf_counter() - t0:6.1f}s] {row}", flush=True)
 
     stem = "subspace_variance_smoke" if args.smoke else "subspace_variance"
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    write_csv(args.out / f"{stem}.csv", rows)
     (args.out / f"{stem}.json").write_text(json.dumps({"args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
     }, "rows": rows}, indent=2))

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import csv
 import dataclasses
 import json
 import os
@@ -67,6 +66,7 @@ from _common import (  # noqa: E402
     load_average,
     make_estimator,
     peak,
+    write_csv,
 )
 
 #: Methods: optimizer + spatial estimator.
@@ -423,12 +423,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         stem += f"_{args.problem}"
     stem += "".join(f"_{d}" for d in args.dims) if args.dims != [1000] and not args.smoke else ""
     stem += f"_{args.tag}" if args.tag else ""
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["method", "dim", "seed", "step", "train_s", "rel_l2"])
-        for r in rows:
-            for step, t, e in r["curve"]:
-                wr.writerow([r["method"], r["dim"], r["seed"], step, f"{t:.3f}", f"{e:.6e}"])
+    write_csv(args.out / f"{stem}.csv",
+              [dict(method=r["method"], dim=r["dim"], seed=r["seed"], step=step,
+                    train_s=f"{t:.3f}", rel_l2=f"{e:.6e}")
+               for r in rows for step, t, e in r["curve"]],
+              ["method", "dim", "seed", "step", "train_s", "rel_l2"])  # a header also when empty
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(),
          "budget_s": args.budget_s, "lrs": lrs, "lr_decay": args.lr_decay,

@@ -18,7 +18,6 @@ evaluates the final (not best) model on the problem's held-out points. Results g
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import tempfile
@@ -27,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import write_csv
 from hydra.utils import instantiate
 
 from sdze_lightning.cli import build_problem, compose_config
@@ -154,10 +154,7 @@ def write(records: list[dict], out: Path, stem: str) -> None:
     """Write the records as CSV and JSON under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
-    with open(out / f"{stem}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(out / f"{stem}.csv", records)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

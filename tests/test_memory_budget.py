@@ -154,3 +154,9 @@ def test_d_1e7_sdze_runs_with_the_shipped_defaults_under_20_gb(tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert summary["rel_l2"] is not None  # all 2000 held-out points were evaluated
     assert summary["peak_memory_bytes"] < 20e9
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 2, 1), (1000, 128, 4, 1), (5, 7, 1, 2)])
+def test_parameter_count_matches_the_built_network(shape):
+    """The count the memory check uses before allocating equals the network's own."""
+    assert MLP.parameter_count(*shape) == sum(p.numel() for p in MLP(*shape).parameters())

@@ -151,6 +151,12 @@ def product_jet(a: Jet, b: Jet) -> Jet:
     return out
 
 
+def _layer_shapes(in_features: int, width: int, depth: int, out_features: int) -> list[tuple]:
+    """``(in, out)`` of each linear layer of an MLP: ``depth`` hidden layers of ``width``."""
+    sizes = [in_features] + [width] * depth + [out_features]
+    return list(zip(sizes[:-1], sizes[1:], strict=True))
+
+
 class MLP(nn.Module):
     """Fully connected network ``R^in -> R^out`` with a smooth activation.
 
@@ -173,8 +179,7 @@ class MLP(nn.Module):
         Lets a problem check the network's memory before allocating it; other
         keyword arguments of the constructor are accepted and ignored.
         """
-        sizes = [in_features] + [width] * depth + [out_features]
-        return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        return sum(a * b + b for a, b in _layer_shapes(in_features, width, depth, out_features))
 
     def __init__(
         self,
@@ -196,10 +201,10 @@ class MLP(nn.Module):
         integer("model.seed", seed)
         _act_derivatives(activation, torch.zeros(1), 0)  # validates the name early
         self.activation = activation
-        sizes = [in_features] + [width] * depth + [out_features]
         # skip_init: nn.Linear's own initialisation would draw from the global RNG.
         self.layers = nn.ModuleList(
-            nn.utils.skip_init(nn.Linear, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+            nn.utils.skip_init(nn.Linear, a, b)
+            for a, b in _layer_shapes(in_features, width, depth, out_features)
         )
         gen = torch.Generator().manual_seed(seed)
         for layer in self.layers:

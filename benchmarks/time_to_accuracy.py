@@ -32,6 +32,7 @@ learned the mean of the solution and nothing that depends on ``x``.
     python benchmarks/time_to_accuracy.py                         # d = 1e3, 3 seeds, 216 s
     python benchmarks/time_to_accuracy.py --problem cube --dims 1000 10000 --seeds 1
     python benchmarks/time_to_accuracy.py --frontier results/time_to_accuracy*.json
+    python benchmarks/time_to_accuracy.py --table results/time_to_accuracy*.json  # Markdown
     python benchmarks/time_to_accuracy.py --smoke
 
 Results: ``results/time_to_accuracy[_cube][_<dims>][_<tag>].{csv,json,png}``; from the
@@ -289,6 +290,42 @@ def frontier(paths: list[Path], out: Path) -> None:
     plt.close(fig)
 
 
+def table(paths: list[Path]) -> str:
+    """The Markdown table of result JSONs: per (d, method), steps, speed, memory, error.
+
+    Rows: mean steps, mean ms per step, largest peak RSS, load range, the final error of
+    each seed and their mean; then one line of floors per d (the mean over the seeds'
+    held-out points).
+    """
+    saved = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for s in saved for r in s["rows"]]
+    lines = ["| d | method | steps (mean) | ms/step | peak RSS (GiB) | load | "
+             "rel. L2 at the budget, per seed | mean |", "| --- " * 8 + "|"]
+    for dim in sorted({r["dim"] for r in rows}):
+        d = f"{dim:.0e}".replace("e+0", "e")
+        for method in METHODS:
+            runs = sorted((r for r in rows if r["dim"] == dim and r["method"] == method),
+                          key=lambda r: r["seed"])
+            if not runs:
+                continue
+            errs = [r["final_rel_l2"] for r in runs]
+            loads = [r["load"] for r in runs]
+            status = {r["status"] for r in runs} - {"completed"}
+            lines.append(
+                f"| {d} | {method} | {statistics.mean(r['steps'] for r in runs):.0f} | "
+                f"{statistics.mean(r['s_per_step'] for r in runs) * 1e3:.1f} | "
+                f"{max(r['peak_rss_bytes'] for r in runs) / 2**30:.2f} | "
+                f"{min(loads):.1f}-{max(loads):.1f} | "
+                + " / ".join(f"{e:.3g}" for e in errs)
+                + (f" ({', '.join(sorted(status))})" if status else "")
+                + f" | {statistics.mean(errs):.3g} |")
+        floor = mean_floors([r["floors"] for r in rows if r["dim"] == dim])
+        affine = "-" if floor["affine"] is None else f"{floor['affine']:.3g}"
+        lines.append(f"| {d} | floors | | | | | constant {floor['constant']:.3g}, "
+                     f"affine {affine} | |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn",
          floor: dict | None = None) -> None:
     """Relative L2 error against training wall time, one panel per d (dashed: ``floors``)."""
@@ -356,6 +393,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="only draw, from these result JSONs, the accuracy-vs-peak-memory plot "
                          "and one error-vs-time plot per problem (a panel per d)")
     add_prefetch_flag(ap)
+    ap.add_argument("--table", type=Path, nargs="+", metavar="JSON",
+                    help="only print the Markdown table of these result JSONs")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true")
@@ -366,6 +405,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = run(**{k: v for k, v in job.items() if k != "cfg"}, cfg=BenchConfig(**job["cfg"]))
         print("ROW " + json.dumps(row), flush=True)
         return [row]
+    if args.table:
+        print(table(args.table))
+        return []
     if args.frontier:
         args.out.mkdir(parents=True, exist_ok=True)
         frontier(args.frontier, args.out / "frontier.png")

@@ -158,6 +158,10 @@ def test_time_to_accuracy_smoke(tmp_path):
               str(tmp_path)])
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert (tmp_path / "error_vs_time_twobody.png").stat().st_size > 0
+    text = mod.table([tmp_path / "time_to_accuracy_smoke.json"])
+    for r in rows:  # one line per method, with its final error
+        assert f"| 5e1 | {r['method']} |" in text and f"{r['final_rel_l2']:.3g}" in text
+    assert f"constant {saved['floors']['50']['constant']:.3g}" in text
 
 
 @pytest.mark.parametrize("bad", [["--jobs", "0"], ["--jobs", "2", "--in-process"]])

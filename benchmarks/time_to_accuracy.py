@@ -200,7 +200,7 @@ def make_method(method: str, seed: int, cfg: BenchConfig, lrs: dict[str, float],
 def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
         cfg: BenchConfig, *, problem_name: str = "twobody", lrs: dict[str, float] | None = None,
         sdze_queries: int = 1, affine_max_dim: int = 2000, sdze_cosine_steps: int = 0,
-        lr_decay: str = "constant") -> dict:
+        lr_decay: str = "constant", init: str = "xavier_normal") -> dict:
     """One training run through ``Trainer.fit``; returns the curve and the final error."""
     import functools
 
@@ -219,7 +219,7 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
     elif method == "sdze" and sdze_cosine_steps:
         scheduler = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR,
                                       T_max=sdze_cosine_steps)
-    net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=seed)
+    net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=seed, init=init)
     problem = make_problem(problem_name, dim, seed, cfg, net=net, estimator=est, method=opt,
                            n_eval=n_eval, scheduler=scheduler)
     floor = floors(problem, affine_max_dim)  # the held-out points depend on the seed
@@ -238,7 +238,8 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
                 train_s=cb._train_s, final_rel_l2=final,
                 s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve,
                 floors=floor, lr=lrs["adam" if method.startswith("adam") else method],
-                lr_decay=lr_decay, peak_rss_bytes=peak(),  # VmHWM: this process's own peak
+                lr_decay=lr_decay, init=init,
+                peak_rss_bytes=peak(),  # VmHWM: this process's own peak
                 load=load_average(),
                 pid=os.getpid())
 
@@ -379,6 +380,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--fused-lr", type=float, default=DEFAULT_LRS["fused_adafactor"])
     ap.add_argument("--lr-decay", choices=("constant", "linear"), default="constant",
                     help="linear: every method's lr decays to 0 over the wall-time budget")
+    ap.add_argument("--init", choices=("xavier_normal", "kaiming_uniform"),
+                    default="xavier_normal", help="the MLP's initialisation (model.init)")
     ap.add_argument("--sdze-rank", type=int, default=BenchConfig.rank)
     ap.add_argument("--sdze-period", type=int, default=BenchConfig.period)
     ap.add_argument("--sdze-queries", type=int, default=1)
@@ -430,7 +433,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs = [dict(method=method, dim=dim, seed=seed, budget_s=args.budget_s,
                  every=args.eval_every, n_eval=args.n_eval, problem_name=args.problem,
                  lrs=lrs, sdze_queries=args.sdze_queries, affine_max_dim=args.affine_max_dim,
-                 lr_decay=args.lr_decay, sdze_cosine_steps=args.sdze_cosine_steps)
+                 lr_decay=args.lr_decay, sdze_cosine_steps=args.sdze_cosine_steps,
+                 init=args.init)
             for dim in args.dims for method in args.methods for seed in range(args.seeds)]
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")
@@ -472,7 +476,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               ["method", "dim", "seed", "step", "train_s", "rel_l2"])  # a header also when empty
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(),
-         "budget_s": args.budget_s, "lrs": lrs, "lr_decay": args.lr_decay,
+         "budget_s": args.budget_s, "lrs": lrs, "lr_decay": args.lr_decay, "init": args.init,
          "sdze_queries": args.sdze_queries, "sdze_cosine_steps": args.sdze_cosine_steps,
          "sdze_rank": cfg.rank, "sdze_period": cfg.period,
          "problem": args.problem, "floors": floor, "rows": rows}, indent=2))

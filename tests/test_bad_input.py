@@ -78,6 +78,7 @@ CONFIG_CASES = {
     "method-name": (["method=nope"], "Could not find 'method/nope'"),
     "key": (["pde.dimm=3"], "Could not override 'pde.dimm'"),
     "activation": (["model.activation=relu"], "Unknown activation 'relu'"),
+    "init": (["model.init=he"], "model.init must be one of ['xavier_normal', 'kaiming_uniform']"),
     "update-rule": (["method=sdze", "method.update=sgd"], "method.update must be one of"),
     "distribution": (["estimator=fd", "estimator.distribution=uniform"],
                      "estimator.distribution must be one of"),

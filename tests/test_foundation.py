@@ -150,3 +150,26 @@ def test_float64_end_to_end(tiny_problem, make_trainer):
     make_trainer(max_steps=3, precision="64-true").fit(problem)
     assert problem.points(0, 0).dtype == torch.float64
     assert next(problem.parameters()).dtype == torch.float64
+
+
+def test_mlp_initialisations():
+    """Xavier normal with zero biases (default), or nn.Linear's own uniform +-1/sqrt(fan_in)."""
+    from sdze_lightning.nn import MLP
+
+    xavier = MLP(300, width=64, depth=2, seed=1)
+    for layer in xavier.layers:
+        assert torch.count_nonzero(layer.bias) == 0
+        # Xavier normal: std sqrt(2 / (fan_in + fan_out)); the sample std of >= 64 x 64
+        # draws is within 10 % of it (relative sd of a sample std ~ 1/sqrt(2n) < 1 %)
+        std = math.sqrt(2 / (layer.in_features + layer.out_features))
+        if layer.weight.numel() >= 4096:
+            assert layer.weight.std().item() == pytest.approx(std, rel=0.1)
+    kaiming = MLP(300, width=64, depth=2, seed=1, init="kaiming_uniform")
+    same = MLP(300, width=64, depth=2, seed=1, init="kaiming_uniform")
+    for layer, twin in zip(kaiming.layers, same.layers, strict=True):
+        assert torch.equal(layer.weight, twin.weight) and torch.equal(layer.bias, twin.bias)
+        bound = 1 / math.sqrt(layer.in_features)
+        for p in (layer.weight, layer.bias):
+            assert p.abs().max() <= bound and torch.count_nonzero(p) == p.numel()
+        if layer.weight.numel() >= 4096:  # uniform on +-b: std b / sqrt(3)
+            assert layer.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)

@@ -157,6 +157,25 @@ def _layer_shapes(in_features: int, width: int, depth: int, out_features: int) -
     return list(zip(sizes[:-1], sizes[1:], strict=True))
 
 
+def _xavier_normal(layer: nn.Linear, gen: torch.Generator) -> None:
+    nn.init.xavier_normal_(layer.weight, generator=gen)
+    nn.init.zeros_(layer.bias)
+
+
+def _kaiming_uniform(layer: nn.Linear, gen: torch.Generator) -> None:
+    # nn.Linear.reset_parameters, with an explicit generator: bound 1/sqrt(fan_in) for both
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=gen)
+    bound = 1 / math.sqrt(layer.in_features)
+    nn.init.uniform_(layer.bias, -bound, bound, generator=gen)
+
+
+#: ``MLP(init=...)``: how each linear layer is initialised from the seeded generator.
+INITS: dict[str, Callable[[nn.Linear, torch.Generator], None]] = {
+    "xavier_normal": _xavier_normal,
+    "kaiming_uniform": _kaiming_uniform,
+}
+
+
 class MLP(nn.Module):
     """Fully connected network ``R^in -> R^out`` with a smooth activation.
 
@@ -166,8 +185,10 @@ class MLP(nn.Module):
         depth: Number of hidden layers (linear layers = ``depth + 1``).
         out_features: Output dimension.
         activation: ``"tanh"`` or ``"sin"``.
-        seed: Seed of the initialisation (Xavier normal, zero bias); the global
-            RNG is not used.
+        seed: Seed of the initialisation; the global RNG is not used.
+        init: ``"xavier_normal"`` (zero biases) or ``"kaiming_uniform"`` (what
+            ``nn.Linear`` does by default, and the JAX STDE code's default: weights and
+            biases uniform in ``+-1/sqrt(fan_in)``).
     """
 
     @staticmethod
@@ -189,8 +210,11 @@ class MLP(nn.Module):
         out_features: int = 1,
         activation: str = "tanh",
         seed: int = 0,
+        init: str = "xavier_normal",
     ) -> None:
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"model.init must be one of {list(INITS)}, got {init!r}")
         for name, value in (
             ("model.in_features", in_features),
             ("model.width", width),
@@ -209,8 +233,7 @@ class MLP(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         for layer in self.layers:
             layer._zo_native = True  # offsets are applied by this class, not by hooks
-            nn.init.xavier_normal_(layer.weight, generator=gen)
-            nn.init.zeros_(layer.bias)
+            INITS[init](layer, gen)
         self._cache: dict | None = None
         self._capture: FirstLayerGradient | None = None
 

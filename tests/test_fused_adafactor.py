@@ -318,7 +318,7 @@ def test_cli_trains_with_method_fused_adafactor(tmp_path):
     assert summary["rel_l2"] < 1.0  # started from the network's initial error of ~1
 
 
-def test_experiment_preset_decays_the_lr_to_zero_over_the_run(tmp_path):
+def test_experiment_preset_follows_stde_lr_decay_and_init(tmp_path):
     from hydra.utils import instantiate
 
     from sdze_lightning.cli import compose_config, run
@@ -328,6 +328,7 @@ def test_experiment_preset_decays_the_lr_to_zero_over_the_run(tmp_path):
                  "~callbacks.memory"]
     cfg = compose_config(overrides, tmp_path / "cfg")
     assert cfg.method._target_ == "sdze_lightning.methods.FusedAdafactor"
+    assert cfg.model.init == "kaiming_uniform"
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
     scheduler = instantiate(cfg.scheduler)(opt)
     lrs = []

@@ -20,7 +20,8 @@ decays every method's learning rate linearly to 0 over the budget's wall time (t
 schedule of the JAX STDE code, which decays over its step count). By default every
 run is a fresh subprocess whose peak RSS (``VmHWM``: parameters, optimizer state,
 batch, evaluation, the torch runtime; not ``ru_maxrss``, which Linux carries over from
-the launching process) is reported beside its error. Reported: the final
+the launching process; counted from after the floors, which are not part of the run) is
+reported beside its error. Reported: the final
 (not best) error per seed and its mean, for ``--seeds`` seeds.
 
 Reference lines (``floors``, in the JSON, the log and the plot): the error of the
@@ -67,6 +68,7 @@ from _common import (  # noqa: E402
     load_average,
     make_estimator,
     peak,
+    reset_peak,
     write_csv,
 )
 
@@ -223,6 +225,7 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
     problem = make_problem(problem_name, dim, seed, cfg, net=net, estimator=est, method=opt,
                            n_eval=n_eval, scheduler=scheduler)
     floor = floors(problem, affine_max_dim)  # the held-out points depend on the seed
+    reset_peak()  # the float64 floors are not part of the run: peak RSS counts from here
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10**9, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,

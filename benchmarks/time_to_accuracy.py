@@ -72,6 +72,8 @@ from _common import (  # noqa: E402
     write_csv,
 )
 
+from sdze_lightning.nn.mlp import INITS  # noqa: E402
+
 #: Methods: optimizer + spatial estimator.
 METHODS = ("sdze", "mezo", "adam+taylor", "adam+hte", "fused_adafactor")
 #: Plot colours of the methods.
@@ -383,8 +385,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--fused-lr", type=float, default=DEFAULT_LRS["fused_adafactor"])
     ap.add_argument("--lr-decay", choices=("constant", "linear"), default="constant",
                     help="linear: every method's lr decays to 0 over the wall-time budget")
-    ap.add_argument("--init", choices=("xavier_normal", "kaiming_uniform"),
-                    default="xavier_normal", help="the MLP's initialisation (model.init)")
+    ap.add_argument("--init", choices=list(INITS), default="xavier_normal",
+                    help="the MLP's initialisation (model.init)")
     ap.add_argument("--sdze-rank", type=int, default=BenchConfig.rank)
     ap.add_argument("--sdze-period", type=int, default=BenchConfig.period)
     ap.add_argument("--sdze-queries", type=int, default=1)

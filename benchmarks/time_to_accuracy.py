@@ -11,7 +11,8 @@ through ``lightning.Trainer.fit`` as users run it:
 * ``adam+taylor``, ``adam+hte``: Adam (lr ``--adam-lr``) over ``taylor`` (coordinate
   directions) and ``hte`` (Rademacher directions);
 * ``fused_adafactor``: exact gradients of the ``taylor`` loss, the input layer updated in
-  place from the factors of its gradient (lr ``--fused-lr``).
+  place from the factors of its gradient (lr ``--fused-lr``; the input layer's
+  ``--fused-input-lr``, default the same).
 
 Each run gets the same training wall-time budget (``--budget-s``; the evaluations
 are not counted); every ``--eval-every`` steps a callback records the training wall
@@ -195,7 +196,7 @@ def make_method(method: str, seed: int, cfg: BenchConfig, lrs: dict[str, float],
             MeZO, lr=lrs["mezo"], normalize=True, seed=seed)  # configs/method/mezo.yaml
     if method == "fused_adafactor":
         return make_estimator("taylor", cfg.directions), functools.partial(
-            FusedAdafactor, lr=lrs["fused_adafactor"])
+            FusedAdafactor, lr=lrs["fused_adafactor"], input_lr=lrs["fused_adafactor_input"])
     estimator = {"adam+taylor": "taylor", "adam+hte": "hte"}[method]
     return make_estimator(estimator, cfg.directions), functools.partial(
         torch.optim.Adam, lr=lrs["adam"])
@@ -243,6 +244,7 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
                 train_s=cb._train_s, final_rel_l2=final,
                 s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve,
                 floors=floor, lr=lrs["adam" if method.startswith("adam") else method],
+                input_lr=lrs["fused_adafactor_input"] if method == "fused_adafactor" else None,
                 lr_decay=lr_decay, init=init,
                 peak_rss_bytes=peak(),  # VmHWM: this process's own peak
                 load=load_average(),
@@ -250,7 +252,8 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
 
 
 #: Learning rates: the shipped configs' (SDZE, MeZO, Adam), and Adam's for the fused method.
-DEFAULT_LRS = {"sdze": 1e-2, "mezo": 3e-3, "adam": 1e-3, "fused_adafactor": 1e-3}
+DEFAULT_LRS = {"sdze": 1e-2, "mezo": 3e-3, "adam": 1e-3, "fused_adafactor": 1e-3,
+               "fused_adafactor_input": None}  # None: the input layer takes fused_adafactor's
 
 
 def run_isolated(job: dict) -> dict:
@@ -383,6 +386,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "d = 1e3 (benchmarks/README.md); 0.1 was better at d = 1e4")
     ap.add_argument("--adam-lr", type=float, default=DEFAULT_LRS["adam"])
     ap.add_argument("--fused-lr", type=float, default=DEFAULT_LRS["fused_adafactor"])
+    ap.add_argument("--fused-input-lr", type=float, default=None,
+                    help="the fused method's input-layer lr (default: --fused-lr)")
     ap.add_argument("--lr-decay", choices=("constant", "linear"), default="constant",
                     help="linear: every method's lr decays to 0 over the wall-time budget")
     ap.add_argument("--init", choices=list(INITS), default="xavier_normal",
@@ -433,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
         args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
     lrs = {"sdze": args.sdze_lr, "mezo": DEFAULT_LRS["mezo"], "adam": args.adam_lr,
-           "fused_adafactor": args.fused_lr}
+           "fused_adafactor": args.fused_lr, "fused_adafactor_input": args.fused_input_lr}
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [dict(method=method, dim=dim, seed=seed, budget_s=args.budget_s,
                  every=args.eval_every, n_eval=args.n_eval, problem_name=args.problem,

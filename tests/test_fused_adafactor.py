@@ -86,12 +86,14 @@ def test_boundary_points_are_recorded_too():
 
 
 def dense_reference_steps(problem, steps, lr, exact_rows, betas=(0.9, 0.999), eps=1e-8,
-                          eps1=1e-30):
+                          eps1=1e-30, input_lr=None):
     """Adafactor on the input weight and torch.optim.Adam on the rest, from dense gradients.
 
     ``exact_rows=False``: from the second step on, the update uses the previous step's row
-    statistic (the column statistic is the current one).
+    statistic (the column statistic is the current one). ``input_lr``: the input weight's
+    learning rate (``None``: ``lr``).
     """
+    input_lr = lr if input_lr is None else input_lr
     net = problem.net
     weight = net.layers[0].weight
     adam = torch.optim.Adam([p for p in net.parameters() if p is not weight], lr=lr,
@@ -110,7 +112,7 @@ def dense_reference_steps(problem, steps, lr, exact_rows, betas=(0.9, 0.999), ep
         v = torch.outer(used, col) / used.mean() / (1 - b2**t)
         row = new_row
         with torch.no_grad():
-            weight -= lr * g / (v.sqrt() + eps)
+            weight -= input_lr * g / (v.sqrt() + eps)
         adam.step()
     return row, col
 
@@ -141,6 +143,27 @@ def test_fused_steps_match_a_dense_adafactor_reference(block_bytes, exact_rows):
     torch.testing.assert_close(state["col_sq"], col, rtol=1e-9, atol=0)
     for a, b in zip(problem.net.parameters(), reference.net.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_input_lr_sets_the_input_layer_rate_only():
+    """``input_lr`` scales the input weight's step; the small layers keep ``lr``."""
+    problem = twobody(method=functools.partial(FusedAdafactor, lr=1e-2, input_lr=1e-3))
+    reference = copy.deepcopy(problem)
+    fused_steps(problem, 3)
+    dense_reference_steps(reference, 3, lr=1e-2, exact_rows=False, input_lr=1e-3)
+    for a, b in zip(problem.net.parameters(), reference.net.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # Not vacuous: with the same rate on every layer the input weight ends elsewhere.
+    same = twobody(method=functools.partial(FusedAdafactor, lr=1e-2))
+    fused_steps(same, 3)
+    assert not torch.allclose(same.net.layers[0].weight, problem.net.layers[0].weight,
+                              rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("input_lr", [0.0, -1e-3, float("nan")])
+def test_a_non_positive_input_lr_is_refused(input_lr):
+    with pytest.raises(ValueError, match="input_lr"):
+        FusedAdafactor(MLP(DIM, width=WIDTH, depth=2), input_lr=input_lr)
 
 
 def test_the_row_statistic_lag_changes_the_trajectory():
@@ -300,6 +323,17 @@ def test_data_parallel_is_refused(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(ValueError, match="one process"):
         FusedAdafactor(MLP(4, width=8, depth=1))
+
+
+def test_method_input_lr_reaches_the_input_layer_group(tmp_path):
+    from sdze_lightning.builders import build_problem, compose_config
+
+    cfg = compose_config(["method=fused_adafactor", "estimator=taylor",
+                          "pde=allen_cahn_twobody", "pde.dim=12",
+                          "model.width=8", "model.depth=1", "method.input_lr=1e-4"],
+                         tmp_path / "run")
+    opt = build_problem(cfg).configure_optimizers()
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-3]
 
 
 def test_step_without_closure_is_refused():

@@ -125,9 +125,10 @@ def make_problem(problem: str, dim: int, seed: int, cfg: BenchConfig, **kwargs):
 
     if problem == "twobody":
         return TwoBody(dim=dim, operator="allen_cahn", n_interior=cfg.points, seed=seed,
-                       prefetch=cfg.prefetch, **kwargs)
+                       prefetch=cfg.prefetch, threads=cfg.threads, **kwargs)
     return HardCube(dim=dim, operator="allen_cahn", n_interior=cfg.points,
-                    n_boundary=cfg.points, seed=seed, prefetch=cfg.prefetch, **kwargs)
+                    n_boundary=cfg.points, seed=seed, prefetch=cfg.prefetch,
+                    threads=cfg.threads, **kwargs)
 
 
 @torch.no_grad()

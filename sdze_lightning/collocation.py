@@ -4,7 +4,9 @@ The points of a step are a pure function of ``(seed, step, key, stream)``
 (:mod:`sdze_lightning.seeding`): every evaluation of a step with the same noise key
 sees the same points, and under data parallelism every rank draws the whole batch
 and keeps its share (:class:`~sdze_lightning.distributed.Shard`). Within a step the
-interior points are cached per key (:attr:`Collocation.cache`); with ``prefetch`` the
+interior and boundary points are cached per key (:attr:`Collocation.cache`,
+:attr:`Collocation.boundary_cache`): the paired evaluations of a zeroth-order step
+draw them once, and a problem can cache what depends on them by tensor; with ``prefetch`` the
 batch of the next step is built on a background thread (:mod:`sdze_lightning.prefetch`)
 and handed over when the step begins.
 
@@ -19,7 +21,7 @@ import functools
 import inspect
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +44,7 @@ class Collocation:
 
     Attributes:
         cache: Interior points of the current step, by ``(step, key)``.
+        boundary_cache: Boundary points of the current step, by ``(step, key)``.
         prefetcher: The background builder (``None`` without prefetching).
         placement: Which thread prepares prefetched batches (chosen from measured times).
         prepare_takes_rows: Whether ``prepare_batch`` takes ``rows`` (an older override
@@ -51,6 +54,7 @@ class Collocation:
 
     def __init__(self, problem: PINNProblem, prefetch: bool) -> None:
         self.cache: dict[tuple[int, int], Tensor] = {}
+        self.boundary_cache: dict[tuple[int, int], Tensor] = {}
         make = functools.partial(training_batch, problem)
         self.prefetcher = BatchPrefetcher(make) if prefetch else None
         self.placement = PreparePlacement()
@@ -89,13 +93,20 @@ def points(problem: PINNProblem, step: int, key: int) -> Tensor:
     Under data parallelism, this rank's share (``problem.shard``) of the batch:
     every rank samples the whole batch from the same seed and keeps its rows.
     """
-    state = problem.collocation
-    cached = state.cache.get((step, key))
+    return _step_cached(problem.collocation, "cache", step, key,
+                        lambda: sample_points(problem, step, key))
+
+
+def _step_cached(state: Collocation, name: str, step: int, key: int,
+                 draw: Callable[[], Tensor]) -> Tensor:
+    """``state.<name>[(step, key)]``, drawn on first use; entries of other steps dropped."""
+    cache: dict[tuple[int, int], Tensor] = getattr(state, name)
+    cached = cache.get((step, key))
     if cached is None:
-        cached = sample_points(problem, step, key)
-        state.cache = {(step, key): cached} | {
-            k: v for k, v in state.cache.items() if k[0] == step
-        }
+        cached = draw()
+        setattr(state, name, {(step, key): cached} | {
+            k: v for k, v in cache.items() if k[0] == step
+        })
     return cached
 
 
@@ -106,7 +117,16 @@ def sample_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
 
 
 def boundary_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
-    """Boundary/initial points of ``step`` (this rank's share under data parallelism)."""
+    """Boundary/initial points of ``step`` for noise key ``key`` (cached within the step).
+
+    This rank's share under data parallelism, as :func:`points`.
+    """
+    return _step_cached(problem.collocation, "boundary_cache", step, key,
+                        lambda: sample_boundary_points(problem, step, key))
+
+
+def sample_boundary_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
+    """Boundary/initial points of ``step`` for noise key ``key``, drawn anew (not cached)."""
     gen = problem.generator(step, key, stream=Stream.BOUNDARY)
     xb = problem.sample_boundary(problem.n_boundary, gen)
     if xb.shape[0] == 0:
@@ -118,13 +138,15 @@ def boundary_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
 def isolated_points(problem: PINNProblem) -> Iterator[None]:
     """Points cached inside the block (probes, measurements) are dropped at its end.
 
-    The per-step cache of :func:`points` is left as the block found it.
+    The per-step caches of :func:`points` and :func:`boundary_points` are left as the
+    block found them.
     """
-    saved = dict(problem.collocation.cache)
+    state = problem.collocation
+    saved, saved_boundary = dict(state.cache), dict(state.boundary_cache)
     try:
         yield
     finally:
-        problem.collocation.cache = saved
+        state.cache, state.boundary_cache = saved, saved_boundary
 
 
 def training_batch(problem: PINNProblem, step: int) -> tuple[Tensor, float, float]:
@@ -172,6 +194,7 @@ def begin_step(problem: PINNProblem, step: int) -> None:
 def end_step(problem: PINNProblem) -> None:
     """Drop the points of the step."""
     problem.collocation.cache = {}
+    problem.collocation.boundary_cache = {}
 
 
 def stop_prefetch(problem: PINNProblem) -> None:

@@ -136,11 +136,11 @@ def test_split_source_matches_the_whole_batch_source(monkeypatch):
     problem = _two_body(False)
     x = problem.sample_interior(16, problem.generator(0))
     problem.prepare_batch(x, rows=7)  # rounds to 2 blocks (6 rows)
-    entry = problem._sources[id(x)]
+    entry = problem._batch_cache[(id(x), "source")]
     assert len(entry.parts) == 2 and entry.full is None
     assert torch.equal(problem._source_of(x), problem.source(x))
     x.mul_(1.0)  # modified in place: recomputed, not served from the cache
-    assert problem._sources[id(x)].version != x._version
+    assert problem._batch_cache[(id(x), "source")].version != x._version
     assert torch.equal(problem._source_of(x), problem.source(x))
 
 

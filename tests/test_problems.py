@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import quiet_trainer
@@ -110,6 +112,33 @@ def test_hard_cube_source_matches_autodiff(float64, dim, operator):
     assert res.abs().max() <= 1e-12 * source_scale(problem, x)
     xb = problem.sample_boundary(64, torch.Generator().manual_seed(4))
     assert ((xb.abs() == 1).sum(dim=1) >= 1).all() and (xb.abs() <= 1).all()
+
+
+def test_hard_cube_terms_are_computed_once_per_sdze_step(monkeypatch):
+    """SDZE evaluates the loss twice per step on the same points: the O(N d) source and
+    boundary target are computed once per step (cached by batch), and equal the uncached
+    ``source`` / ``exact_solution`` to the bit."""
+    from sdze_lightning.estimators.taylor import TaylorEstimator
+    from sdze_lightning.methods import SDZE
+
+    steps, n_in, n_bd = 3, 8, 6
+    problem = HardCube(dim=12, net=tiny_net(HardCube, 12), n_interior=n_in, n_boundary=n_bd,
+                       n_eval=0, estimator=TaylorEstimator(4, "coordinate"),
+                       method=functools.partial(SDZE, lr=1e-3, rank=2))
+    rows: list[int] = []
+    sines = HardCube._sines
+    monkeypatch.setattr(HardCube, "_sines", lambda self, x: rows.append(len(x)) or sines(self, x))
+    class CountFromTrainStart(L.Callback):  # not the two-point input checks before it
+        def on_train_start(self, trainer, pl_module):
+            rows.clear()
+
+    quiet_trainer(max_steps=steps, callbacks=[CountFromTrainStart()]).fit(problem)
+    assert sum(rows) == steps * (n_in + n_bd)  # uncached: twice that (two evaluations)
+    x = problem.sample_interior(n_in, torch.Generator().manual_seed(1))
+    xb = problem.sample_boundary(n_bd, torch.Generator().manual_seed(2))
+    assert torch.equal(problem._source_of(x), problem.source(x))
+    assert torch.equal(problem.boundary_target(xb), problem.exact_solution(xb))
+    assert problem._source_of(x) is problem._source_of(x)  # served from the cache
 
 
 def test_kdv_soliton_solves_kdv(float64):

@@ -22,10 +22,7 @@ small relative error is a weak bar; see
 
 from __future__ import annotations
 
-import threading
-import weakref
 from abc import abstractmethod
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,26 +32,13 @@ from sdze_lightning.checks import positive_int
 from sdze_lightning.constraints import BallConstraint, row_sq_norm
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.problem import PINNProblem
+from sdze_lightning.problems.batch_cache import BatchCache
 
 #: Second-order operators ``L(u, Delta u)`` of the ball benchmarks.
 BALL_OPERATORS = ("poisson", "allen_cahn", "sine_gordon")
 
 #: Largest ``points x d`` block the source is computed in at once.
 SOURCE_BLOCK = 1 << 20
-#: Guards lookups, evictions and inserts of the source caches (the prefetch thread and the
-#: main thread both use them); module-level, so problems stay copyable and picklable.
-_SOURCES_LOCK = threading.Lock()
-
-
-@dataclass
-class _CachedSource:
-    """The source of one batch, complete (``full``) or its first blocks (``parts``)."""
-
-    ref: weakref.ref
-    version: int
-    parts: list[Tensor] = field(default_factory=list)
-    full: Tensor | None = None
-
 
 def apply_operator(name: str, u: Tensor, lap: Tensor) -> Tensor:
     """``L u`` for the operator ``name`` from the value and the Laplacian."""
@@ -99,7 +83,7 @@ def coefficients(n: int, seed: int) -> Tensor:
     return torch.randn(n, generator=gen, dtype=torch.float64).to(torch.get_default_dtype())
 
 
-class BallProblem(PINNProblem):
+class BallProblem(BatchCache, PINNProblem):
     """``L u = f`` on the unit ball, ``u = (1 - |x|^2) psi`` exact, hard boundary constraint.
 
     Subclasses define ``psi`` through :meth:`psi_terms` and its interaction
@@ -130,8 +114,6 @@ class BallProblem(PINNProblem):
         self.coeff_seed = coeff_seed
         self.register_buffer("coeffs", coefficients(self.n_coefficients(self.dim), coeff_seed))
         self.constraint = BallConstraint(1.0)
-        #: Source terms of live batches, by ``id`` of the batch.
-        self._sources: dict[int, _CachedSource] = {}
 
     @classmethod
     def n_coefficients(cls, dim: int) -> int:
@@ -172,58 +154,3 @@ class BallProblem(PINNProblem):
     def residual(self, x: Tensor, d: Derivatives) -> Tensor:
         """``L u - f``."""
         return apply_operator(self.operator, d.u, d.laplacian) - self._source_of(x)
-
-    def prepare_batch(self, x: Tensor, rows: int | None = None) -> None:
-        """Compute the source of ``x`` ahead, all of it or about its first ``rows`` rows.
-
-        ``rows`` is rounded to whole blocks of :meth:`_blocks`, so the source is
-        computed block by block exactly as :meth:`source` does (same numbers
-        however the rows are split between the threads).
-        """
-        self._fill_source(x, rows)
-
-    def _fill_source(self, x: Tensor, rows: int | None) -> _CachedSource:
-        """:meth:`prepare_batch`; returns the cache entry it filled."""
-        entry = self._source_entry(x)
-        if entry.full is not None:
-            return entry
-        blocks = self._blocks(x)
-        stop = len(blocks) if rows is None else min(len(blocks), round(rows / len(blocks[0])))
-        for xb in blocks[len(entry.parts) : stop]:
-            entry.parts.append(self._block_source(xb))
-        if len(entry.parts) == len(blocks):
-            entry.full, entry.parts = torch.cat(entry.parts), []
-        return entry
-
-    def _source_of(self, x: Tensor) -> Tensor:
-        """``source(x)``, reused while ``x`` is the same unmodified tensor.
-
-        The paired evaluations of a zeroth-order step (CRNS) share their points,
-        so the ``O(N d)`` source is computed once per step, not once per
-        evaluation. Only weak references to the points are kept; entries of
-        freed batches are dropped. The cache holds several batches (the current
-        one and the one the prefetch thread prepares); both threads use it, its
-        lookups and inserts under a lock (:meth:`_source_entry`), and each
-        batch's entry is filled by one thread at a time: the prefetch thread's
-        share of its blocks first, then (after the hand-over) the main thread's.
-        """
-        full = self._fill_source(x, None).full
-        assert full is not None
-        return full
-
-    def _source_entry(self, x: Tensor) -> _CachedSource:
-        """The cache entry of ``x`` (a new, empty one if ``x`` is new or was modified).
-
-        Under a lock: an ``id`` of a freed batch can be reused by a new one, so an
-        eviction of the dead entry and the insert of the new one under the same
-        key must not interleave between the two threads.
-        """
-        with _SOURCES_LOCK:
-            cache = self._sources
-            entry = cache.get(id(x))
-            if entry is not None and entry.ref() is x and entry.version == x._version:
-                return entry
-            for key in [k for k, old in cache.items() if old.ref() is None]:
-                del cache[key]
-            entry = cache[id(x)] = _CachedSource(weakref.ref(x), x._version)
-            return entry

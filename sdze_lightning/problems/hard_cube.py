@@ -17,9 +17,10 @@ from sdze_lightning.problems.ball import (
     checked_dim,
     coefficients,
 )
+from sdze_lightning.problems.batch_cache import BatchCache
 
 
-class HardCube(PINNProblem):
+class HardCube(BatchCache, PINNProblem):
     """``L u = f`` on the cube ``[-1, 1]^d`` with a Dirichlet boundary loss.
 
     Exact solution (indices cyclic, ``x_{d+1} = x_1``)
@@ -90,26 +91,40 @@ class HardCube(PINNProblem):
         x[torch.arange(n, device=self.device), face // 2] = side
         return x
 
+    def _sines(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``sin(kappa x_i + x_i x_{i+1})``, ``x_{i+1}`` and the scaled coefficients."""
+        b = torch.roll(x, -1, dims=1)
+        return torch.sin(x * (self.kappa + b)), b, self.coeffs.to(x.dtype) / math.sqrt(self.dim)
+
     def _terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(u, Delta u)`` of the exact solution."""
-        a, b = x, torch.roll(x, -1, dims=1)
-        phi = a * (self.kappa + b)
-        s = torch.sin(phi)
-        c = self.coeffs.to(x.dtype) / math.sqrt(self.dim)
-        return s @ c, -(s * ((self.kappa + b) ** 2 + a * a)) @ c
+        s, b, c = self._sines(x)
+        return s @ c, -(s * ((self.kappa + b) ** 2 + x * x)) @ c
 
     def _blocks(self, x: Tensor) -> tuple[Tensor, ...]:
         return x.split(max(1, SOURCE_BLOCK // self.dim))
 
     def exact_solution(self, x: Tensor) -> Tensor:
         """``d^{-1/2} sum_i c_i sin(kappa x_i + x_i x_{i+1})``."""
-        return torch.cat([self._terms(xb)[0] for xb in self._blocks(x)])
+        return torch.cat([self._block_target(xb) for xb in self._blocks(x)])
 
     def source(self, x: Tensor) -> Tensor:
         """``f = L u_exact``, ``O(d)`` per point."""
-        blocks = self._blocks(x)
-        return torch.cat([apply_operator(self.operator, *self._terms(xb)) for xb in blocks])
+        return torch.cat([self._block_source(xb) for xb in self._blocks(x)])
+
+    def _block_source(self, xb: Tensor) -> Tensor:
+        """:meth:`source` of one block of :meth:`_blocks`."""
+        return apply_operator(self.operator, *self._terms(xb))
+
+    def _block_target(self, xb: Tensor) -> Tensor:
+        """:meth:`exact_solution` of one block of :meth:`_blocks`."""
+        s, _, c = self._sines(xb)
+        return s @ c
 
     def residual(self, x: Tensor, d: Derivatives) -> Tensor:
-        """``L u - f``."""
-        return apply_operator(self.operator, d.u, d.laplacian) - self.source(x)
+        """``L u - f``, the source computed once per batch (:class:`BatchCache`)."""
+        return apply_operator(self.operator, d.u, d.laplacian) - self._source_of(x)
+
+    def boundary_target(self, x: Tensor) -> Tensor:
+        """``u_exact`` on the boundary points, computed once per batch (:class:`BatchCache`)."""
+        return self._cached(x, "target", self._block_target)

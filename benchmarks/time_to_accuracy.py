@@ -77,8 +77,26 @@ from sdze_lightning.nn.mlp import INITS  # noqa: E402
 
 #: Methods: optimizer + spatial estimator.
 METHODS = ("sdze", "mezo", "adam+taylor", "adam+hte", "fused_adafactor")
-#: Plot colours of the methods.
+#: Plot colours of the methods (``C5``: a fused run with its own input-layer lr).
 COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
+
+
+def variant(row: dict) -> str:
+    """The method of a result row, with the fused method's input-layer lr when one was set."""
+    lr = row.get("input_lr")
+    return row["method"] if lr is None else f"{row['method']}, input lr {lr:g}"
+
+
+def variants(rows: list[dict]) -> list[str]:
+    """The variants of ``rows`` in the order of :data:`METHODS` (plain one first)."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    keys = {(order[r["method"]], r.get("input_lr") or 0.0, variant(r)) for r in rows}
+    return [name for *_, name in sorted(keys)]
+
+
+def color(row: dict) -> str:
+    """Plot colour of a result row."""
+    return "C5" if row.get("input_lr") is not None else COLORS[row["method"]]
 
 
 class WallClockEval(L.Callback):
@@ -267,14 +285,18 @@ def run_isolated(job: dict) -> dict:
     raise RuntimeError(f"worker {job['method']} d={job['dim']} failed:\n{out.stderr[-3000:]}")
 
 
-def frontier(paths: list[Path], out: Path) -> None:
-    """Final error against peak RSS, one panel per problem, from result JSON files."""
+def frontier(paths: list[Path], out: Path, budget_s: float) -> None:
+    """Final error against peak RSS, one panel per problem, from result JSON files.
+
+    Only the runs with ``budget_s`` seconds of training are drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"]
+    saved = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for s in saved if s["budget_s"] == budget_s for r in s["rows"]
             if r.get("peak_rss_bytes")]
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 5), squeeze=False)
@@ -284,9 +306,11 @@ def frontier(paths: list[Path], out: Path) -> None:
             if r["problem"] != name:
                 continue
             ax.loglog(r["peak_rss_bytes"] / 2**30, r["final_rel_l2"], markers[r["dim"]],
-                      color=COLORS[r["method"]], alpha=0.8)
-        for method in METHODS:
-            ax.plot([], [], "o", color=COLORS[method], label=method)
+                      color=color(r), alpha=0.8)
+        shown = [r for r in rows if r["problem"] == name]
+        for name_of in variants(shown):
+            row = next(r for r in shown if variant(r) == name_of)
+            ax.plot([], [], "o", color=color(row), label=name_of)
         for dim, marker in markers.items():
             ax.plot([], [], marker, color="gray", label=f"d = {dim:g}")
         ax.set_xlabel("peak RSS of the run (GiB)")
@@ -313,8 +337,8 @@ def table(paths: list[Path]) -> str:
              "rel. L2 at the budget, per seed | mean |", "| --- " * 8 + "|"]
     for dim in sorted({r["dim"] for r in rows}):
         d = f"{dim:.0e}".replace("e+0", "e")
-        for method in METHODS:
-            runs = sorted((r for r in rows if r["dim"] == dim and r["method"] == method),
+        for method in variants(rows):
+            runs = sorted((r for r in rows if r["dim"] == dim and variant(r) == method),
                           key=lambda r: r["seed"])
             if not runs:
                 continue
@@ -351,8 +375,8 @@ def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn",
             if r["dim"] != dim or not r["curve"]:
                 continue
             _, t, e = zip(*r["curve"], strict=True)
-            ax.semilogy(t, e, color=COLORS[r["method"]], alpha=0.7,
-                        label=r["method"] if r["seed"] == 0 else None)
+            ax.semilogy(t, e, color=color(r), alpha=0.7,
+                        label=variant(r) if r["seed"] == 0 else None)
         for key, style in (("constant", "--"), ("affine", ":")):
             level = (floor or {}).get(dim, {}).get(key)
             if level is not None:
@@ -405,7 +429,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "running maximum, not each run's own)")
     ap.add_argument("--frontier", type=Path, nargs="+",
                     help="only draw, from these result JSONs, the accuracy-vs-peak-memory plot "
-                         "and one error-vs-time plot per problem (a panel per d)")
+                         "of the runs with --budget-s of training, and one error-vs-time plot "
+                         "per problem (a panel per d, every run)")
     add_prefetch_flag(ap)
     ap.add_argument("--table", type=Path, nargs="+", metavar="JSON",
                     help="only print the Markdown table of these result JSONs")
@@ -424,7 +449,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.frontier:
         args.out.mkdir(parents=True, exist_ok=True)
-        frontier(args.frontier, args.out / "frontier.png")
+        frontier(args.frontier, args.out / "frontier.png", args.budget_s)
         saved = [json.loads(Path(p).read_text()) for p in args.frontier]
         for name in sorted({s["problem"] for s in saved}):
             rows = [r for s in saved if s["problem"] == name for r in s["rows"]]

@@ -84,7 +84,7 @@ COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
 def variant(row: dict) -> str:
     """The method of a result row, with the fused method's input-layer lr when one was set."""
     lr = row.get("input_lr")
-    return row["method"] if lr is None else f"{row['method']}, input lr {lr:g}"
+    return row["method"] if lr is None else f"{row['method']}, input lr {lr:.0e}"
 
 
 def variants(rows: list[dict]) -> list[str]:

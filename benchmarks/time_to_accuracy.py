@@ -285,19 +285,25 @@ def run_isolated(job: dict) -> dict:
     raise RuntimeError(f"worker {job['method']} d={job['dim']} failed:\n{out.stderr[-3000:]}")
 
 
-def frontier(paths: list[Path], out: Path, budget_s: float) -> None:
-    """Final error against peak RSS, one panel per problem, from result JSON files.
+def frontier_rows(paths: list[Path]) -> list[dict]:
+    """The rows of result JSON files with the shortest training budget among them.
 
-    Only the runs with ``budget_s`` seconds of training are drawn.
+    The longer runs of the same methods would not compare at equal time.
     """
+    saved = [json.loads(Path(p).read_text()) for p in paths]
+    budget_s = min(s["budget_s"] for s in saved)
+    return [r for s in saved if s["budget_s"] == budget_s for r in s["rows"]
+            if r.get("peak_rss_bytes")]
+
+
+def frontier(paths: list[Path], out: Path) -> None:
+    """Final error against peak RSS, one panel per problem (:func:`frontier_rows`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    saved = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for s in saved if s["budget_s"] == budget_s for r in s["rows"]
-            if r.get("peak_rss_bytes")]
+    rows = frontier_rows(paths)
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 5), squeeze=False)
     markers = dict(zip(sorted({r["dim"] for r in rows}), "osD^v", strict=False))
@@ -429,8 +435,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "running maximum, not each run's own)")
     ap.add_argument("--frontier", type=Path, nargs="+",
                     help="only draw, from these result JSONs, the accuracy-vs-peak-memory plot "
-                         "of the runs with --budget-s of training, and one error-vs-time plot "
-                         "per problem (a panel per d, every run)")
+                         "of the runs with the shortest budget among them, and one error-vs-time "
+                         "plot per problem (a panel per d, every run)")
     add_prefetch_flag(ap)
     ap.add_argument("--table", type=Path, nargs="+", metavar="JSON",
                     help="only print the Markdown table of these result JSONs")
@@ -449,7 +455,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.frontier:
         args.out.mkdir(parents=True, exist_ok=True)
-        frontier(args.frontier, args.out / "frontier.png", args.budget_s)
+        frontier(args.frontier, args.out / "frontier.png")
         saved = [json.loads(Path(p).read_text()) for p in args.frontier]
         for name in sorted({s["problem"] for s in saved}):
             rows = [r for s in saved if s["problem"] == name for r in s["rows"]]

@@ -8,8 +8,9 @@ through ``lightning.Trainer.fit`` as users run it:
 * ``sdze``: the shipped SDZE (rank 4, period 100, Adam in the subspace; lr ``--sdze-lr``),
   ``taylor`` on coordinate directions;
 * ``mezo``: full-space two-point SPSA as shipped (normalised, lr 3e-3), ``taylor``;
-* ``adam+taylor``, ``adam+hte``: Adam (lr ``--adam-lr``) over ``taylor`` (coordinate
-  directions) and ``hte`` (Rademacher directions);
+* ``adam+taylor``, ``adam+hte``: Adam (lr ``--adam-lr``; the input layer's
+  ``--adam-input-lr``, default the same) over ``taylor`` (coordinate directions) and
+  ``hte`` (Rademacher directions);
 * ``fused_adafactor``: exact gradients of the ``taylor`` loss, the input layer updated in
   place from the factors of its gradient (lr ``--fused-lr``; the input layer's
   ``--fused-input-lr``, default the same).
@@ -77,12 +78,17 @@ from sdze_lightning.nn.mlp import INITS  # noqa: E402
 
 #: Methods: optimizer + spatial estimator.
 METHODS = ("sdze", "mezo", "adam+taylor", "adam+hte", "fused_adafactor")
-#: Plot colours of the methods (``C5``: a fused run with its own input-layer lr).
+#: Plot colours of the methods, and of a method's runs with its own input-layer lr.
 COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
+INPUT_LR_COLORS = {"fused_adafactor": "C5", "adam+taylor": "C6", "adam+hte": "C7"}
+#: The learning-rate keys (``lrs``) of each method and of its input layer.
+LR_KEYS = {"sdze": ("sdze", None), "mezo": ("mezo", None), "adam+taylor": ("adam", "adam_input"),
+           "adam+hte": ("adam", "adam_input"),
+           "fused_adafactor": ("fused_adafactor", "fused_adafactor_input")}
 
 
 def variant(row: dict) -> str:
-    """The method of a result row, with the fused method's input-layer lr when one was set."""
+    """The method of a result row, with its input-layer lr when one was set."""
     lr = row.get("input_lr")
     return row["method"] if lr is None else f"{row['method']}, input lr {lr:.0e}"
 
@@ -96,7 +102,9 @@ def variants(rows: list[dict]) -> list[str]:
 
 def color(row: dict) -> str:
     """Plot colour of a result row."""
-    return "C5" if row.get("input_lr") is not None else COLORS[row["method"]]
+    if row.get("input_lr") is not None:
+        return INPUT_LR_COLORS[row["method"]]
+    return COLORS[row["method"]]
 
 
 class WallClockEval(L.Callback):
@@ -204,7 +212,7 @@ def make_method(method: str, seed: int, cfg: BenchConfig, lrs: dict[str, float],
     """``(estimator, optimizer partial)`` of ``method``; ``lrs``: learning rate per method."""
     import functools
 
-    from sdze_lightning.methods import SDZE, FusedAdafactor, MeZO
+    from sdze_lightning.methods import SDZE, Adam, FusedAdafactor, MeZO
 
     if method == "sdze":
         return make_estimator("taylor", cfg.directions), functools.partial(
@@ -218,7 +226,7 @@ def make_method(method: str, seed: int, cfg: BenchConfig, lrs: dict[str, float],
             FusedAdafactor, lr=lrs["fused_adafactor"], input_lr=lrs["fused_adafactor_input"])
     estimator = {"adam+taylor": "taylor", "adam+hte": "hte"}[method]
     return make_estimator(estimator, cfg.directions), functools.partial(
-        torch.optim.Adam, lr=lrs["adam"])
+        Adam, lr=lrs["adam"], input_lr=lrs["adam_input"])
 
 
 def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
@@ -262,8 +270,8 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
                 steps=trainer.global_step,
                 train_s=cb._train_s, final_rel_l2=final,
                 s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve,
-                floors=floor, lr=lrs["adam" if method.startswith("adam") else method],
-                input_lr=lrs["fused_adafactor_input"] if method == "fused_adafactor" else None,
+                floors=floor, lr=lrs[LR_KEYS[method][0]],
+                input_lr=lrs.get(LR_KEYS[method][1]),
                 lr_decay=lr_decay, init=init,
                 peak_rss_bytes=peak(),  # VmHWM: this process's own peak
                 load=load_average(),
@@ -272,7 +280,8 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
 
 #: Learning rates: the shipped configs' (SDZE, MeZO, Adam), and Adam's for the fused method.
 DEFAULT_LRS = {"sdze": 1e-2, "mezo": 3e-3, "adam": 1e-3, "fused_adafactor": 1e-3,
-               "fused_adafactor_input": None}  # None: the input layer takes fused_adafactor's
+               "fused_adafactor_input": None,  # None: the input layer takes the method's lr
+               "adam_input": None}
 
 
 def run_isolated(job: dict) -> dict:
@@ -419,6 +428,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--fused-lr", type=float, default=DEFAULT_LRS["fused_adafactor"])
     ap.add_argument("--fused-input-lr", type=float, default=None,
                     help="the fused method's input-layer lr (default: --fused-lr)")
+    ap.add_argument("--adam-input-lr", type=float, default=None,
+                    help="Adam's input-layer lr, adam+taylor and adam+hte (default: --adam-lr)")
     ap.add_argument("--lr-decay", choices=("constant", "linear"), default="constant",
                     help="linear: every method's lr decays to 0 over the wall-time budget")
     ap.add_argument("--init", choices=list(INITS), default="xavier_normal",
@@ -470,7 +481,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
         args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
     lrs = {"sdze": args.sdze_lr, "mezo": DEFAULT_LRS["mezo"], "adam": args.adam_lr,
-           "fused_adafactor": args.fused_lr, "fused_adafactor_input": args.fused_input_lr}
+           "fused_adafactor": args.fused_lr, "fused_adafactor_input": args.fused_input_lr,
+           "adam_input": args.adam_input_lr}
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [dict(method=method, dim=dim, seed=seed, budget_s=args.budget_s,
                  every=args.eval_every, n_eval=args.n_eval, problem_name=args.problem,

@@ -62,6 +62,20 @@ def positive_int_or_none(name: str, value: object) -> int | None:
     return _integer_at_least(name, value, 1, "a positive integer or null")
 
 
+def positive_float_or_none(name: str, value: object) -> float | None:
+    """Return ``value`` as a ``float`` if it is ``None`` or a number ``> 0`` (not NaN).
+
+    Raises:
+        ValueError: Otherwise: ``<name> must be > 0 or null, got <value>.``
+
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be > 0 or null, got {value!r}.")
+    return float(value)
+
+
 def boolean(name: str, value: object) -> bool:
     """Return ``value`` if it is a ``bool``, else raise ``ValueError`` naming ``name``."""
     if not isinstance(value, bool):

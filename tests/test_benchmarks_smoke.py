@@ -169,6 +169,23 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert kept == [r for r in saved["rows"] if r.get("peak_rss_bytes")] and kept
 
 
+def test_time_to_accuracy_adam_input_lr(tmp_path):
+    """``--adam-input-lr`` reaches Adam's input layer and labels the row as its own variant."""
+    mod = load_benchmark("time_to_accuracy")
+    (row,) = mod.main(["--smoke", "--methods", "adam+taylor", "--adam-input-lr", "1e-4",
+                       "--in-process", "--out", str(tmp_path)])
+    assert row["input_lr"] == 1e-4 and row["lr"] == mod.DEFAULT_LRS["adam"]
+    assert mod.variant(row) == "adam+taylor, input lr 1e-04"
+    assert mod.color(row) != mod.color({**row, "input_lr": None})
+    from sdze_lightning.methods import build_optimizer
+    from sdze_lightning.nn import MLP
+
+    lrs = {**mod.DEFAULT_LRS, "adam_input": 1e-4}
+    _, factory = mod.make_method("adam+hte", 0, mod.SMOKE, lrs)
+    opt = build_optimizer(factory, MLP(6, width=4, depth=1))
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, lrs["adam"]]
+
+
 @pytest.mark.parametrize("bad", [["--jobs", "0"], ["--jobs", "2", "--in-process"]])
 def test_time_to_accuracy_refuses_bad_jobs(bad, capsys):
     mod = load_benchmark("time_to_accuracy")

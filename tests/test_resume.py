@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdze_lightning.estimators.taylor import TaylorEstimator
-from sdze_lightning.methods import SDZE, MeZO
+from sdze_lightning.methods import SDZE, Adam, MeZO
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D
 
@@ -39,6 +39,8 @@ METHODS = {
                               carry="project", seed=5),
     "mezo": functools.partial(MeZO, lr=1e-3, queries=2, seed=5),
     "adam": functools.partial(torch.optim.Adam, lr=1e-2),
+    # two param groups, both under the StepLR schedule
+    "adam_input_lr": functools.partial(Adam, lr=1e-2, input_lr=1e-3),
 }
 
 
@@ -132,7 +134,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("method", ["mezo", "adam"])
+@pytest.mark.parametrize("method", ["mezo", "adam", "adam_input_lr"])
 def test_stopped_run_resumes_bit_for_bit(tmp_path, method):
     reference, ref_problem = uninterrupted(method)
     trainer(tmp_path, max_steps=EVERY).fit(make_problem(method))

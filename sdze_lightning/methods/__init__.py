@@ -5,9 +5,11 @@
 * :class:`PDEAware`: the PDE-aware first-order optimizer (Churiwala et al. 2025).
 * :class:`FusedAdafactor`: exact gradients; Adam on the small layers, the input layer
   updated in place from the factors of its gradient (factored second moment).
-* ``adam``: any ``torch.optim`` optimizer works directly (``torch.optim.Adam``).
+* :class:`Adam`: ``torch.optim.Adam`` with an optional input-layer rate (``method=adam``);
+  any ``torch.optim`` optimizer also works directly.
 """
 
+from sdze_lightning.methods.adam import Adam
 from sdze_lightning.methods.base import ZerothOrderOptimizer, build_optimizer, is_zeroth_order
 from sdze_lightning.methods.fused_adafactor import FusedAdafactor
 from sdze_lightning.methods.mezo import MeZO
@@ -17,6 +19,7 @@ from sdze_lightning.methods.two_point import TwoPointOptimizer
 
 __all__ = [
     "SDZE",
+    "Adam",
     "FusedAdafactor",
     "MeZO",
     "PDEAware",

@@ -56,7 +56,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from sdze_lightning.checks import boolean, positive_int
+from sdze_lightning.checks import boolean, positive_float_or_none, positive_int
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
 from sdze_lightning.nn.mlp import MLP
 
@@ -118,8 +118,7 @@ class FusedAdafactor(torch.optim.Adam):
                 "method=adam."
             )
         positive_int("method.block_bytes", block_bytes)
-        if input_lr is not None and not input_lr > 0:
-            raise ValueError(f"method.input_lr must be > 0 or null, got {input_lr!r}.")
+        input_lr = positive_float_or_none("method.input_lr", input_lr)
         if not eps1 >= 0:
             raise ValueError(f"method.eps1 must be >= 0, got {eps1!r}.")
         _refuse_data_parallel()

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -78,9 +79,9 @@ from sdze_lightning.nn.mlp import INITS  # noqa: E402
 
 #: Methods: optimizer + spatial estimator.
 METHODS = ("sdze", "mezo", "adam+taylor", "adam+hte", "fused_adafactor")
-#: Plot colours of the methods, and of a method's runs with its own input-layer lr.
+#: Plot colours of the methods, and (in turn) of the runs with their own input-layer lr.
 COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
-INPUT_LR_COLORS = {"fused_adafactor": "C5", "adam+taylor": "C6", "adam+hte": "C7"}
+INPUT_LR_COLORS = ("C5", "C6", "C7", "C8", "C9", "black", "tab:olive", "tab:cyan")
 #: The learning-rate keys (``lrs``) of each method and of its input layer.
 LR_KEYS = {"sdze": ("sdze", None), "mezo": ("mezo", None), "adam+taylor": ("adam", "adam_input"),
            "adam+hte": ("adam", "adam_input"),
@@ -100,11 +101,17 @@ def variants(rows: list[dict]) -> list[str]:
     return [name for *_, name in sorted(keys)]
 
 
-def color(row: dict) -> str:
-    """Plot colour of a result row."""
-    if row.get("input_lr") is not None:
-        return INPUT_LR_COLORS[row["method"]]
-    return COLORS[row["method"]]
+def palette(rows: list[dict]) -> dict[str, str]:
+    """Plot colour of each variant of ``rows``.
+
+    A run at its method's lr takes the method's colour; each variant with an input-layer lr
+    takes the next of :data:`INPUT_LR_COLORS`.
+    """
+    colors, extra = {}, itertools.cycle(INPUT_LR_COLORS)
+    for name in variants(rows):
+        row = next(r for r in rows if variant(r) == name)
+        colors[name] = COLORS[row["method"]] if row.get("input_lr") is None else next(extra)
+    return colors
 
 
 class WallClockEval(L.Callback):
@@ -305,14 +312,18 @@ def frontier_rows(paths: list[Path]) -> list[dict]:
             if r.get("peak_rss_bytes")]
 
 
-def frontier(paths: list[Path], out: Path) -> None:
-    """Final error against peak RSS, one panel per problem (:func:`frontier_rows`)."""
+def frontier(paths: list[Path], out: Path, colors: dict[str, str] | None = None) -> None:
+    """Final error against peak RSS, one panel per problem (:func:`frontier_rows`).
+
+    ``colors``: per variant (default: :func:`palette` of the rows shown).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = frontier_rows(paths)
+    colors = colors or palette(rows)
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 5), squeeze=False)
     markers = dict(zip(sorted({r["dim"] for r in rows}), "osD^v", strict=False))
@@ -321,11 +332,10 @@ def frontier(paths: list[Path], out: Path) -> None:
             if r["problem"] != name:
                 continue
             ax.loglog(r["peak_rss_bytes"] / 2**30, r["final_rel_l2"], markers[r["dim"]],
-                      color=color(r), alpha=0.8)
+                      color=colors[variant(r)], alpha=0.8)
         shown = [r for r in rows if r["problem"] == name]
         for name_of in variants(shown):
-            row = next(r for r in shown if variant(r) == name_of)
-            ax.plot([], [], "o", color=color(row), label=name_of)
+            ax.plot([], [], "o", color=colors[name_of], label=name_of)
         for dim, marker in markers.items():
             ax.plot([], [], marker, color="gray", label=f"d = {dim:g}")
         ax.set_xlabel("peak RSS of the run (GiB)")
@@ -376,22 +386,29 @@ def table(paths: list[Path]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str = "two-body Allen-Cahn",
-         floor: dict | None = None) -> None:
-    """Relative L2 error against training wall time, one panel per d (dashed: ``floors``)."""
+         floor: dict | None = None, colors: dict[str, str] | None = None) -> None:
+    """Relative L2 error against training wall time, one panel per d (dashed: ``floors``).
+
+    ``colors``: per variant (default: :func:`palette` of ``rows``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dims = sorted({r["dim"] for r in rows})
+    order = {name: i for i, name in enumerate(variants(rows))}  # the same legend order per panel
+    colors = colors or palette(rows)
     fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
     for ax, dim in zip(axes[0], dims, strict=True):
-        for r in rows:
-            if r["dim"] != dim or not r["curve"]:
-                continue
+        labelled = set()
+        panel = [r for r in rows if r["dim"] == dim and r["curve"]]
+        for r in sorted(panel, key=lambda r: order[variant(r)]):
             _, t, e = zip(*r["curve"], strict=True)
-            ax.semilogy(t, e, color=color(r), alpha=0.7,
-                        label=variant(r) if r["seed"] == 0 else None)
+            name = variant(r)
+            ax.semilogy(t, e, color=colors[name], alpha=0.7,
+                        label=None if name in labelled else name)  # one entry per variant
+            labelled.add(name)
         for key, style in (("constant", "--"), ("affine", ":")):
             level = (floor or {}).get(dim, {}).get(key)
             if level is not None:
@@ -466,14 +483,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.frontier:
         args.out.mkdir(parents=True, exist_ok=True)
-        frontier(args.frontier, args.out / "frontier.png")
         saved = [json.loads(Path(p).read_text()) for p in args.frontier]
+        colors = palette([r for s in saved for r in s["rows"]])  # the same in every plot
+        frontier(args.frontier, args.out / "frontier.png", colors)
         for name in sorted({s["problem"] for s in saved}):
             rows = [r for s in saved if s["problem"] == name for r in s["rows"]]
             floor = {int(d): f for s in saved if s["problem"] == name
                      for d, f in s["floors"].items()}
             title = "two-body Allen-Cahn" if name == "twobody" else "Allen-Cahn on the cube"
-            plot(rows, args.out / f"error_vs_time_{name}.png", title, floor)
+            plot(rows, args.out / f"error_vs_time_{name}.png", title, floor, colors)
         return []
     cfg = BenchConfig(threads=args.threads, rank=args.sdze_rank, period=args.sdze_period,
                       prefetch=args.prefetch)

@@ -176,7 +176,10 @@ def test_time_to_accuracy_adam_input_lr(tmp_path):
                        "--in-process", "--out", str(tmp_path)])
     assert row["input_lr"] == 1e-4 and row["lr"] == mod.DEFAULT_LRS["adam"]
     assert mod.variant(row) == "adam+taylor, input lr 1e-04"
-    assert mod.color(row) != mod.color({**row, "input_lr": None})
+    plain = {**row, "input_lr": None}
+    other = {**row, "input_lr": 3e-5}
+    colors = mod.palette([row, plain, other])  # each variant its own colour
+    assert len(set(colors.values())) == 3 and colors["adam+taylor"] == mod.COLORS["adam+taylor"]
     from sdze_lightning.methods import build_optimizer
     from sdze_lightning.nn import MLP
 

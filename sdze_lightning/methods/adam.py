@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sdze_lightning.checks import positive_float_or_none
-from sdze_lightning.nn.mlp import MLP
+from sdze_lightning.nn.mlp import mlp_input_weight
 
 
 class Adam(torch.optim.Adam):
@@ -61,13 +61,8 @@ class Adam(torch.optim.Adam):
         if input_lr is None:
             params: list = list(module.parameters())
         else:
-            if not isinstance(module, MLP):
-                raise TypeError(
-                    "method.input_lr sets the rate of the input layer of the library's MLP "
-                    f"(sdze_lightning.nn.MLP); got {type(module).__name__}. Use model=mlp "
-                    "or method.input_lr=null."
-                )
-            weight = module.layers[0].weight
+            weight = mlp_input_weight(module, "method.input_lr sets the rate of",
+                                      "method.input_lr=null")
             params = [{"params": [weight], "lr": input_lr},
                       {"params": [p for p in module.parameters() if p is not weight]}]
         hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

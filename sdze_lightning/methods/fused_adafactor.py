@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, positive_float_or_none, positive_int
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
-from sdze_lightning.nn.mlp import MLP
+from sdze_lightning.nn.mlp import mlp_input_weight
 
 #: Default bound on the bytes of one block temporary (``width x columns``): small enough
 #: for a block and its statistics to stay in the CPU's cache between the passes over it.
@@ -111,19 +111,14 @@ class FusedAdafactor(torch.optim.Adam):
         block_bytes: int = BLOCK_BYTES,
         exact_rows: bool = False,
     ) -> None:
-        if not isinstance(module, MLP):
-            raise TypeError(
-                "method=fused_adafactor updates the input layer of the library's MLP "
-                f"(sdze_lightning.nn.MLP); got {type(module).__name__}. Use model=mlp or "
-                "method=adam."
-            )
+        weight = mlp_input_weight(module, "method=fused_adafactor updates", "method=adam")
         positive_int("method.block_bytes", block_bytes)
         input_lr = positive_float_or_none("method.input_lr", input_lr)
         if not eps1 >= 0:
             raise ValueError(f"method.eps1 must be >= 0, got {eps1!r}.")
         _refuse_data_parallel()
         super().__init__(
-            [{"params": [module.layers[0].weight], "factored": True,
+            [{"params": [weight], "factored": True,
               "lr": lr if input_lr is None else input_lr},
              {"params": _small_parameters(module), "factored": False}],
             lr=lr, betas=betas, eps=eps,

@@ -399,3 +399,23 @@ class MLP(nn.Module):
             top = jet[-1]
             out.append(jet[0].new_zeros((1, *jet[0].shape)) if top is None else top)
         return out
+
+
+def mlp_input_weight(module: nn.Module, what: str, instead: str) -> nn.Parameter:
+    """The input layer's weight of ``module``, which must be the library's :class:`MLP`.
+
+    Args:
+        module: The network.
+        what: The start of the refusal, up to "the input layer" (``"method=... updates"``).
+        instead: The other configuration the refusal suggests beside ``model=mlp``.
+
+    Raises:
+        TypeError: If ``module`` is not an :class:`MLP`.
+
+    """
+    if not isinstance(module, MLP):
+        raise TypeError(
+            f"{what} the input layer of the library's MLP (sdze_lightning.nn.MLP); got "
+            f"{type(module).__name__}. Use model=mlp or {instead}."
+        )
+    return module.layers[0].weight

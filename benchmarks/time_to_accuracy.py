@@ -301,28 +301,26 @@ def run_isolated(job: dict) -> dict:
     raise RuntimeError(f"worker {job['method']} d={job['dim']} failed:\n{out.stderr[-3000:]}")
 
 
-def frontier_rows(paths: list[Path]) -> list[dict]:
-    """The rows of result JSON files with the shortest training budget among them.
+def frontier_rows(saved: list[dict]) -> list[dict]:
+    """The rows of loaded result JSONs with the shortest training budget among them.
 
     The longer runs of the same methods would not compare at equal time.
     """
-    saved = [json.loads(Path(p).read_text()) for p in paths]
     budget_s = min(s["budget_s"] for s in saved)
     return [r for s in saved if s["budget_s"] == budget_s for r in s["rows"]
             if r.get("peak_rss_bytes")]
 
 
-def frontier(paths: list[Path], out: Path, colors: dict[str, str] | None = None) -> None:
-    """Final error against peak RSS, one panel per problem (:func:`frontier_rows`).
+def frontier(rows: list[dict], out: Path, colors: dict[str, str] | None = None) -> None:
+    """Final error against peak RSS of ``rows`` (:func:`frontier_rows`), a panel per problem.
 
-    ``colors``: per variant (default: :func:`palette` of the rows shown).
+    ``colors``: per variant (default: :func:`palette` of ``rows``).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = frontier_rows(paths)
     colors = colors or palette(rows)
     problems = sorted({r["problem"] for r in rows})
     fig, axes = plt.subplots(1, len(problems), figsize=(6.5 * len(problems), 5), squeeze=False)
@@ -485,7 +483,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.out.mkdir(parents=True, exist_ok=True)
         saved = [json.loads(Path(p).read_text()) for p in args.frontier]
         colors = palette([r for s in saved for r in s["rows"]])  # the same in every plot
-        frontier(args.frontier, args.out / "frontier.png", colors)
+        frontier(frontier_rows(saved), args.out / "frontier.png", colors)
         for name in sorted({s["problem"] for s in saved}):
             rows = [r for s in saved if s["problem"] == name for r in s["rows"]]
             floor = {int(d): f for s in saved if s["problem"] == name

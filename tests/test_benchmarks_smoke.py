@@ -164,8 +164,7 @@ def test_time_to_accuracy_smoke(tmp_path):
     assert f"constant {saved['floors']['50']['constant']:.3g}" in text
     # the frontier compares runs at equal time: a longer run in the list is left out
     longer = {**saved, "budget_s": 2 * saved["budget_s"]}
-    (tmp_path / "longer.json").write_text(json.dumps(longer))
-    kept = mod.frontier_rows([tmp_path / "time_to_accuracy_smoke.json", tmp_path / "longer.json"])
+    kept = mod.frontier_rows([saved, longer])
     assert kept == [r for r in saved["rows"] if r.get("peak_rss_bytes")] and kept
 
 

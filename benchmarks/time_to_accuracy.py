@@ -150,6 +150,8 @@ class WallClockEval(L.Callback):
 #: ``--problem`` choices: two-body Allen-Cahn on the unit ball (hard constraint) and the
 #: zoo's hard problem, Allen-Cahn on the cube with a boundary loss (``pde=allen_cahn_cube``).
 PROBLEMS = ("twobody", "cube")
+#: Plot titles of the problems.
+TITLES = {"twobody": "two-body Allen-Cahn", "cube": "Allen-Cahn on the cube"}
 
 
 def make_problem(problem: str, dim: int, seed: int, cfg: BenchConfig, **kwargs):
@@ -338,7 +340,7 @@ def frontier(rows: list[dict], out: Path, colors: dict[str, str] | None = None) 
             ax.plot([], [], marker, color="gray", label=f"d = {dim:g}")
         ax.set_xlabel("peak RSS of the run (GiB)")
         ax.set_ylabel(f"relative L2 error after the budget ({rows[0]['train_s']:.0f} s)")
-        ax.set_title("two-body Allen-Cahn" if name == "twobody" else "Allen-Cahn on the cube")
+        ax.set_title(TITLES[name])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(MACHINE)
@@ -488,8 +490,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows = [r for s in saved if s["problem"] == name for r in s["rows"]]
             floor = {int(d): f for s in saved if s["problem"] == name
                      for d, f in s["floors"].items()}
-            title = "two-body Allen-Cahn" if name == "twobody" else "Allen-Cahn on the cube"
-            plot(rows, args.out / f"error_vs_time_{name}.png", title, floor, colors)
+            plot(rows, args.out / f"error_vs_time_{name}.png", TITLES[name], floor, colors)
         return []
     cfg = BenchConfig(threads=args.threads, rank=args.sdze_rank, period=args.sdze_period,
                       prefetch=args.prefetch)
@@ -550,8 +551,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
          "sdze_queries": args.sdze_queries, "sdze_cosine_steps": args.sdze_cosine_steps,
          "sdze_rank": cfg.rank, "sdze_period": cfg.period,
          "problem": args.problem, "floors": floor, "rows": rows}, indent=2))
-    title = "two-body Allen-Cahn" if args.problem == "twobody" else "Allen-Cahn on the cube"
-    plot(rows, args.out / f"{stem}.png", title, floor)
+    plot(rows, args.out / f"{stem}.png", TITLES[args.problem], floor)
     return rows
 
 

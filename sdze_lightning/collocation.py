@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -220,18 +221,65 @@ def drop_prefetch_without_crns(problem: PINNProblem, zeroth_order: Iterable[Any]
         state.prefetcher = None
 
 
-def step_indices(problem: PINNProblem, n: int) -> DataLoader[int]:
+class StepLoader(DataLoader[int]):
+    """A loader of step indices that a resumed ``fit`` continues where its checkpoint stopped.
+
+    Lightning saves :meth:`state_dict` with the fit loop's state (the indices served in the
+    current epoch) and passes it to :meth:`load_state_dict` before a resumed run's first
+    ``iter()``: that pass skips the indices already served, so the epoch (and validation
+    once an epoch) ends where an uninterrupted run ends it; later passes start at 0. The
+    arguments are :class:`~torch.utils.data.DataLoader`'s, passed through (Lightning
+    rebuilds the loader with a ``DistributedSampler`` under DDP).
+
+    Args:
+        dataset: The step indices, ``range(n)``.
+        **kwargs: Further :class:`~torch.utils.data.DataLoader` arguments.
+
+    """
+
+    # Not a stock DataLoader: it has no state_dict, so Lightning warns on a mid-epoch resume.
+
+    def __init__(self, dataset: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)  # type: ignore[arg-type]
+        self._served = 0  # indices of the current pass handed out (skipped ones included)
+        self._skip = 0  # indices the next pass skips (a resumed epoch's served ones)
+
+    def __iter__(self) -> Iterator[int]:  # type: ignore[override]
+        """The indices of one pass (an epoch), after those a loaded state had served."""
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        return self._counted(itertools.islice(super().__iter__(), skip, None))
+
+    def _counted(self, indices: Iterator[int]) -> Iterator[int]:
+        for index in indices:
+            self._served += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"served": indices of the current pass handed out so far}``."""
+        return {"served": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Make the next pass continue after ``state_dict["served"]`` indices.
+
+        A pass that was complete (or longer than this loader) starts the next epoch at 0.
+        """
+        served = int(state_dict["served"])
+        self._skip = served if 0 <= served < len(self) else 0
+
+
+def step_indices(problem: PINNProblem, n: int) -> StepLoader:
     """``n`` step indices: the Trainer's batches (the points are sampled in the step)."""
     # An own generator: a loader's iterator draws its base seed from it, not globally.
     gen = torch.Generator().manual_seed(problem.seed)
-    return DataLoader(range(n), batch_size=None, generator=gen)
+    return StepLoader(range(n), batch_size=None, generator=gen)
 
 
-def train_dataloader(problem: PINNProblem) -> DataLoader[int]:
-    """The step indices of an epoch (``steps_per_epoch``)."""
+def train_dataloader(problem: PINNProblem) -> StepLoader:
+    """The step indices of an epoch (``steps_per_epoch``); resumable mid-epoch."""
     return step_indices(problem, problem.steps_per_epoch)
 
 
-def val_dataloader(problem: PINNProblem) -> DataLoader[int]:
+def val_dataloader(problem: PINNProblem) -> StepLoader:
     """One index: validation evaluates the held-out set."""
     return step_indices(problem, 1)

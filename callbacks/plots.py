@@ -11,7 +11,8 @@ image (a logger failure is reported once and does not stop training). A problem
 with a single input coordinate gets a 1D profile instead.
 
 The figure is drawn with matplotlib's object-oriented API on an Agg canvas:
-no ``pyplot`` state and no change of the global backend.
+no ``pyplot`` state and no change of the global backend. matplotlib is imported on the
+first plot, not with this module (a run without plots never loads it).
 
 Cost per plot: ``resolution**2`` evaluations of ``u`` and, on the first plot only,
 as many of the exact solution (its values cached, since the grid stays fixed). The
@@ -33,17 +34,18 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from sdze_lightning.devices import device_of
 from sdze_lightning.seeding import Stream, mix
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +243,9 @@ class SolutionPlot(L.Callback):
 
     def figure(self, pl_module: nn.Module, step: int) -> Figure:
         """Return the figure of the current prediction (not saved)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # on first use: slow import
+        from matplotlib.figure import Figure
+
         if self._grid is None:
             self._grid = self._setup_grid(pl_module)
         axes, labels, bounds, plane, exact = self._grid

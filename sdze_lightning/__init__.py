@@ -1,5 +1,7 @@
 """sdze-lightning: back-propagation-free PINN training on PyTorch Lightning."""
 
+# First: a checkout imported as-is finds its top-level callbacks/ and configs/ (see module).
+from sdze_lightning import _checkout  # noqa: F401
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.directions import Directions
 from sdze_lightning.problem import NonFiniteLossError, PINNProblem

@@ -5,12 +5,18 @@ residual, optionally the exact solution and boundary values); network, spatial
 estimator and method are injected, and ``lightning.Trainer(max_steps=...).fit(problem)``
 needs no DataModule. The class holds the contract and thin Lightning hooks; each
 other concern has its module, named where the class uses it.
+
+A problem records its constructor call (``hparams``, plain data) and its class in every
+checkpoint: ``PINNProblem.load_from_checkpoint(path)`` returns the trained problem
+(:mod:`sdze_lightning.loading`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
@@ -21,6 +27,7 @@ from sdze_lightning import (
     evaluation,
     fit_lifecycle,
     input_checks,
+    loading,
     loss,
     resume,
     stepping,
@@ -36,6 +43,9 @@ from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.stepping import StepOutcome
 from sdze_lightning.threads import FitThreads
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 __all__ = ["NonFiniteLossError", "PINNProblem", "StepOutcome", "check_precision"]
 
@@ -69,6 +79,12 @@ class PINNProblem(L.LightningModule):
             data where it has them (:mod:`sdze_lightning.kernels`).
         threads: Intra-op threads during ``fit``, ``"auto"`` or a count
             (:mod:`sdze_lightning.threads`); the count used is :attr:`intra_op_threads`.
+
+    The arguments of the constructor call (of the subclass, if it has its own) are
+    recorded in ``hparams`` as plain data, the network as a recipe (the library's
+    ``MLP``: its arguments; a factory: the partial); a network module of one's own is not
+    recorded, and :meth:`load_from_checkpoint` then needs ``net=`` again
+    (:mod:`sdze_lightning.loading`).
 
     """
 
@@ -117,6 +133,7 @@ class PINNProblem(L.LightningModule):
         self.last_loss: float = float("nan")
         self._checked_as: tuple[torch.device, torch.dtype] | None = None
         self._resumed_from: dict[str, Any] | None = None
+        loading.record_arguments(self, inspect.currentframe())
 
     # ------------------------------------------------------------- user contract
     def sample_interior(self, n: int, generator: torch.Generator) -> Tensor:
@@ -181,8 +198,51 @@ class PINNProblem(L.LightningModule):
         return ModelFunction(self.net, self.constraint, self.hard_constraint if own else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return the predicted solution ``u(x)``, shape ``(N,)``."""
+        """Return the predicted solution ``u(x)`` (hard constraint included), shape ``(N,)``."""
         return self.model(x)
+
+    def predict_step(
+        self, batch: Tensor | Sequence[Tensor], batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> Tensor:
+        """``u`` at a batch of points, for ``Trainer.predict``.
+
+        Args:
+            batch: Points ``(B, input_dim)``, or a list/tuple whose first entry they are
+                (a ``TensorDataset``'s batch); converted to the module's dtype.
+            batch_idx: Index of the batch (unused).
+            dataloader_idx: Index of the loader (unused).
+
+        Returns:
+            ``u(x)`` (hard constraint included), shape ``(B,)``.
+
+        """
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self(x.to(self.dtype) if x.is_floating_point() else x)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path | IO, map_location: Any = "cpu", *, strict: bool = True,
+        weights_only: bool | None = None, **kwargs: Any,
+    ) -> Self:
+        """The trained problem of a checkpoint (``sdze-train``'s or ``Trainer.fit``'s).
+
+        Rebuilt from the run's config (``sdze-train``) or the recorded constructor call, of
+        the checkpoint's class (which must be ``cls`` or a subclass), with the trained
+        weights in their dtype, a zeroth-order method's offset folded in, in eval mode
+        (:func:`sdze_lightning.loading.load_checkpoint`).
+
+        Args:
+            checkpoint_path: The checkpoint file.
+            map_location: Where the weights go (``torch.load``'s argument; default CPU).
+            strict: Whether the state dict must match the module's keys.
+            weights_only: ``torch.load``'s argument (``None``: torch's default).
+            **kwargs: Constructor arguments replacing the recorded ones (``threads=1``,
+                ``net=`` a network module of one's own, which is not recorded).
+
+        """
+        return loading.load_checkpoint(
+            cls, checkpoint_path, map_location, strict, weights_only, **kwargs
+        )
 
     def derivatives(
         self, x: Tensor, generator: torch.Generator, estimator: Estimator | None = None,
@@ -235,8 +295,15 @@ class PINNProblem(L.LightningModule):
     skipped_steps = property(steps_skipped)
 
     # ---------------------------------------------------------------- lightning hooks
-    # The seeds a resume must share (:mod:`sdze_lightning.resume`).
-    on_save_checkpoint = resume.on_save_checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the seeds a resume must share and the problem's class.
+
+        See :mod:`sdze_lightning.resume` and :mod:`sdze_lightning.loading`.
+        """
+        resume.on_save_checkpoint(self, checkpoint)
+        loading.on_save_checkpoint(self, checkpoint)
+
+    # The precision and seeds of a resume (:mod:`sdze_lightning.resume`).
     on_load_checkpoint = resume.on_load_checkpoint
 
     def setup(self, stage: str) -> None:

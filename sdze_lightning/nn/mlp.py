@@ -224,6 +224,12 @@ class MLP(nn.Module):
             positive_int(name, value)
         integer("model.seed", seed)
         _act_derivatives(activation, torch.zeros(1), 0)  # validates the name early
+        #: The constructor's arguments: ``MLP(**net.init_args)`` is a network of the same
+        #: shape and initialisation (what a checkpoint records to rebuild the network).
+        self.init_args: dict[str, int | str] = {
+            "in_features": in_features, "width": width, "depth": depth,
+            "out_features": out_features, "activation": activation, "seed": seed, "init": init,
+        }
         self.activation = activation
         # skip_init: nn.Linear's own initialisation would draw from the global RNG.
         self.layers = nn.ModuleList(

@@ -4,7 +4,7 @@ At the end of ``fit`` (or when it stops on an exception) the callback writes
 ``summary.json`` with the final relative L2 error, loss, step count, wall time,
 peak memory, parameter count, intra-op thread count and fused-kernel use, and prints the
 same JSON as the last line of the run's output, so that a sweep can be collected with ``grep``
-or ``jq``.
+or ``jq``. With a ``WandbLogger`` every field also goes into the W&B run's summary.
 
 A resumed run (``trainer.fit(..., ckpt_path=...)``) adds to the summary it finds:
 ``steps`` and ``wall_time_s`` are cumulative, and ``segments`` lists each command's
@@ -26,7 +26,7 @@ import torch
 from sdze_lightning.callbacks.memory import peak_rss_bytes
 
 from sdze_lightning.kernels import fused_report
-from sdze_lightning.loggers import logger_failures
+from sdze_lightning.loggers import logger_failures, update_wandb_summary
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:
@@ -147,6 +147,10 @@ class RunSummary(L.Callback):
         self.summary = self.collect(trainer, pl_module, status)
         if not trainer.is_global_zero:
             return
+        # every field into a W&B run's summary; a failure is recorded, never raised
+        for logger in trainer.loggers:
+            update_wandb_summary(logger, self.summary)
+        self.summary["logger_failures"] = [f for lg in trainer.loggers for f in logger_failures(lg)]
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.summary, indent=2) + "\n")

@@ -18,6 +18,7 @@ summary. This module keeps them across commands:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,32 @@ SAFE_UNDER_PROTECTED: tuple[str, ...] = (
 )
 #: Files whose presence marks a directory as holding a run.
 RUN_MARKERS: tuple[str, ...] = ("summary.json", ".hydra/config.yaml", "checkpoints")
+
+
+#: Environment variables that carry a process's data-parallel rank, in the order Lightning
+#: reads them (``lightning.fabric.utilities.rank_zero``), and those of its node.
+RANK_VARIABLES: tuple[str, ...] = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+NODE_RANK_VARIABLES: tuple[str, ...] = ("NODE_RANK", "GROUP_RANK")
+
+
+def is_writing_rank() -> bool:
+    """Whether this process writes the run directory: data-parallel rank 0, or no DDP.
+
+    Every rank of a data-parallel run executes ``sdze-train`` (Lightning's launcher
+    starts the command again for each local rank; ``torchrun`` and SLURM start every
+    rank), before the Trainer that knows the rank exists: the rank is read from the
+    environment, as Lightning reads it. Only rank 0 checks, creates and writes the
+    run directory's files.
+    """
+    for name in RANK_VARIABLES:
+        if os.environ.get(name) is not None:
+            if int(os.environ[name]) != 0:
+                return False
+            break
+    if os.environ.get("RANK") is None:  # a local rank 0 on another node is no rank 0
+        node = next((os.environ[v] for v in NODE_RANK_VARIABLES if os.environ.get(v)), "0")
+        return int(node) == 0
+    return True
 
 
 def _under(key: str, prefix: str) -> bool:
@@ -179,12 +206,16 @@ def check_fresh(run_dir: str | Path) -> None:
 
 
 def record_segment_config(
-    run_dir: str | Path, config: dict[str, Any], overrides: list[str]
+    run_dir: str | Path,
+    config: dict[str, Any],
+    overrides: list[str],
+    choices: dict[str, Any] | None = None,
 ) -> Path:
-    """Write this command's config and overrides; earlier segments' files are kept.
+    """Write this command's config, overrides and group choices; earlier segments' are kept.
 
-    The first segment writes ``.hydra/config.yaml`` and ``.hydra/overrides.yaml``
-    (Hydra's layout); segment ``n >= 1`` writes them to ``.hydra/segment-<n>/``.
+    The first segment writes ``.hydra/config.yaml``, ``.hydra/overrides.yaml`` (Hydra's
+    layout) and ``.hydra/choices.yaml`` (``pde: poisson2d``, ``method: sdze``, ...);
+    segment ``n >= 1`` writes them to ``.hydra/segment-<n>/``.
 
     Returns:
         The folder written.
@@ -198,6 +229,7 @@ def record_segment_config(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (folder / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    (folder / "choices.yaml").write_text(yaml.safe_dump(dict(choices or {}), sort_keys=False))
     return folder
 
 

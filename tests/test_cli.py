@@ -133,8 +133,9 @@ def test_cfg_job_prints_resolved_config(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("pde=no_such_pde", "Could not find 'pde/no_such_pde'"),
-        ("estimator=no_such_estimator", "Could not find 'estimator/no_such_estimator'"),
+        ("pde=no_such_pde", "Error: pde=no_such_pde is not an option of 'pde'"),
+        ("estimator=no_such_estimator",
+         "Error: estimator=no_such_estimator is not an option of 'estimator'"),
         ("trainer.precision=16-mixed", "precision=16-mixed is not supported"),
         ("pde.n_interior=0", "pde.n_interior must be a positive integer"),
         ("prefetch=maybe", "pde.prefetch must be true or false"),

@@ -43,7 +43,7 @@ from sdze_lightning.reference.sampling import chi_square, standard_gamma
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 EXAMPLES = REPO / "examples"
-CLI_MAIN = "from sdze_lightning.cli import main; main()"
+CLI_MAIN = "from sdze_lightning.cli import console; console()"
 
 
 @pytest.fixture

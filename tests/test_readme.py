@@ -1,6 +1,11 @@
 """The README's test command is exactly what CI runs."""
 
+import json
 import math
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +72,43 @@ def test_readme_train_command_is_an_sdze_run_that_reports_its_error(tmp_path, mo
     # folded in), and training moved it away from the untrained network's
     assert math.isclose(summary["rel_l2"], relative_l2_by_hand(problem), rel_tol=1e-5)
     assert summary["rel_l2"] != untrained
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _console(name: str) -> list[str]:
+    """The installed console script ``name``, else the same entry point through python -m."""
+    script = Path(sys.executable).with_name(name)
+    module = {"sdze-train": "sdze_lightning.cli", "sdze-collect": "sdze_lightning.collect"}
+    return [str(script)] if script.exists() else [sys.executable, "-m", module[name]]
+
+
+def test_readme_sweep_table_and_trained_network(tmp_path, monkeypatch, capsys):
+    """The README's sweep, its table and the loaded network, run as written (20 steps)."""
+    section = _readme_section("A sweep, its table, and the trained network")
+    bash = section.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    python = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert [shlex.split(line)[0] for line in bash] == ["sdze-train", "sdze-collect"]
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
+    for line in bash:
+        args = shlex.split(line.replace("trainer.max_steps=2000", "trainer.max_steps=20"))
+        out = subprocess.run([*_console(args[0]), *args[1:]], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    sweep = tmp_path / "multirun" / "methods"
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 9 and {s["status"] for s in summaries} == {"completed"}
+    assert (sweep / "error_vs_time.png").stat().st_size > 0
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(python, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    best, problem = namespace["best"], namespace["problem"]
+    # the table's first row is the sweep's lowest error, and the loaded network is that run's
+    assert float(best["rel_l2"]) == min(s["rel_l2"] for s in summaries)
+    assert math.isclose(problem.relative_l2_error(), float(best["rel_l2"]), rel_tol=1e-6)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{best['method']} {best['seed']} {best['rel_l2']}"
+    assert printed[1].startswith("tensor([") and "nan" not in printed[1]

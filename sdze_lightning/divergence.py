@@ -14,6 +14,12 @@ the method's state. The problem's ``divergence`` policy then decides
   draws new points) but not applied; the parameters and optimizer state are
   those of before the step. After :data:`MAX_CONSECUTIVE_SKIPS` skipped steps
   in a row training stops anyway (the parameters themselves have diverged).
+  The zeroth-order methods, Adam, SGD and ``pde_aware`` withhold the step
+  themselves, without a copy (MeZO's weights keep the round-off of its in-place
+  perturbations, as after any step); any other method has its parameters and
+  state copied before the step and put back after it
+  (:func:`~sdze_lightning.methods.base.withholds_nonfinite`), a copy the memory
+  check counts.
 """
 
 from __future__ import annotations

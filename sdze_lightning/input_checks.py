@@ -28,12 +28,13 @@ from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.divergence import check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
 from sdze_lightning.estimators.base import OPERATORS
-from sdze_lightning.memory_budget import Need, check_fits
+from sdze_lightning.memory_budget import Need, check_fits, skip_snapshot_need
 from sdze_lightning.methods.base import (
     build_optimizer,
     gradient_numel,
     is_zeroth_order,
     needs_forward_only_estimator,
+    withholds_nonfinite,
 )
 from sdze_lightning.methods.registry import build_method
 from sdze_lightning.nn.mlp import MLP
@@ -199,13 +200,18 @@ def check_training_fits(problem: PINNProblem) -> None:
 
     The network is already allocated (the available memory excludes it); a
     first-order method adds at least a gradient per parameter, each step holds its
-    collocation batch (two with ``prefetch``) and validation a held-out chunk.
+    collocation batch (two with ``prefetch``) and validation a held-out chunk. Under
+    ``divergence="skip"`` a method that cannot withhold a non-finite step adds a copy
+    of the parameters.
     """
     itemsize = torch.empty((), dtype=problem.dtype).element_size()
     needs = []
     grads = gradient_numel(problem.method, problem.net)
     if grads:
         needs.append(_network_need(problem, grads, itemsize, "gradients"))
+    if problem.divergence == "skip" and not withholds_nonfinite(problem.method):
+        params = sum(p.numel() for p in problem.net.parameters() if p.requires_grad)
+        needs.append(skip_snapshot_need(params, itemsize))
     batches = 2 if problem.prefetch else 1
     points = (problem.n_interior + problem.n_boundary) * batches
     needs.append(Need(

@@ -31,6 +31,27 @@ class Need:
     fix: str
 
 
+def skip_snapshot_need(parameters: int, itemsize: int) -> Need:
+    """The copy of the parameters that ``divergence="skip"`` takes at a non-finite step.
+
+    Only a first-order method that does not withhold such a step by itself takes it
+    (:func:`~sdze_lightning.methods.base.withholds_nonfinite`). The copy of its optimizer
+    state, taken with it, is not counted (a lower bound: the state is built at the first
+    step).
+
+    Args:
+        parameters: Number of trainable parameters.
+        itemsize: Bytes per parameter.
+
+    """
+    return Need(
+        f"divergence=skip copy of the parameters ({parameters:,})",
+        parameters * itemsize,
+        "set divergence=stop, or use a method that withholds a non-finite step without a "
+        "copy (sdze, mezo, adam, pde_aware)",
+    )
+
+
 def format_bytes(n: float) -> str:
     """``n`` bytes in GB (10^9) or MB, e.g. ``'51.2 GB'``."""
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

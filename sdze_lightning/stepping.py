@@ -7,6 +7,13 @@ other ``torch.optim.Optimizer`` gets ``step(closure)``: the closure checks the l
 before ``backward``. Either way a NaN/Inf loss applies nothing: the step raises
 :class:`~sdze_lightning.divergence.NonFiniteLossError`, or, asked to skip, reports it
 in :attr:`StepOutcome.skipped`.
+
+A skipped step copies nothing where the method withholds it by itself
+(:func:`~sdze_lightning.methods.base.withholds_nonfinite`: the zeroth-order methods,
+which check their loss values before the update; Adam, SGD and ``pde_aware``, which
+apply nothing after a closure that back-propagated nothing). For any other first-order
+method the skipped step takes a :func:`snapshot` of the parameters and the optimizer
+state (a copy of each) and restores it after the method's ``step``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from torch import Tensor
 from sdze_lightning.collocation import end_step
 from sdze_lightning.distributed import all_true
 from sdze_lightning.divergence import NonFiniteLossError
-from sdze_lightning.methods.base import ZerothOrderOptimizer
+from sdze_lightning.methods.base import ZerothOrderOptimizer, withholds_nonfinite
 
 if TYPE_CHECKING:
     import lightning as L
@@ -74,7 +81,12 @@ def describe(optimizer: torch.optim.Optimizer) -> str:
 
 
 def snapshot(optimizer: torch.optim.Optimizer) -> Snapshot:
-    """Copies of an optimizer's state and of its parameters (restored by :func:`restore`)."""
+    """Copies of an optimizer's state and of its parameters (restored by :func:`restore`).
+
+    Taken at a skipped step of a first-order method that does not withhold it by itself
+    (:func:`~sdze_lightning.methods.base.withholds_nonfinite`): as large as the
+    parameters plus the optimizer state.
+    """
     params = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
     return copy.deepcopy(optimizer.state_dict()), params
 
@@ -181,17 +193,20 @@ def _first_order_step(
             bad.update({k: float(v.detach()) for k, v in out.items()})
         if not skip:
             raise NonFiniteLossError(step, dict(bad), describe(inner))
-        if not saved:  # skipped: undo whatever the optimizer does without gradients
-            saved.append(snapshot(inner))
-        return out["loss"].detach()
+        if not saved and not withholds_nonfinite(inner):
+            saved.append(snapshot(inner))  # undo whatever the method does without gradients
+        # NaN on every rank (this rank's loss may be finite under DDP): a method that
+        # checks the closure's value (pde_aware) withholds the step on every rank alike
+        return torch.full_like(out["loss"].detach(), float("nan"))
 
     kwargs: dict[str, Any] = {}
     if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
         kwargs["residuals"] = functools.partial(problem.residual_batch, step)
         kwargs["points"] = problem.points(step, 0).shape[0]
     loss = optimizer.step(closure=closure, **kwargs)
-    if saved:
-        restore(inner, saved[0])
+    if bad:  # skipped (a non-finite loss without skip raised in the closure)
+        if saved:
+            restore(inner, saved[0])
         nan = torch.full((), float("nan"), dtype=problem.dtype)
         return StepOutcome(nan, terms, NonFiniteLossError(step, dict(bad), describe(inner)))
     loss = loss if isinstance(loss, Tensor) else terms["loss"]

@@ -47,6 +47,10 @@ class Adam(torch.optim.Adam):
 
     #: The problem passes the network module, not its parameters.
     takes_module: ClassVar[bool] = True
+    #: ``torch.optim.Adam.step`` skips parameters without a gradient, so a closure that
+    #: back-propagated nothing changes nothing (:func:`~sdze_lightning.methods.base.
+    #: withholds_nonfinite`): ``divergence="skip"`` needs no copy of the parameters.
+    withholds_nonfinite_step: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -2,7 +2,9 @@
 
 First-order methods are any ``torch.optim.Optimizer`` built from the network's
 parameters; the problem steps them the ordinary way (``step(closure)``, the
-closure back-propagates the loss).
+closure back-propagates the loss). At a non-finite loss under
+``divergence="skip"`` the closure back-propagates nothing and returns NaN: a
+method that then applies nothing declares it (:func:`withholds_nonfinite`).
 
 Zeroth-order methods subclass :class:`ZerothOrderOptimizer`, the one protocol
 between a forward-only method and :class:`~sdze_lightning.PINNProblem`. They are
@@ -154,6 +156,38 @@ def takes_module(factory: Any) -> bool:
 def needs_forward_only_estimator(factory: Any) -> bool:
     """Whether a method refuses estimators that back-propagate through ``x``."""
     return bool(getattr(_target(factory), "needs_forward_only_estimator", False))
+
+
+#: ``torch.optim`` classes whose ``step`` skips every parameter without a gradient: after a
+#: closure that back-propagated nothing they change neither a parameter nor their state.
+NO_GRADIENT_NO_CHANGE: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD,
+)
+
+
+def withholds_nonfinite(factory: Any) -> bool:
+    """Whether a method applies nothing, by itself, at a step whose loss is non-finite.
+
+    A zeroth-order method checks its loss values before its update. A first-order method
+    is stepped with a closure that, at a non-finite loss (under ``divergence="skip"``),
+    back-propagates nothing (every ``.grad`` stays ``None``) and returns NaN; it withholds
+    the step when its class says ``withholds_nonfinite_step = True`` or is one of
+    :data:`NO_GRADIENT_NO_CHANGE` exactly (a subclass may override ``step``). For any
+    other method the problem copies the parameters and the optimizer state before such a
+    step and puts them back after it (:func:`~sdze_lightning.stepping.snapshot`).
+
+    Args:
+        factory: An optimizer class, instance or partial.
+
+    """
+    target = _target(factory)
+    cls = target if isinstance(target, type) else type(target)
+    if issubclass(cls, ZerothOrderOptimizer):
+        return True
+    declared = getattr(cls, "withholds_nonfinite_step", None)
+    if declared is not None:
+        return bool(declared)
+    return cls in NO_GRADIENT_NO_CHANGE
 
 
 def gradient_numel(factory: Any, module: nn.Module) -> int:

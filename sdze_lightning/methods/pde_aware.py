@@ -147,6 +147,9 @@ class PDEAware(torch.optim.Optimizer):
 
     #: Tells the problem to pass ``residuals=`` to :meth:`step`.
     needs_residuals: ClassVar[bool] = True
+    #: A closure's non-finite loss applies nothing (:func:`~sdze_lightning.methods.base.
+    #: withholds_nonfinite`): ``divergence="skip"`` needs no copy of the parameters.
+    withholds_nonfinite_step: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -204,6 +207,9 @@ class PDEAware(torch.optim.Optimizer):
     ) -> Tensor | None:
         """One update.
 
+        A closure that returns a non-finite loss applies nothing: the parameters and the
+        moments stay as they were and the residuals are not evaluated.
+
         Args:
             closure: Computes the total loss and back-propagates it (needed for
                 ``first_moment="loss"``; otherwise only used for the returned loss).
@@ -227,6 +233,8 @@ class PDEAware(torch.optim.Optimizer):
                 loss = closure()
         elif self.first_moment == "loss":
             raise ValueError("first_moment='loss' needs a closure that back-propagates the loss.")
+        if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
+            return loss
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         with torch.enable_grad():
             if points is not None and self.first_moment == "loss" and self._takes_rows(residuals):

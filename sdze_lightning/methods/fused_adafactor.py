@@ -28,12 +28,56 @@ through the small layers only; :mod:`sdze_lightning.nn.first_layer_grad`).
   applied, which takes two passes over the blocks. By default the update uses
   the row statistic of the previous step instead (the column statistic is
   this step's), so that each block is formed once, applied to ``W`` at once,
-  and its row sums feed the next step's row statistic: one pass. The row
-  factor enters ``V`` only through ``r / mean(r)``, a slowly moving profile
-  (an average over ``1 / (1 - b2)`` steps) that one step of delay hardly
-  changes; the first step, which has no previous statistic, takes two passes,
-  and ``exact_rows=True`` takes two passes at every step (Adafactor exactly).
+  and its row sums feed the next step's row statistic: one pass. The first
+  step, which has no previous statistic, takes two passes, and
+  ``exact_rows=True`` takes two passes at every step (Adafactor exactly).
   ``W`` takes no first moment: a momentum buffer would be ``width x d`` again.
+
+What the lag leaves out. The row factor enters ``V`` only through the profile
+``r / mean(r)``, in which the bias correction cancels. Bias-corrected, the row
+statistic ``R_t = r_t / (1 - b2^t)`` is a weighted mean::
+
+    R_t = (1 - w_t) R_(t-1) + w_t (m_t + eps1),   m_t = mean_j G_ij^2 of this step,
+    w_t = (1 - b2) / (1 - b2^t) = 1 / (1 + b2 + ... + b2^(t-1)),
+
+so the lagged statistic misses this step's row mean square, whose weight
+``w_t`` lies between ``1 / t`` and ``1 / (t b2^(t-1))``: about ``1 / t`` while
+``t << 1 / (1 - b2)`` (half of the statistic at the second step), falling to
+``1 - b2`` only once ``t >> 1 / (1 - b2)``. The current statistic is
+``(1 - w_t) + w_t m_t / R_(t-1)`` times the lagged one: near 1 where a row's
+gradient keeps its scale, without bound where it jumps; the lagged update of
+that row is then too large by about the square root of that factor.
+
+The lag bound. Adafactor bounds its step by update clipping (``U / max(1,
+RMS(U) / c)``, ``c = 1``, the RMS over the whole matrix), which this scheme
+cannot apply: the RMS of a row or of the matrix is known only after the last
+block has been applied. Clipping each (row, block) tile by its own RMS would
+be possible in one pass, but the step would then depend on ``block_bytes``,
+and ``c = 1`` binds on ordinary steps of exact Adafactor too (without a first
+moment, ``RMS(U)`` is about 1 while the gradient's scale is steady and above
+1 while it grows, and the rank-one fit ``V`` of ``G^2`` adds to it). The
+one-pass update instead bounds the lagged row statistic from below by what
+this step has shown of the current one. When block ``B`` is applied, the row
+sums ``S_i`` of ``G^2`` over the columns up to and including ``B`` are known,
+and ``rho_i = b2 r_i + (1 - b2) (S_i / d + eps1)`` is at most this step's
+``r_i``; block ``B`` takes the row statistic ``max(R_(t-1), rho / ((1 - b2^t)
+lag_bound))`` (bias-corrected, row by row), with the lagged ``mean(r)`` as
+before. Hence:
+
+* the floor rises above the lagged statistic only in rows whose statistic
+  grows more than ``lag_bound``-fold in the step (``rho <= r_t``), and every
+  other row's update is bit for bit the unbounded one. Such rows are those
+  whose gradient jumps; at the second step, where ``w_2 = 1 / (1 + b2)`` is
+  about 1/2, also a row whose mean square grows more than ``lag_bound (1 +
+  b2) - b2``-fold (31-fold with the default);
+* binding or not, every entry's update is at most ``sqrt(lag_bound q_i (1 +
+  b2) / b2)`` times the exact-rows update from the same state, where ``q_i``
+  is row ``i``'s sum of ``G^2`` over all columns divided by its sum over the
+  columns up to ``B``: ``q_i = 1`` in the last block (at every entry when
+  ``W`` is one block) and largest in a row's first blocks when ``W`` spans
+  many. The size of the jump drops out; ``(1 + b2) / b2 >= 1 / (1 - w_t)``
+  covers the lagged ``mean(r)``;
+* it costs ``O(width)`` work per block, no pass and no state.
 
 Extra memory: the statistics (``width + d`` numbers), ``Delta`` and the
 temporaries of one block (``block_bytes`` each, two of them), whatever ``d``
@@ -50,8 +94,9 @@ the first step).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +108,11 @@ from sdze_lightning.nn.mlp import mlp_input_weight
 #: Default bound on the bytes of one block temporary (``width x columns``): small enough
 #: for a block and its statistics to stay in the CPU's cache between the passes over it.
 BLOCK_BYTES = 4 * 2**20
+
+#: Default ``lag_bound``: a row's statistic grows 16-fold in a step only where its mean square
+#: grows 31-fold at the second step (where this step weighs about half) and more later; a
+#: bound row's step stays within ``sqrt(2 * 16)`` times the exact one (``W`` in one block).
+LAG_BOUND = 16.0
 
 
 class FusedAdafactor(torch.optim.Adam):
@@ -92,6 +142,13 @@ class FusedAdafactor(torch.optim.Adam):
         exact_rows: Use this step's row statistic (two passes over the blocks per
             step, Adafactor exactly) instead of the previous step's (one pass; the
             first step always takes two).
+        lag_bound: Bound on the one-pass update (``exact_rows=False``): the lagged row
+            statistic is floored at ``1 / lag_bound`` of the part of this step's statistic
+            known when a block is applied, so a row's update is at most about
+            ``sqrt(2 lag_bound)`` times the exact one where ``W`` is one block (module
+            docs). It binds only in rows whose statistic grows more than ``lag_bound``-fold
+            in one step; ``None``: no bound (a row whose gradient jumps can take a step of
+            any size). At least 1.
 
     """
 
@@ -99,6 +156,9 @@ class FusedAdafactor(torch.optim.Adam):
     takes_module: ClassVar[bool] = True
     #: Estimators that back-propagate through ``x`` are refused (see the module docs).
     needs_forward_only_estimator: ClassVar[bool] = True
+    #: Without a backward (a non-finite loss under divergence=skip) neither its Adam step nor
+    #: the input-layer update (an empty recorded gradient) changes anything.
+    withholds_nonfinite_step: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -110,12 +170,16 @@ class FusedAdafactor(torch.optim.Adam):
         eps1: float = 1e-30,
         block_bytes: int = BLOCK_BYTES,
         exact_rows: bool = False,
+        lag_bound: float | None = LAG_BOUND,
     ) -> None:
         weight = mlp_input_weight(module, "method=fused_adafactor updates", "method=adam")
         positive_int("method.block_bytes", block_bytes)
         input_lr = positive_float_or_none("method.input_lr", input_lr)
         if not eps1 >= 0:
             raise ValueError(f"method.eps1 must be >= 0, got {eps1!r}.")
+        if lag_bound is not None and (isinstance(lag_bound, bool) or not isinstance(
+                lag_bound, numbers.Real) or not lag_bound >= 1):
+            raise ValueError(f"method.lag_bound must be >= 1 or null, got {lag_bound!r}.")
         _refuse_data_parallel()
         super().__init__(
             [{"params": [weight], "factored": True,
@@ -127,6 +191,7 @@ class FusedAdafactor(torch.optim.Adam):
         self.eps1 = float(eps1)
         self.block_bytes = block_bytes
         self.exact_rows = boolean("method.exact_rows", exact_rows)
+        self.lag_bound = None if lag_bound is None else float(lag_bound)
         self._saved_statistics: dict[int, tuple[Tensor, Tensor]] = {}
         self.register_load_state_dict_pre_hook(_remember_statistics)
         self.register_load_state_dict_post_hook(_restore_statistics)
@@ -172,7 +237,7 @@ class FusedAdafactor(torch.optim.Adam):
         step = float(state["step"])
         rows, cols = weight.shape
         row, col = state["row_sq"], state["col_sq"]
-        width = max(1, self.block_bytes // (rows * torch.finfo(stats_dtype).bits // 8))
+        width = min(cols, max(1, self.block_bytes // (rows * torch.finfo(stats_dtype).bits // 8)))
         blocks = [(start, min(cols, start + width)) for start in range(0, cols, width)]
         buffers = torch.empty(2, rows, width, dtype=stats_dtype, device=weight.device)
         lagged = not self.exact_rows and step > 1
@@ -180,9 +245,18 @@ class FusedAdafactor(torch.optim.Adam):
             row_sum = self._column_pass(grad, blocks, col, beta2, buffers, accumulate=True)
             self._update_row(row, row_sum, beta2, cols)
         # V_ij = row_i col_j / (mean(row) (1 - b2^t)): the row part as one vector
-        row_scale = (row / (row.mean() * (1 - beta2**step))).sqrt_()
+        norm = row.mean() * (1 - beta2**step)
+        row_scale = (row / norm).sqrt_()
+        floor = None
+        if lagged and self.lag_bound is not None:
+            # rho = b2 row + (1 - b2) (S / cols + eps1) <= this step's row statistic (S: the
+            # row sums so far), put on the lagged statistic's scale and divided by the bound:
+            # floor = base + coef S
+            shrink = (1 - beta2 ** (step - 1)) / ((1 - beta2**step) * self.lag_bound)
+            base = (row * beta2 + (1 - beta2) * self.eps1) * shrink
+            floor = _LagFloor(base, (1 - beta2) * shrink / cols, row, norm)
         row_sum = self._column_pass(grad, blocks, col, beta2, buffers, accumulate=lagged,
-                                    apply=(weight, row_scale, group))
+                                    apply=(weight, row_scale, group), floor=floor)
         if lagged:  # the row statistic of this step serves the next one
             self._update_row(row, row_sum, beta2, cols)
 
@@ -192,13 +266,15 @@ class FusedAdafactor(torch.optim.Adam):
     def _column_pass(
         self, grad: FirstLayerGradient, blocks: list[tuple[int, int]], col: Tensor,
         beta2: float, buffers: Tensor, accumulate: bool,
-        apply: tuple[Tensor, Tensor, dict] | None = None,
+        apply: tuple[Tensor, Tensor, dict] | None = None, floor: _LagFloor | None = None,
     ) -> Tensor:
         """One pass over the column blocks of the gradient.
 
         Forms each block ``G_blk``; with ``accumulate``, adds it to the column
         statistic ``col`` and returns the row sums of ``G^2``; with ``apply = (W,
         row_scale, group)``, then updates ``W[:, blk]`` with the column statistic.
+        With ``floor`` (and ``accumulate``), each block's row factor comes from the
+        lagged row statistic floored by the row sums up to that block (module docs).
         """
         row_sum = torch.zeros(buffers.shape[1], dtype=buffers.dtype, device=buffers.device)
         for start, stop in blocks:
@@ -210,6 +286,8 @@ class FusedAdafactor(torch.optim.Adam):
                 col[start:stop].mul_(beta2).add_(g2.mean(dim=0) + self.eps1, alpha=1 - beta2)
             if apply is not None:
                 weight, row_scale, group = apply
+                if floor is not None:
+                    row_scale = floor.row_scale(row_sum)
                 denom = torch.outer(row_scale, col[start:stop].sqrt(),
                                     out=buffers[1, :, :n]).add_(group["eps"])
                 if weight.dtype == buffers.dtype:
@@ -223,6 +301,20 @@ class FusedAdafactor(torch.optim.Adam):
         steps = [float(s["step"]) for s in self.state.values() if "step" in s]
         lrs = [g["lr"] for g in self.param_groups]
         return f"FusedAdafactor(lr={lrs}, step={int(max(steps)) if steps else 0})"
+
+
+class _LagFloor(NamedTuple):
+    """The lag bound's floor on the row statistic: ``base + coef S`` for row sums ``S``."""
+
+    base: Tensor
+    coef: float
+    row: Tensor  # the lagged row statistic
+    norm: Tensor  # mean(row) (1 - b2^t)
+
+    def row_scale(self, row_sum: Tensor) -> Tensor:
+        """``sqrt(max(row, floor) / norm)``: bit for bit ``sqrt(row / norm)`` where unbound."""
+        used = torch.add(self.base, row_sum, alpha=self.coef)
+        return torch.maximum(used, self.row, out=used).div_(self.norm).sqrt_()
 
 
 def _small_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -9,6 +9,10 @@ Logged keys (through ``pl_module.log``, so every attached logger receives them):
   per-step peak since the previous logged step (Lightning writes on-step values
   only every ``trainer.log_every_n_steps`` steps, and the maximum over the
   window is more useful than the peak of the one step that happens to be kept).
+  Each reset first adds the peaks it clears to a running maximum per device
+  (:func:`reset_cuda_peak`), so :func:`cuda_peak_bytes`, which ``summary.json``'s
+  ``peak_memory_bytes`` reads, is the peak CUDA's counter would show had it
+  never been reset: the run's, with or without this callback.
 * ``memory/peak_rss_bytes`` (CPU, where :mod:`resource` exists): the process's
   peak resident set size (``getrusage``). The operating system offers no way
   to reset it, so it is a running maximum over the process.
@@ -19,7 +23,8 @@ Logged keys (through ``pl_module.log``, so every attached logger receives them):
   in the subspace coordinates and does not grow with the input dimension.
 
 All of it is read only on the steps whose logs are kept, so the per-step cost
-is two CUDA counter calls on GPU and nothing on CPU.
+is a reset and four reads of the CUDA allocator's counters (host-side, no device
+synchronisation) on GPU and nothing on CPU.
 """
 
 from __future__ import annotations
@@ -85,6 +90,42 @@ def peak_rss_bytes() -> int | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+#: Per CUDA device index: the largest peaks (``"allocated"``, ``"reserved"``) that
+#: :func:`reset_cuda_peak` has cleared from torch's counters.
+_cleared_peaks: dict[int, dict[str, int]] = {}
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The index of a CUDA device (the current device for ``cuda`` without one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def reset_cuda_peak(device: torch.device) -> None:
+    """Reset torch's CUDA peak counters of ``device``, keeping the peaks they held.
+
+    The cleared peaks go into a running maximum that :func:`cuda_peak_bytes` adds back,
+    so a per-step reset does not lose the peak of the process.
+    """
+    kept = _cleared_peaks.setdefault(_cuda_index(device), {"allocated": 0, "reserved": 0})
+    kept["allocated"] = max(kept["allocated"], int(torch.cuda.max_memory_allocated(device)))
+    kept["reserved"] = max(kept["reserved"], int(torch.cuda.max_memory_reserved(device)))
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_peak_bytes(device: torch.device, reserved: bool = False) -> int:
+    """Peak CUDA memory allocated (or reserved) on ``device``, across :func:`reset_cuda_peak`.
+
+    The larger of torch's counter (the peak since the last reset) and the peaks that
+    :func:`reset_cuda_peak` cleared: what the counter would read had it never been reset
+    by :class:`MemoryMonitor`. Like the peak resident set size on the CPU, it covers the
+    process, not one ``fit``.
+    """
+    key = "reserved" if reserved else "allocated"
+    counter = torch.cuda.max_memory_reserved if reserved else torch.cuda.max_memory_allocated
+    cleared = _cleared_peaks.get(_cuda_index(device), {}).get(key, 0)
+    return max(int(counter(device)), cleared)
 
 
 def current_rss_bytes() -> int | None:
@@ -156,9 +197,12 @@ class MemoryMonitor(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Reset the CUDA peak counters so the next reading is this step's peak."""
+        """Reset the CUDA peak counters so the next reading is this step's peak.
+
+        The peaks they held are kept for :func:`cuda_peak_bytes` (the run's peak).
+        """
         if self.cuda and self._is_cuda(pl_module):
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+            reset_cuda_peak(pl_module.device)
 
     def on_train_batch_end(
         self,

@@ -23,7 +23,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from sdze_lightning.callbacks.memory import peak_rss_bytes
+from sdze_lightning.callbacks.memory import cuda_peak_bytes, peak_rss_bytes
 
 from sdze_lightning.kernels import fused_report
 from sdze_lightning.loggers import logger_failures, update_wandb_summary
@@ -32,10 +32,13 @@ from sdze_lightning.loggers import logger_failures, update_wandb_summary
 def peak_memory_bytes(device: torch.device) -> int | None:
     """Peak GPU memory allocated on CUDA, else the process's peak resident set size.
 
-    ``None`` where the operating system does not report the peak resident set size.
+    On CUDA, the peak across :class:`~sdze_lightning.callbacks.MemoryMonitor`'s per-step
+    resets of torch's counter (:func:`~sdze_lightning.callbacks.memory.cuda_peak_bytes`),
+    not the last step's. ``None`` where the operating system does not report the peak
+    resident set size.
     """
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+        return cuda_peak_bytes(device)
     return peak_rss_bytes()
 
 

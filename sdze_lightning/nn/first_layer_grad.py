@@ -17,15 +17,200 @@ instead. ``Delta`` is small (points or directions times the width) and ``Z`` is
 a reference to a tensor that is in memory anyway, so the gradient costs
 ``O((n + K) x width)`` numbers instead of ``width x D``. Consumers read it one
 block of input columns at a time (:meth:`FirstLayerGradient.block`).
+
+Under autocast (``trainer.precision=bf16-mixed``) a matrix product casts its
+operands to autocast's dtype, which for the first layer would be a
+``width x D`` copy of ``W`` per product. :func:`input_product` and the recorded
+products of :class:`FirstLayerGradient` therefore run with autocast disabled, casting one
+block of ``W``'s columns at a time (:data:`CAST_BLOCK_BYTES`), and return
+autocast's dtype, so that the layers after them run as under autocast;
+back-propagation gives ``W`` its gradient in ``W``'s own dtype, with no cast
+copy either. Outside autocast, and for a weight already in autocast's dtype,
+every product is the plain one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+#: Bound on the bytes of one block of the input weight cast to autocast's dtype for a
+#: product under autocast (``width x columns`` numbers): the only weight-sized
+#: temporary of such a product is one block.
+CAST_BLOCK_BYTES = 4 * 2**20
+
+
+def autocast_dtype(weight: Tensor) -> torch.dtype | None:
+    """The dtype autocast would cast ``weight`` to in a matrix product, or ``None``.
+
+    ``None`` outside autocast on the weight's device type, for a float64 weight
+    (autocast leaves float64 operands alone) and for a weight already in autocast's
+    dtype: then the plain product makes no copy of the weight.
+    """
+    device_type = weight.device.type
+    if weight.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if dtype == weight.dtype else dtype
+
+
+def input_product(z: Tensor, weight: Tensor) -> Tensor:
+    """``z @ weight.T`` for ``z`` of shape ``(..., D)``, with no ``weight``-sized cast.
+
+    Outside autocast (see :func:`autocast_dtype`) this is ``z @ weight.T`` itself.
+    Under autocast the product runs one block of input columns at a time with autocast
+    disabled: each block of ``weight`` and ``z`` is cast to autocast's dtype and
+    multiplied, the block products are summed in float32, and the sum is returned in
+    autocast's dtype, the dtype autocast gives a matrix product. Back-propagation gives
+    ``z`` its gradient the same way (a product per block) and ``weight`` its gradient
+    in ``weight``'s own dtype; it supports higher derivatives (estimators that
+    differentiate in ``x``).
+    """
+    dtype = autocast_dtype(weight)
+    if dtype is None:
+        return z @ weight.T
+    return _CastProduct.apply(z, weight, dtype)
+
+
+def _product(z: Tensor, weight: Tensor) -> Tensor:
+    """``z @ weight.T`` (no autograd), through :func:`_cast_product` under autocast."""
+    dtype = autocast_dtype(weight)
+    return z @ weight.T if dtype is None else _cast_product(z, weight, dtype)
+
+
+def _column_blocks(weight: Tensor, dtype: torch.dtype) -> Iterator[slice]:
+    """Slices of ``weight``'s columns, each at most :data:`CAST_BLOCK_BYTES` in ``dtype``."""
+    rows, cols = weight.shape
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    width = max(1, CAST_BLOCK_BYTES // (rows * itemsize))
+    for start in range(0, cols, width):
+        yield slice(start, min(cols, start + width))
+
+
+def _cast_product(z: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``z @ weight.T`` in ``dtype``, one block of columns at a time, summed in float32."""
+    out: Tensor | None = None
+    with torch.autocast(z.device.type, enabled=False):
+        for cols in _column_blocks(weight, dtype):
+            part = z[..., cols].to(dtype) @ weight[:, cols].to(dtype).T
+            # out of place: the sum may be batched by vmap where a block is not
+            out = part.to(torch.promote_types(dtype, torch.float32)) if out is None else out + part
+    assert out is not None  # a weight has at least one column
+    return out.to(dtype)
+
+
+def _cast_product_t(grad: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grad @ weight`` in ``dtype`` (``(..., D)``), one block of columns at a time."""
+    with torch.autocast(grad.device.type, enabled=False):
+        g = grad.to(dtype)
+        return torch.cat([g @ weight[:, cols].to(dtype) for cols in _column_blocks(weight, dtype)],
+                         dim=-1)
+
+
+def _weight_gradient(grad: Tensor, z: Tensor, weight: Tensor) -> Tensor:
+    """``sum grad^T z`` over the leading axes, in ``weight``'s dtype (its gradient)."""
+    with torch.autocast(grad.device.type, enabled=False):
+        g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        return g.T @ z.reshape(-1, z.shape[-1]).to(weight.dtype)
+
+
+def _will_run(ctx: Any, index: int) -> bool:
+    """Whether this backward pass needs the gradient of input ``index`` of ``ctx``.
+
+    ``ctx.needs_input_grad`` only says that the input requires a gradient;
+    ``torch.autograd.grad(y, x)`` asks for ``x``'s alone, and the weight's
+    gradient would be formed for nothing. Where the engine cannot tell (no such
+    query in this torch, a ``torch.func`` transform), the gradient is formed.
+    """
+    if not ctx.needs_input_grad[index]:
+        return False
+    try:
+        node = ctx.next_functions[index][0]
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError, IndexError, TypeError):
+        return True
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+class _CastProduct(torch.autograd.Function):
+    """``z @ W^T`` computed under autocast with block casts (:func:`input_product`).
+
+    Written for ``torch.func`` too (``setup_context``, a generated vmap rule, a
+    ``jvp``): the ``hte`` estimator differentiates the network with ``torch.func.grad``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(z: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        return _cast_product(z, weight, dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        z, weight, dtype = inputs
+        ctx.save_for_backward(z, weight)
+        ctx.save_for_forward(z, weight)
+        ctx.dtype = dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        z, weight = ctx.saved_tensors
+        grad_z = grad_w = None
+        if _will_run(ctx, 0):
+            grad_z = _CastProductT.apply(grad, weight, ctx.dtype).to(z.dtype)
+        if _will_run(ctx, 1):
+            grad_w = _weight_gradient(grad, z, weight)
+        return grad_z, grad_w, None
+
+    @staticmethod
+    def jvp(ctx: Any, dz: Tensor | None, dweight: Tensor | None, _: Any) -> Tensor:
+        z, weight = ctx.saved_tensors
+        out = _add(None if dz is None else _CastProduct.apply(dz, weight, ctx.dtype),
+                   None if dweight is None else _CastProduct.apply(z, dweight, ctx.dtype))
+        assert out is not None  # called with at least one tangent
+        return out
+
+
+class _CastProductT(torch.autograd.Function):
+    """``g @ W`` with block casts: the gradient of :class:`_CastProduct` in ``z``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        return _cast_product_t(grad, weight, dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        grad, weight, dtype = inputs
+        ctx.save_for_backward(grad, weight)
+        ctx.save_for_forward(grad, weight)
+        ctx.dtype = dtype
+
+    @staticmethod
+    def backward(ctx: Any, out_grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        grad, weight = ctx.saved_tensors
+        grad_g = grad_w = None
+        if _will_run(ctx, 0):
+            grad_g = _CastProduct.apply(out_grad, weight, ctx.dtype).to(grad.dtype)
+        if _will_run(ctx, 1):
+            grad_w = _weight_gradient(grad, out_grad, weight)
+        return grad_g, grad_w, None
+
+    @staticmethod
+    def jvp(ctx: Any, dgrad: Tensor | None, dweight: Tensor | None, _: Any) -> Tensor:
+        grad, weight = ctx.saved_tensors
+        out = _add(None if dgrad is None else _CastProductT.apply(dgrad, weight, ctx.dtype),
+                   None if dweight is None else _CastProductT.apply(grad, dweight, ctx.dtype))
+        assert out is not None  # called with at least one tangent
+        return out
 
 
 @dataclass
@@ -96,13 +281,16 @@ class _RecordedProduct(torch.autograd.Function):
     def forward(ctx: Any, z: Tensor, weight: Tensor, sink: FirstLayerGradient) -> Tensor:
         ctx.sink = sink
         ctx.save_for_backward(z, weight)
-        return z @ weight.T
+        return _product(z, weight)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         z, weight = ctx.saved_tensors
         ctx.sink.dense.append((grad, z))
-        grad_z = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_z = (grad @ weight if grad.dtype == weight.dtype
+                      else _cast_product_t(grad, weight, grad.dtype).to(z.dtype))
         return grad_z, None, None
 
 

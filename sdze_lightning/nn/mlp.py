@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from sdze_lightning.checks import integer, positive_int
 from sdze_lightning.directions import Directions
-from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
+from sdze_lightning.nn.first_layer_grad import FirstLayerGradient, autocast_dtype, input_product
 from sdze_lightning.nn.perturb import delta_of, linear_forward
 
 Jet = list[Tensor | None]
@@ -286,11 +286,11 @@ class MLP(nn.Module):
         if capture is not None:
             return capture.product(x, layer.weight)
         if self._cache is None or torch.is_grad_enabled():
-            return x @ layer.weight.T
+            return input_product(x, layer.weight)
         key = ("wx", id(x), layer.weight._version)
         hit = self._cache.get(key)
         if hit is None or hit[0] is not x:
-            hit = (x, x @ layer.weight.T)
+            hit = (x, input_product(x, layer.weight))
             self._cache[key] = hit
         return hit[1]
 
@@ -319,7 +319,9 @@ class MLP(nn.Module):
         """``W v`` for every direction, ``(K, width)``, offset included, no bias.
 
         A coordinate direction is a column lookup: its cost does not depend on
-        the input dimension.
+        the input dimension. Under autocast a dense direction's product casts the
+        weight one block of columns at a time (:func:`~sdze_lightning.nn.first_layer_grad.
+        input_product`), never the whole weight.
         """
         layer = self.layers[0]
         capture = self._recording()
@@ -333,7 +335,14 @@ class MLP(nn.Module):
             if delta is not None:
                 wv = wv + delta.columns(dirs.index).to(wv.dtype)
             return wv
-        return linear_forward(layer, dirs.dense.to(layer.weight.dtype), bias=False)
+        dense = dirs.dense.to(layer.weight.dtype)
+        if autocast_dtype(layer.weight) is None:
+            return linear_forward(layer, dense, bias=False)
+        wv = input_product(dense, layer.weight)  # linear_forward, without F.linear's cast
+        delta = delta_of(layer)
+        if delta is not None:
+            wv = wv + delta.linear(dense.to(delta.B.dtype)).to(wv.dtype)
+        return wv
 
     # ---------------------------------------------------------------------- passes
     def tail(self, h: Tensor) -> Tensor:

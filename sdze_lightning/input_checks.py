@@ -28,6 +28,7 @@ from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.divergence import check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
 from sdze_lightning.estimators.base import OPERATORS
+from sdze_lightning.estimators.exact import ExactEstimator
 from sdze_lightning.memory_budget import Need, check_fits, skip_snapshot_need
 from sdze_lightning.methods.base import (
     build_optimizer,
@@ -196,10 +197,16 @@ def _network_need(
 
 
 def check_training_fits(problem: PINNProblem) -> None:
-    """Refuse a run whose batches (and gradients) cannot fit next to the network.
+    """Refuse a run whose :func:`training_needs` cannot fit next to the network."""
+    check_fits(training_needs(problem), problem.device)
+
+
+def training_needs(problem: PINNProblem) -> list[Need]:
+    """What training needs beside the network: the parts the memory check adds up.
 
     The network is already allocated (the available memory excludes it); a
-    first-order method adds at least a gradient per parameter, each step holds its
+    first-order method adds at least a gradient per parameter (and, with the exact
+    estimator, one ``(N, input_dim)`` tensor per coordinate in the graph), each step holds its
     collocation batch (two with ``prefetch``) and validation a held-out chunk. Under
     ``divergence="skip"`` a method that cannot withhold a non-finite step adds a copy
     of the parameters.
@@ -209,6 +216,14 @@ def check_training_fits(problem: PINNProblem) -> None:
     grads = gradient_numel(problem.method, problem.net)
     if grads:
         needs.append(_network_need(problem, grads, itemsize, "gradients"))
+    if grads and isinstance(problem.estimator, ExactEstimator):
+        points = problem.n_interior * problem.input_dim  # one (N, d) tensor per coordinate
+        needs.append(Need(
+            f"estimator=exact's graph ({problem.dim} reverse passes over {problem.n_interior} "
+            f"points x {problem.input_dim} inputs, each kept for the parameters' gradient)",
+            problem.dim * points * itemsize,
+            "use a dimension-free estimator, e.g. estimator=taylor",
+        ))
     if problem.divergence == "skip" and not withholds_nonfinite(problem.method):
         params = sum(p.numel() for p in problem.net.parameters() if p.requires_grad)
         needs.append(skip_snapshot_need(params, itemsize))
@@ -222,7 +237,7 @@ def check_training_fits(problem: PINNProblem) -> None:
     rows = min(problem.n_eval, problem.eval_chunk_rows())
     needs.append(Need(f"held-out chunk ({rows} points)", rows * problem.input_dim * itemsize,
                       "lower pde.n_eval"))
-    check_fits(needs, problem.device)
+    return needs
 
 
 def checked_residual(problem: PINNProblem, x: Tensor, d: Derivatives) -> Tensor:
@@ -247,11 +262,14 @@ def check_inputs(problem: PINNProblem) -> None:
     ``PINNProblem.check_inputs``. ``fit`` calls it unless it already ran for the module's
     device and dtype (the CLI calls it before it writes any logger, checkpoint or summary).
 
-    The points' shape, the network's input size, the residual's shape and dtype, the
-    boundary sample; then the method's configuration (:func:`dry_build_method`) and
-    the memory of training (:func:`check_training_fits`).
+    The method's configuration (:func:`dry_build_method`) and the memory of training
+    (:func:`check_training_fits`) first: both are cheap, and the contract's checks after
+    them differentiate a tiny batch at full ``d``. Then the points' shape, the network's
+    input size, the residual's shape and dtype, the boundary sample.
     """
     name = type(problem).__name__
+    dry_build_method(problem)
+    check_training_fits(problem)
     with torch.no_grad():
         x = problem.sample_interior(2, problem.generator(-1, 0, stream=Stream.INTERIOR))
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != problem.input_dim:
@@ -277,8 +295,6 @@ def check_inputs(problem: PINNProblem) -> None:
                 "dtype=x.dtype), or precision=64-true silently loses its accuracy."
             )
         _check_boundary(problem)
-    dry_build_method(problem)
-    check_training_fits(problem)
     problem._checked_as = (problem.device, problem.dtype)  # fit checks again only if changed
     if is_zeroth_order(problem.method) and not problem.estimator.forward_only:
         log.warning(

@@ -21,15 +21,23 @@ def _d(y: Tensor, x: Tensor) -> Tensor:
 
 
 def pure_derivatives(
-    u: Tensor, x: Tensor, coords: Collection[int], order: int
+    u: Tensor, x: Tensor, coords: Collection[int], order: int, create_graph: bool = True
 ) -> list[list[Tensor]]:
-    """Return ``[[d^k u/dx_j^k for k in 1..order] for j in coords]`` by stacked back-prop."""
+    """Return ``[[d^k u/dx_j^k for k in 1..order] for j in coords]`` by stacked back-prop.
+
+    Each reverse pass gives a whole ``(N, input_dim)`` gradient of which column ``j`` is
+    kept as a copy, so the pass's gradient is freed before the next coordinate's (kept as
+    views, the ``d`` gradients held ``N d^2`` numbers at once). Without ``create_graph``
+    the last order is computed without a graph (nothing back-propagates through it).
+    """
     g = _d(u, x)
     out = []
     for j in coords:
         col = [g[:, j]]
-        for _ in range(order - 1):
-            col.append(_d(col[-1], x)[:, j])
+        for k in range(order - 1):
+            graph = create_graph or k < order - 2
+            grad = torch.autograd.grad(col[-1].sum(), x, create_graph=graph, retain_graph=True)
+            col.append(grad[0][:, j].clone())
         out.append(col)
     return out
 
@@ -74,14 +82,17 @@ class ExactEstimator(Estimator):
             need_lap = "laplacian" in ops or "biharmonic" in ops
             order = 3 if "third" in ops else (2 if need_lap else 0)
             if order:
-                pure = pure_derivatives(u, xg, coords, order)
+                graph = outer_grad or "biharmonic" in ops  # else nothing differentiates it
+                pure = pure_derivatives(u, xg, coords, order, create_graph=graph)
                 if need_lap:
                     out["laplacian"] = scale * sum(p[1] for p in pure)
                 if "third" in ops:
                     out["third"] = scale * sum(p[2] for p in pure)
             if "biharmonic" in ops:
                 lap = out["laplacian"]
-                out["biharmonic"] = scale * sum(p[1] for p in pure_derivatives(lap, xg, coords, 2))
+                out["biharmonic"] = scale * sum(
+                    p[1] for p in pure_derivatives(lap, xg, coords, 2, create_graph=outer_grad)
+                )
         out = {k: v for k, v in out.items() if k in ops}
         if not outer_grad:
             out = {k: v.detach() for k, v in out.items()}

@@ -47,6 +47,7 @@ from sdze_lightning.builders import build_problem, compose_config, config_group
 from sdze_lightning.callbacks.elapsed import ElapsedTime
 from sdze_lightning.callbacks.interrupt import GracefulInterrupt
 from sdze_lightning.callbacks.summary import RunSummary
+from sdze_lightning.checkpoint_io import streaming_checkpoints
 from sdze_lightning.config_schema import check_run_options
 from sdze_lightning.loggers import (
     check_writable,
@@ -208,7 +209,8 @@ def train(
     for logger in (loggers or []) if writer else []:
         check_writable(logger)
     trainer = instantiate(
-        cfg.trainer, logger=loggers, callbacks=callbacks, **validation_cadence(cfg.trainer)
+        cfg.trainer, logger=loggers, callbacks=callbacks, **validation_cadence(cfg.trainer),
+        **streaming_checkpoints(cfg.trainer, problem),
     )
     if writer:
         record_segment_config(run_dir, config, overrides, choices)

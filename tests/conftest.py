@@ -113,3 +113,18 @@ def quiet_trainer(**kwargs):
 def make_trainer():
     """Factory of quiet CPU trainers."""
     return quiet_trainer
+
+
+def fused_steps(problem: PINNProblem, steps: int):
+    """``steps`` steps of the problem's ``FusedAdafactor`` partial, outside a Trainer."""
+    from sdze_lightning.methods import FusedAdafactor
+
+    opt = FusedAdafactor(problem.net, **problem.method.keywords)
+    for t in range(steps):
+        def closure(t=t):
+            opt.zero_grad()
+            loss = problem.loss_terms(t, 0)["loss"]
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return opt

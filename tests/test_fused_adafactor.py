@@ -13,6 +13,7 @@ import functools
 import lightning as L
 import pytest
 import torch
+from conftest import fused_steps
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -115,18 +116,6 @@ def dense_reference_steps(problem, steps, lr, exact_rows, betas=(0.9, 0.999), ep
             weight -= input_lr * g / (v.sqrt() + eps)
         adam.step()
     return row, col
-
-
-def fused_steps(problem, steps):
-    opt = FusedAdafactor(problem.net, **problem.method.keywords)
-    for t in range(steps):
-        def closure(t=t):
-            opt.zero_grad()
-            loss = problem.loss_terms(t, 0)["loss"]
-            loss.backward()
-            return loss
-        opt.step(closure)
-    return opt
 
 
 @pytest.mark.parametrize("exact_rows", [False, True])

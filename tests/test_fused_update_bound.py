@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from conftest import fused_steps
 
 from sdze_lightning.estimators.taylor import TaylorEstimator
 from sdze_lightning.methods import FusedAdafactor
@@ -131,18 +132,6 @@ def twobody(**method) -> TwoBody:
     return TwoBody(dim=dim, operator="allen_cahn", net=MLP(dim, width=width, depth=2, seed=1),
                    estimator=TaylorEstimator(4), n_eval=32, n_interior=8,
                    method=functools.partial(FusedAdafactor, lr=1e-2, **method)).double()
-
-
-def fused_steps(problem: TwoBody, steps: int) -> FusedAdafactor:
-    opt = FusedAdafactor(problem.net, **problem.method.keywords)
-    for t in range(steps):
-        def closure(t=t):
-            opt.zero_grad()
-            loss = problem.loss_terms(t, 0)["loss"]
-            loss.backward()
-            return loss
-        opt.step(closure)
-    return opt
 
 
 @pytest.mark.parametrize("block_bytes", [8 * 16 * 5, 2**26])  # 5-column blocks, one block

@@ -34,7 +34,7 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
     # Run options that a resume may change: copied here, not interpolated into pde (the
     # checkpoint stores the resolved config, which would keep the first segment's values).
     extra: dict[str, Any] = {}
-    for key in ("divergence", "prefetch", "fused_kernels", "threads"):
+    for key in ("divergence", "prefetch", "fused_kernels", "threads", "output_fit"):
         if key not in cfg.pde and cfg.get(key) is not None:
             extra[key] = cfg[key]
     scheduler = instantiate(cfg.scheduler) if config_group(cfg, "scheduler") is not None else None

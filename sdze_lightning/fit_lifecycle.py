@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 
 
 def on_fit_start(problem: PINNProblem) -> None:
-    """Check the inputs (once), shard the batches under DDP, set the thread count."""
+    """Check the inputs (once), shard the batches under DDP, set threads, fit the output offset.
+
+    The offset is fitted in a fresh fit only: weights from a checkpoint keep theirs.
+    """
     if problem._checked_as != (problem.device, problem.dtype):
         problem.check_inputs()
     sizes = {"pde.n_interior": problem.n_interior, "pde.n_boundary": problem.n_boundary}
@@ -30,6 +33,7 @@ def on_fit_start(problem: PINNProblem) -> None:
         problem.device.type == "cpu", work, int(problem.prefetch), problem.trainer.num_devices
     )
     problem.divergence_guard.in_a_row = 0
+    problem.output_fit.apply(problem)
 
 
 def on_train_start(problem: PINNProblem) -> None:

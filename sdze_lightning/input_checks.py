@@ -39,6 +39,7 @@ from sdze_lightning.methods.base import (
 )
 from sdze_lightning.methods.registry import build_method
 from sdze_lightning.nn.mlp import MLP
+from sdze_lightning.output_fit import check_mode as check_output_fit
 from sdze_lightning.seeding import Stream
 from sdze_lightning.threads import check_threads
 
@@ -88,6 +89,7 @@ def check_arguments(problem_type: type, **args: Any) -> None:
     for name in ("prefetch", "fused_kernels"):
         boolean(f"pde.{name}", args[name])
     check_threads(args["threads"])
+    check_output_fit(args["output_fit"])
     if args["squared_residual"] not in ("biased", "unbiased"):
         raise ValueError(
             "pde.squared_residual must be 'biased' or 'unbiased', got "

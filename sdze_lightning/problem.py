@@ -41,6 +41,7 @@ from sdze_lightning.input_checks import check_precision
 from sdze_lightning.methods.base import build_optimizer
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
+from sdze_lightning.output_fit import OutputOffsetFit
 from sdze_lightning.stepping import StepOutcome
 from sdze_lightning.threads import FitThreads
 
@@ -79,6 +80,9 @@ class PINNProblem(L.LightningModule):
             data where it has them (:mod:`sdze_lightning.kernels`).
         threads: Intra-op threads during ``fit``, ``"auto"`` or a count
             (:mod:`sdze_lightning.threads`); the count used is :attr:`intra_op_threads`.
+        output_fit: ``"constant"``: before the first step of a fit (not a resume), set the
+            network's mean output to the constant that minimises the training loss
+            (:mod:`sdze_lightning.output_fit`); ``"none"``: keep the initialisation.
 
     The arguments of the constructor call (of the subclass, if it has its own) are
     recorded in ``hparams`` as plain data, the network as a recipe (the library's
@@ -101,13 +105,14 @@ class PINNProblem(L.LightningModule):
         boundary_weight: float = 1.0, n_eval: int = 2000, seed: int = 0,
         squared_residual: str = "biased", steps_per_epoch: int = 1000, divergence: str = "stop",
         prefetch: bool = False, fused_kernels: bool = True, threads: int | str = "auto",
+        output_fit: str = "constant",
     ) -> None:
         super().__init__()
         input_checks.check_arguments(
             type(self), dim=dim, n_interior=n_interior, n_boundary=n_boundary, n_eval=n_eval,
             seed=seed, boundary_weight=boundary_weight, squared_residual=squared_residual,
             steps_per_epoch=steps_per_epoch, divergence=divergence, prefetch=prefetch,
-            fused_kernels=fused_kernels, threads=threads,
+            fused_kernels=fused_kernels, threads=threads, output_fit=output_fit,
         )
         self.automatic_optimization = False
         self.dim, self.input_dim, self.seed = dim, dim + int(self.time_dependent), seed
@@ -126,6 +131,8 @@ class PINNProblem(L.LightningModule):
         self.shard = Shard()
         self.collocation = collocation.Collocation(self, prefetch)
         self.divergence_guard = DivergenceGuard()
+        #: Fits the network's output offset to the loss before the first step.
+        self.output_fit = OutputOffsetFit(output_fit)
         self.fit_threads = FitThreads(threads)
         #: The intra-op thread count of the last ``fit`` (``None`` before one).
         self.intra_op_threads: int | None = None

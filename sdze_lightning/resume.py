@@ -79,3 +79,4 @@ def on_load_checkpoint(problem: PINNProblem, checkpoint: dict[str, Any]) -> None
         check_seed(saved, problem.seed)
         problem.divergence_guard.skipped_steps = int(saved.get("skipped_steps", 0))
     problem._resumed_from = saved or None
+    problem.output_fit.skip()  # trained weights: their offset is not fitted again

@@ -8,7 +8,8 @@ mistake for a result. The list:
   ``model.width``, ``method.lr`` (SDZE and torch's Adam), ``method.betas``,
   ``method.queries``, ``estimator.num_directions``, ``trainer.max_steps``;
 * unknown names: config options (``pde=``, ``method=``), keys (``pde.dimm``), values
-  (``model.activation``, ``method.update``, ``estimator.distribution``, ``divergence``),
+  (``model.activation``, ``method.update``, ``estimator.distribution``, ``divergence``,
+  ``output_fit``),
   an estimator name in Python;
 * a custom PDE whose residual returns the wrong shape, an integer dtype, another float
   dtype than the points, or not a tensor; whose points have the wrong width; whose boundary
@@ -85,6 +86,7 @@ CONFIG_CASES = {
     "distribution": (["estimator=fd", "estimator.distribution=uniform"],
                      "estimator.distribution must be one of"),
     "divergence": (["divergence=maybe"], "divergence must be one of ['stop', 'skip']"),
+    "output-fit": (["output_fit=affine"], "output_fit must be one of ['constant', 'none']"),
     # dimension that does not match the network
     "in-features": (["+model.in_features=3"],
                     "model.in_features=3 but the problem has input dimension 2"),

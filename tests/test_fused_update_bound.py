@@ -52,7 +52,8 @@ def quiet_row_then_jump(block_bytes: int | None = None):
 
 def optimizer(net, block_bytes: int | None) -> FusedAdafactor:
     kwargs = {} if block_bytes is None else {"block_bytes": block_bytes}
-    return FusedAdafactor(net, lr=1.0, betas=(0.9, B2), **kwargs)
+    # input_lr pinned: the update in units of the rate (not scaled by the points' norm)
+    return FusedAdafactor(net, lr=1.0, input_lr=1.0, betas=(0.9, B2), **kwargs)
 
 
 def take_step(net, opt, z, delta) -> None:

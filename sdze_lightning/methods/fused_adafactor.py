@@ -128,12 +128,10 @@ class FusedAdafactor(torch.optim.Adam):
         module: The network, an :class:`~sdze_lightning.nn.MLP`.
         lr: Learning rate of the small layers, and of the input layer's weight unless
             ``input_lr`` is given.
-        input_lr: Learning rate of the input layer's weight (``None``: ``lr``). The
-            factored step moves every entry of ``W`` by about the learning rate whatever
-            ``d`` is, while a step whose signs agree across the ``d`` inputs moves each
-            pre-activation ``W x`` by up to ``lr * d``: at large ``d`` the input layer wants
-            a smaller rate than the small layers (on HardCube at ``d = 1e5``, ``1e-4``
-            learns where ``1e-3`` stays at the best constant; benchmarks/README.md).
+        input_lr: Learning rate of the input layer's weight; ``None``: ``lr`` divided by
+            the root mean square norm of the step's points where that norm exceeds 1
+            (:func:`input_rate_scale`), which keeps the input layer's step on the
+            pre-activations the same size at every ``d``. A number is used as it is.
         betas: Adam's ``(b1, b2)``; the input layer's factored second moment uses ``b2``.
         eps: Added to the root of the second moment (as in Adam).
         eps1: Added to ``G^2`` in the factored statistics (Adafactor's ``eps1``).
@@ -182,7 +180,7 @@ class FusedAdafactor(torch.optim.Adam):
             raise ValueError(f"method.lag_bound must be >= 1 or null, got {lag_bound!r}.")
         _refuse_data_parallel()
         super().__init__(
-            [{"params": [weight], "factored": True,
+            [{"params": [weight], "factored": True, "scaled_by_points": input_lr is None,
               "lr": lr if input_lr is None else input_lr},
              {"params": _small_parameters(module), "factored": False}],
             lr=lr, betas=betas, eps=eps,
@@ -277,6 +275,9 @@ class FusedAdafactor(torch.optim.Adam):
         lagged row statistic floored by the row sums up to that block (module docs).
         """
         row_sum = torch.zeros(buffers.shape[1], dtype=buffers.dtype, device=buffers.device)
+        rate_scale = 1.0
+        if apply is not None and apply[2]["scaled_by_points"]:
+            rate_scale = input_rate_scale(grad.points_rms_norm())
         for start, stop in blocks:
             n = stop - start
             g = grad.block(start, stop, buffers.dtype, out=buffers[0, :, :n])
@@ -290,10 +291,11 @@ class FusedAdafactor(torch.optim.Adam):
                     row_scale = floor.row_scale(row_sum)
                 denom = torch.outer(row_scale, col[start:stop].sqrt(),
                                     out=buffers[1, :, :n]).add_(group["eps"])
+                lr = group["lr"] * rate_scale
                 if weight.dtype == buffers.dtype:
-                    weight[:, start:stop].addcdiv_(g, denom, value=-group["lr"])
+                    weight[:, start:stop].addcdiv_(g, denom, value=-lr)
                 else:
-                    weight[:, start:stop] += g.div_(denom).mul_(-group["lr"]).to(weight.dtype)
+                    weight[:, start:stop] += g.div_(denom).mul_(-lr).to(weight.dtype)
         return row_sum
 
     def describe_state(self) -> str:
@@ -301,6 +303,21 @@ class FusedAdafactor(torch.optim.Adam):
         steps = [float(s["step"]) for s in self.state.values() if "step" in s]
         lrs = [g["lr"] for g in self.param_groups]
         return f"FusedAdafactor(lr={lrs}, step={int(max(steps)) if steps else 0})"
+
+
+def input_rate_scale(points_rms_norm: float | None) -> float:
+    """The factor on ``lr`` of the input layer's step: ``min(1, 1 / points_rms_norm)``.
+
+    The factored step moves each entry of ``W`` by about the learning rate, and its
+    rows lie in the span of the points, so on a point ``x`` from the same distribution
+    it moves the pre-activation ``W x`` by about ``lr |x|``: ``lr sqrt(d / 3)`` on the
+    cube ``[-1, 1]^d``, ``lr`` on the unit ball. Dividing by the points' RMS norm
+    keeps that at ``lr`` for any ``d``; norms up to 1 (the ball, small domains) keep
+    ``lr`` itself. ``None`` (no points recorded): 1.
+    """
+    if points_rms_norm is None or not points_rms_norm > 1.0:
+        return 1.0
+    return 1.0 / points_rms_norm
 
 
 class _LagFloor(NamedTuple):

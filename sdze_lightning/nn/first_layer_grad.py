@@ -220,17 +220,32 @@ class FirstLayerGradient:
     Attributes:
         dense: Pairs ``(Delta, Z)``: ``(n, out)`` and ``(n, D)``.
         sparse: Pairs ``(Delta, J)``: ``(K, out)`` and the ``K`` column indices.
+        points: The ``Z`` of the dense pairs that are points (products recorded with
+            ``points=True``), not directions: what the input layer's step is scaled by.
     """
 
     dense: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     sparse: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    points: list[Tensor] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.dense or self.sparse)
 
-    def product(self, z: Tensor, weight: Tensor) -> Tensor:
-        """``z @ weight.T``, recording ``(dL/d out, z)`` when back-propagated."""
-        return _RecordedProduct.apply(z, weight, self)
+    def product(self, z: Tensor, weight: Tensor, points: bool = False) -> Tensor:
+        """``z @ weight.T``, recording ``(dL/d out, z)`` when back-propagated.
+
+        With ``points``, ``z`` (the network's input points, not directions) is also
+        recorded in :attr:`points`.
+        """
+        return _RecordedProduct.apply(z, weight, self, points)
+
+    def points_rms_norm(self) -> float | None:
+        """Root mean square of the recorded points' Euclidean norms (``None``: no points)."""
+        if not self.points:
+            return None
+        norms = torch.cat([torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
+                           for z in self.points])
+        return float(norms.square().mean().sqrt())
 
     def columns(self, weight: Tensor, index: Tensor) -> Tensor:
         """``weight[:, index].T``, recording ``(dL/d out, index)`` when back-propagated."""
@@ -278,20 +293,24 @@ class _RecordedProduct(torch.autograd.Function):
     """``z @ W^T`` whose backward records ``(grad, z)`` instead of forming ``dL/dW``."""
 
     @staticmethod
-    def forward(ctx: Any, z: Tensor, weight: Tensor, sink: FirstLayerGradient) -> Tensor:
-        ctx.sink = sink
+    def forward(
+        ctx: Any, z: Tensor, weight: Tensor, sink: FirstLayerGradient, points: bool
+    ) -> Tensor:
+        ctx.sink, ctx.points = sink, points
         ctx.save_for_backward(z, weight)
         return _product(z, weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         z, weight = ctx.saved_tensors
         ctx.sink.dense.append((grad, z))
+        if ctx.points:
+            ctx.sink.points.append(z)
         grad_z = None
         if ctx.needs_input_grad[0]:
             grad_z = (grad @ weight if grad.dtype == weight.dtype
                       else _cast_product_t(grad, weight, grad.dtype).to(z.dtype))
-        return grad_z, None, None
+        return grad_z, None, None, None
 
 
 class _RecordedColumns(torch.autograd.Function):

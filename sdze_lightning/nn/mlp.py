@@ -284,7 +284,7 @@ class MLP(nn.Module):
         layer = self.layers[0]
         capture = self._recording()
         if capture is not None:
-            return capture.product(x, layer.weight)
+            return capture.product(x, layer.weight, points=True)
         if self._cache is None or torch.is_grad_enabled():
             return input_product(x, layer.weight)
         key = ("wx", id(x), layer.weight._version)

@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from sdze_lightning.collocation import end_step
 from sdze_lightning.distributed import all_reduce_mean
 from sdze_lightning.nn.mlp import MLP
 
@@ -177,5 +178,8 @@ class OutputOffsetFit:
                 constant = minimise_scalar(loss)
             mean = over_ranks(problem.shard.mean(net(x).reshape(-1), problem.n_interior))
             layer.bias.add_(constant - mean)
+        # the first step draws its batch afresh: under the Trainer's precision, and through
+        # the prefetch thread where there is one (the same points either way)
+        end_step(problem)
         self.constant = constant
         return constant

@@ -99,7 +99,7 @@ class BiasAtStart(L.Callback):
         self.biases: list[float] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: PINNProblem) -> None:
-        self.biases.append(float(pl_module.net.layers[-1].bias))
+        self.biases.append(float(pl_module.net.layers[-1].bias.detach()))
 
 
 def test_trainer_fit_fits_once_and_output_fit_none_keeps_the_initialisation(make_trainer):

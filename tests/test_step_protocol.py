@@ -215,6 +215,7 @@ def test_run_step_is_what_training_step_runs(method):
     quiet_trainer(max_steps=4, precision="64-true").fit(fitted)
     manual = manual.double()
     opt = manual.configure_optimizers()
+    manual.output_fit.apply(manual)  # what fit does before the first step
     losses = [float(manual.run_step(opt, k).loss) for k in range(4)]
     if isinstance(opt, ZerothOrderOptimizer):
         opt.fold()

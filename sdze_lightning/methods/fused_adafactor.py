@@ -128,10 +128,11 @@ class FusedAdafactor(torch.optim.Adam):
         module: The network, an :class:`~sdze_lightning.nn.MLP`.
         lr: Learning rate of the small layers, and of the input layer's weight unless
             ``input_lr`` is given.
-        input_lr: Learning rate of the input layer's weight; ``None``: ``lr`` divided by
-            the root mean square norm of the step's points where that norm exceeds 1
-            (:func:`input_rate_scale`), which keeps the input layer's step on the
-            pre-activations the same size at every ``d``. A number is used as it is.
+        input_lr: Learning rate of the input layer's weight; ``None``: ``lr``, times
+            ``(width / 2) / |x|`` where the step's points' RMS norm ``|x|`` exceeds
+            ``width / 2`` (:func:`input_rate_scale`), which bounds the input layer's step
+            on the pre-activations by the same amount at every ``d``. A number is used as
+            it is.
         betas: Adam's ``(b1, b2)``; the input layer's factored second moment uses ``b2``.
         eps: Added to the root of the second moment (as in Adam).
         eps1: Added to ``G^2`` in the factored statistics (Adafactor's ``eps1``).
@@ -277,7 +278,7 @@ class FusedAdafactor(torch.optim.Adam):
         row_sum = torch.zeros(buffers.shape[1], dtype=buffers.dtype, device=buffers.device)
         rate_scale = 1.0
         if apply is not None and apply[2]["scaled_by_points"]:
-            rate_scale = input_rate_scale(grad.points_rms_norm())
+            rate_scale = input_rate_scale(grad.points_rms_norm(), apply[0].shape[0])
         for start, stop in blocks:
             n = stop - start
             g = grad.block(start, stop, buffers.dtype, out=buffers[0, :, :n])
@@ -305,19 +306,22 @@ class FusedAdafactor(torch.optim.Adam):
         return f"FusedAdafactor(lr={lrs}, step={int(max(steps)) if steps else 0})"
 
 
-def input_rate_scale(points_rms_norm: float | None) -> float:
-    """The factor on ``lr`` of the input layer's step: ``min(1, 1 / points_rms_norm)``.
+def input_rate_scale(points_rms_norm: float | None, width: int) -> float:
+    """The factor on ``lr`` of the input layer's step: ``min(1, (width / 2) / points_rms_norm)``.
 
-    The factored step moves each entry of ``W`` by about the learning rate, and its
-    rows lie in the span of the points, so on a point ``x`` from the same distribution
-    it moves the pre-activation ``W x`` by about ``lr |x|``: ``lr sqrt(d / 3)`` on the
-    cube ``[-1, 1]^d``, ``lr`` on the unit ball. Dividing by the points' RMS norm
-    keeps that at ``lr`` for any ``d``; norms up to 1 (the ball, small domains) keep
-    ``lr`` itself. ``None`` (no points recorded): 1.
+    The factored step moves each entry of ``W`` by about the learning rate, so on a point
+    ``x`` it moves the pre-activation ``W x`` by about ``lr |x|`` (``lr sqrt(d / 3)`` on
+    the cube ``[-1, 1]^d``): without a bound, the move grows with ``d``. A hidden layer's
+    step moves its pre-activations by up to ``lr * width * RMS(h)`` (its ``width``
+    inputs ``h``, tanh outputs of RMS about a half, all aligned); the input layer's move
+    is capped at that, ``lr width / 2``. Where the points' RMS norm is at most
+    ``width / 2`` (the unit ball, the cube up to ``d = 3 (width / 2)^2``, 12288 at width
+    128) the rate is ``lr`` itself. ``None`` (no points recorded): 1.
     """
-    if points_rms_norm is None or not points_rms_norm > 1.0:
+    reference = width / 2
+    if points_rms_norm is None or not points_rms_norm > reference:
         return 1.0
-    return 1.0 / points_rms_norm
+    return reference / points_rms_norm
 
 
 class _LagFloor(NamedTuple):

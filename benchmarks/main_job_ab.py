@@ -8,6 +8,8 @@ process wall time, the training wall time and relative L2 error from its summary
 load average before and after.
 
     python benchmarks/main_job_ab.py --base f2ba4ef --head HEAD --runs 3
+    python benchmarks/main_job_ab.py --base 4026bcc --head HEAD --runs 1 --seeds 0 1 2 \
+        --out benchmarks/results/main_job_ab_output_fit.json
     python benchmarks/main_job_ab.py --smoke    # 20 steps, one run each, to a temp file
 """
 
@@ -36,6 +38,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", default="HEAD~1", help="the commit compared against")
     parser.add_argument("--head", default="HEAD", help="the commit measured")
     parser.add_argument("--runs", type=int, default=3, help="runs of each commit")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seed= of the runs")
     parser.add_argument("--steps", type=int, default=2000, help="trainer.max_steps")
     parser.add_argument("--out", type=Path, default=RESULTS / "main_job_ab.json")
     parser.add_argument("--smoke", action="store_true", help="20 steps, 1 run each, temp out")
@@ -63,11 +66,11 @@ def install(commit: str, root: Path) -> Path:
     return pkg
 
 
-def main_job(pkg: Path, run_dir: Path, steps: int) -> dict:
+def main_job(pkg: Path, run_dir: Path, steps: int, seed: int = 0) -> dict:
     """One run of the main job with the package in ``pkg``; its summary and timings."""
     overrides = [o for o in MAIN_JOB if not o.startswith("trainer.max_steps=")]
     cmd = [sys.executable, "-m", "sdze_lightning.cli", *overrides, f"trainer.max_steps={steps}",
-           f"hydra.run.dir={run_dir}"]
+           f"seed={seed}", f"hydra.run.dir={run_dir}"]
     env = dict(os.environ, PYTHONPATH=str(pkg), WANDB_MODE="disabled")
     load_start, start = load_average(), time.perf_counter()
     out = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True,
@@ -95,10 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         pkgs = {side: install(commit, root) for side, commit in commits.items()}
         for i in range(args.runs):
-            for side in ("base", "head"):  # alternated: both sides see the same load
-                row = main_job(pkgs[side], root / f"{side}-{i}", args.steps)
-                record["rows"].append({"side": side, "run": i, **row})
-                print(json.dumps(record["rows"][-1]), flush=True)
+            for seed in args.seeds:
+                for side in ("base", "head"):  # alternated: both sides see the same load
+                    row = main_job(pkgs[side], root / f"{side}-{i}-{seed}", args.steps, seed)
+                    record["rows"].append({"side": side, "run": i, "seed": seed, **row})
+                    print(json.dumps(record["rows"][-1]), flush=True)
     record["load_end"] = round(load_average(), 2)
     for side in ("base", "head"):
         rows = [r for r in record["rows"] if r["side"] == side]

@@ -269,3 +269,20 @@ def test_fused_kernels_smoke(tmp_path):
     assert row["eager_s"] > 0 and row["fused_s"] > 0
     assert row["max_rel_diff"] < 1e-4
     assert json.loads((tmp_path / "fused_kernels.json").read_text())["rows"] == [row]
+
+
+def test_scale_first_smoke(tmp_path):
+    """Both variants run side by side through sdze-train; rows carry the floors."""
+    mod = load_benchmark("scale_first")
+    result = mod.main(["--smoke", "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["output_fit=constant", "output_fit=none"]
+    for r in rows:
+        assert r["status"] == "completed" and r["steps"] == 3 and math.isfinite(r["rel_l2"])
+        assert 0 < r["constant_floor"] <= 1 and r["affine_floor"] is not None
+        assert r["side_by_side"] == ["output_fit=constant", "output_fit=none"]
+    for key in ("date", "commit", "machine", "load_start", "load_end", "threads", "command"):
+        assert key in result
+    assert (tmp_path / "scale_first_output_fit_smoke.json").exists()
+    assert "| allen_cahn_twobody | 4e+01 |" in mod.markdown(
+        [tmp_path / "scale_first_output_fit_smoke.json"])

@@ -35,6 +35,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def run_pair(commands: dict[str, list[str]], root: Path) -> dict[str, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     procs = {}
     for name, args in commands.items():
-        run_dir = root / name.replace("=", "-")
+        run_dir = root / re.sub(r"[^A-Za-z0-9._-]", "-", name)  # no "=" or "," for Hydra
         log = open(root / f"{run_dir.name}.log", "w")  # noqa: SIM115 (closed below)
         procs[name] = (subprocess.Popen(["sdze-train", *args, f"hydra.run.dir={run_dir}"],
                                         stdout=log, stderr=subprocess.STDOUT, env=env),

@@ -243,8 +243,8 @@ class FirstLayerGradient:
         """Root mean square of the recorded points' Euclidean norms (``None``: no points)."""
         if not self.points:
             return None
-        norms = torch.cat([torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
-                           for z in self.points])
+        # in the points' dtype: a dtype argument would cast (copy) the whole batch first
+        norms = torch.cat([torch.linalg.vector_norm(z, dim=1).double() for z in self.points])
         return float(norms.square().mean().sqrt())
 
     def columns(self, weight: Tensor, index: Tensor) -> Tensor:

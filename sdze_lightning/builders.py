@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from sdze_lightning.problem import PINNProblem
@@ -38,10 +38,12 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
         if key not in cfg.pde and cfg.get(key) is not None:
             extra[key] = cfg[key]
     scheduler = instantiate(cfg.scheduler) if config_group(cfg, "scheduler") is not None else None
+    estimator = instantiate(cfg.estimator)
+    _check_reverse_passes(cfg, estimator)  # before the problem allocates its network
     problem = instantiate(
         cfg.pde,
         net=instantiate(cfg.model),
-        estimator=instantiate(cfg.estimator),
+        estimator=estimator,
         method=instantiate(cfg.method),
         scheduler=scheduler,
         **extra,
@@ -51,6 +53,25 @@ def build_problem(cfg: DictConfig) -> PINNProblem:
             f"pde._target_ must be a PINNProblem subclass, got {type(problem).__name__}."
         )
     return problem
+
+
+def _check_reverse_passes(cfg: DictConfig, estimator: Any) -> None:
+    """:func:`~sdze_lightning.input_checks.check_reverse_passes` from the config alone.
+
+    Skipped where the values are not yet known to be good (the problem's constructor
+    reports a bad ``pde.dim`` or ``pde._target_``; ``check_inputs`` checks again).
+    """
+    from sdze_lightning.estimators import Estimator
+    from sdze_lightning.input_checks import check_reverse_passes
+
+    try:
+        operators = getattr(get_class(cfg.pde._target_), "operators", None)
+    except Exception:  # noqa: BLE001 - a bad target: the constructor's call reports it
+        return
+    dim = cfg.pde.get("dim")
+    if (isinstance(estimator, Estimator) and isinstance(dim, int) and not isinstance(dim, bool)
+            and dim > 0 and operators is not None):
+        check_reverse_passes(estimator, operators, dim)
 
 
 def compose_config(overrides: list[str], run_dir: str | Path) -> DictConfig:

@@ -7,9 +7,14 @@ Each error names the value to fix. The checks run in three places:
   when it builds the network (input size, whether the parameters fit in memory);
 * :func:`check_precision` when the Trainer is set up;
 * :func:`check_inputs` once before the first step (the CLI calls it before it writes
-  any logger, checkpoint or summary; ``fit`` then finds the problem checked): the user
-  contract on a tiny batch (points, network, residual, boundary), the method's
-  configuration on a parameter-free copy of the network, and the memory of training.
+  any logger, checkpoint or summary; ``fit`` then finds the problem checked): the
+  estimator's reverse passes (:func:`check_reverse_passes`), the user contract on a tiny
+  batch (points, network, residual, boundary), the method's configuration on a
+  parameter-free copy of the network, and the memory of training.
+
+``sdze-train`` also checks the reverse passes before it builds the problem
+(:func:`~sdze_lightning.builders.build_problem`), so that a run that cannot finish is
+refused before its network is allocated.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ from sdze_lightning.divergence import check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
 from sdze_lightning.estimators.base import OPERATORS
 from sdze_lightning.estimators.exact import ExactEstimator
-from sdze_lightning.memory_budget import Need, check_fits, skip_snapshot_need
+from sdze_lightning.kernels import COMPILE_BYTES
+from sdze_lightning.memory_budget import Need, check_fits, format_bytes, skip_snapshot_need
 from sdze_lightning.methods.base import (
     build_optimizer,
     gradient_numel,
     is_zeroth_order,
     needs_forward_only_estimator,
+    state_numel,
+    step_temporary_numel,
     withholds_nonfinite,
 )
 from sdze_lightning.methods.registry import build_method
@@ -174,6 +182,41 @@ def checked_method(
     return method
 
 
+def check_reverse_passes(estimator: Estimator, operators: Collection[str], dim: int) -> None:
+    """Refuse an estimator whose estimates take more reverse passes than its bound.
+
+    Stacked back-propagation (``estimator=exact``) takes one reverse pass through the
+    network per coordinate for the Laplacian (:meth:`ExactEstimator.reverse_passes`), each
+    about a backward pass: at ``d = 1e7`` a single step would take years. The bound is
+    the estimator's ``max_reverse_passes`` (``None``: not checked).
+
+    Args:
+        estimator: The run's estimator.
+        operators: The operators the residual asks for.
+        dim: The spatial dimension ``d`` (``pde.dim``).
+
+    Raises:
+        ValueError: One line with the number of passes, the bound and the overrides.
+
+    """
+    bound = getattr(estimator, "max_reverse_passes", None)
+    if bound is None:
+        return
+    passes = estimator.reverse_passes(operators, dim)
+    if passes <= bound:
+        return
+    others = "estimator=taylor (forward-only) or estimator=sdgd (K coordinates)"
+    if estimator.name == "sdgd":
+        others = "estimator=taylor (forward-only) or a smaller estimator.num_directions"
+    raise ValueError(
+        f"estimator={estimator.name} takes {passes:,} reverse passes through the network per "
+        f"batch of collocation points at pde.dim={dim} (one per differentiated coordinate and "
+        f"order), more than estimator.max_reverse_passes={bound:,}: each costs about a "
+        f"backward pass, so training would not finish. Use a dimension-free estimator, "
+        f"{others}, or set estimator.max_reverse_passes=null to run it anyway."
+    )
+
+
 def check_network_fits(problem: PINNProblem, factory: Callable[..., nn.Module]) -> None:
     """Refuse a network whose parameters cannot fit, before allocating them.
 
@@ -198,6 +241,19 @@ def _network_need(
     return Need(f"{what} ({params:,})", params * itemsize, f"lower {width}")
 
 
+def predicted_needs(problem: PINNProblem) -> list[Need]:
+    """Everything the pre-flight predicts a run holds at its peak.
+
+    The network, then :func:`training_needs`. Their sum is the predicted peak of the run's
+    memory above the process's own (the interpreter with torch and Lightning imported,
+    the Trainer's loop), which it does not include (``benchmarks/preflight_accuracy.py``
+    compares it with measured peaks).
+    """
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    params = sum(p.numel() for p in problem.net.parameters())
+    return [_network_need(problem, params, itemsize), *training_needs(problem)]
+
+
 def check_training_fits(problem: PINNProblem) -> None:
     """Refuse a run whose :func:`training_needs` cannot fit next to the network."""
     check_fits(training_needs(problem), problem.device)
@@ -207,9 +263,12 @@ def training_needs(problem: PINNProblem) -> list[Need]:
     """What training needs beside the network: the parts the memory check adds up.
 
     The network is already allocated (the available memory excludes it); a
-    first-order method adds at least a gradient per parameter (and, with the exact
-    estimator, one ``(N, input_dim)`` tensor per coordinate in the graph), each step holds its
-    collocation batch (two with ``prefetch``) and validation a held-out chunk. Under
+    first-order method adds at least a gradient per parameter and its optimizer state
+    (:func:`~sdze_lightning.methods.base.state_numel`: Adam's two moments), and, with the
+    exact estimator (``sdgd``: its ``K`` coordinates), one ``(N, input_dim)`` tensor per
+    coordinate in the graph; each step holds its
+    collocation batch (two with ``prefetch``) and its estimator's and method's temporaries,
+    and validation a held-out chunk, in place of the step's transients. Under
     ``divergence="skip"`` a method that cannot withhold a non-finite step adds a copy
     of the parameters.
     """
@@ -218,12 +277,27 @@ def training_needs(problem: PINNProblem) -> list[Need]:
     grads = gradient_numel(problem.method, problem.net)
     if grads:
         needs.append(_network_need(problem, grads, itemsize, "gradients"))
+    state = state_numel(problem.method, problem.net)
+    if state:
+        needs.append(Need(
+            f"optimizer state ({state:,} numbers)", state * itemsize,
+            "use a method with less state: method=fused_adafactor (forward-mode estimators) "
+            "or method=sdze",
+        ))
+    temporary = step_temporary_numel(problem.method, problem.net)
+    if temporary:
+        needs.append(Need(
+            f"method's step temporaries ({temporary:,} numbers)", temporary * itemsize,
+            "lower method.chunk_size (pde_aware), or use method=sdze",
+        ))
     if grads and isinstance(problem.estimator, ExactEstimator):
+        coords = problem.estimator.coordinate_count(problem.dim)
         points = problem.n_interior * problem.input_dim  # one (N, d) tensor per coordinate
         needs.append(Need(
-            f"estimator=exact's graph ({problem.dim} reverse passes over {problem.n_interior} "
-            f"points x {problem.input_dim} inputs, each kept for the parameters' gradient)",
-            problem.dim * points * itemsize,
+            f"estimator={problem.estimator.name}'s graph ({coords} reverse passes over "
+            f"{problem.n_interior} points x {problem.input_dim} inputs, each kept for the "
+            "parameters' gradient)",
+            coords * points * itemsize,
             "use a dimension-free estimator, e.g. estimator=taylor",
         ))
     if problem.divergence == "skip" and not withholds_nonfinite(problem.method):
@@ -236,10 +310,37 @@ def training_needs(problem: PINNProblem) -> list[Need]:
         points * problem.input_dim * itemsize,
         "lower pde.n_interior" + (" or set prefetch=false" if batches > 1 else ""),
     ))
+    hidden = sum(m.out_features for m in problem.net.modules() if isinstance(m, nn.Linear))
+    estimate = problem.estimator.step_numel(problem.n_interior, problem.input_dim, hidden,
+                                            graph=bool(grads))
+    if estimate:
+        needs.append(Need(
+            f"estimator={problem.estimator.name}'s temporaries ({estimate:,} numbers)",
+            estimate * itemsize,
+            "lower estimator.num_directions or pde.n_interior, or use estimator=taylor",
+        ))
+    if getattr(problem, "uses_compiled_kernels", False):
+        needs.append(Need("compiled kernels (torch.compile)", COMPILE_BYTES,
+                          "set fused_kernels=false (slower)"))
+    # Validation runs between steps: its chunk takes the place of the step's transients
+    # (the batch being trained on, the method's and the estimator's temporaries, the graph).
+    step_transients = sum(n.bytes for n in needs if n.what.startswith(TRANSIENT_PARTS))
+    step_transients -= (batches - 1) * problem.n_interior * problem.input_dim * itemsize
     rows = min(problem.n_eval, problem.eval_chunk_rows())
-    needs.append(Need(f"held-out chunk ({rows} points)", rows * problem.input_dim * itemsize,
-                      "lower pde.n_eval"))
+    chunk = rows * problem.input_dim * itemsize
+    needs.append(Need(
+        f"held-out chunk ({rows} points: {format_bytes(chunk)}, less the step's transients "
+        "that validation replaces)",
+        max(0, chunk - step_transients),
+        "lower pde.n_eval",
+    ))
     return needs
+
+
+#: The parts of :func:`training_needs` that live only during a step (their names' start).
+TRANSIENT_PARTS: tuple[str, ...] = (
+    "method's step temporaries", "estimator=", "collocation batch",
+)
 
 
 def checked_residual(problem: PINNProblem, x: Tensor, d: Derivatives) -> Tensor:
@@ -264,12 +365,14 @@ def check_inputs(problem: PINNProblem) -> None:
     ``PINNProblem.check_inputs``. ``fit`` calls it unless it already ran for the module's
     device and dtype (the CLI calls it before it writes any logger, checkpoint or summary).
 
-    The method's configuration (:func:`dry_build_method`) and the memory of training
-    (:func:`check_training_fits`) first: both are cheap, and the contract's checks after
+    The estimator's reverse passes (:func:`check_reverse_passes`), the method's
+    configuration (:func:`dry_build_method`) and the memory of training
+    (:func:`check_training_fits`) first: all are cheap, and the contract's checks after
     them differentiate a tiny batch at full ``d``. Then the points' shape, the network's
     input size, the residual's shape and dtype, the boundary sample.
     """
     name = type(problem).__name__
+    check_reverse_passes(problem.estimator, problem.operators, problem.dim)
     dry_build_method(problem)
     check_training_fits(problem)
     with torch.no_grad():

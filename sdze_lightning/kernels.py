@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 #: Inductor's default Python wrapper.
 COMPILE_OPTIONS: tuple[dict[str, bool], ...] = ({"cpp_wrapper": True}, {})
 
+#: Memory a process holds once it has compiled and run a kernel (TorchInductor's modules,
+#: caches and the compiled code): 99 MB measured on the CPU of ``benchmarks/README.md``
+#: (peak RSS of ``import sdze_lightning.cli`` against the same after compiling the two-body
+#: kernel, ``benchmarks/_common.warm_fused_kernels``); the memory pre-flight counts it.
+COMPILE_BYTES = 100_000_000
+
 _compiled: dict[Callable, Callable] = {}
 #: Index into :data:`COMPILE_OPTIONS` of each kernel's current (or next) attempt.
 _attempt: dict[Callable, int] = {}

@@ -42,6 +42,33 @@ class Estimator(ABC):
     name: ClassVar[str] = "estimator"
     operators: ClassVar[frozenset[str]] = frozenset()
     forward_only: ClassVar[bool] = False
+    #: Most reverse passes one estimate may take (:meth:`reverse_passes`) before the
+    #: pre-flight refuses the run; ``None``: no bound.
+    max_reverse_passes: int | None = None
+
+    def step_numel(self, points: int, input_dim: int, hidden: int, graph: bool) -> int:
+        """Numbers one estimate allocates at its peak beside the batch (the memory pre-flight's).
+
+        Args:
+            points: Collocation points ``N``.
+            input_dim: Inputs per point.
+            hidden: The network's hidden units (the output sizes of its linear layers, summed).
+            graph: Whether the parameters' gradient is taken through the estimate (a
+                first-order method keeps its graph).
+
+        The default, ``0``, is that of an estimator whose temporaries are a few ``(N, width)``
+        activations (negligible beside the parameters and the batch).
+        """
+        return 0
+
+    def reverse_passes(self, ops: Collection[str], spatial_dim: int) -> int:
+        """Reverse (back-propagation) passes through the network of one estimate of ``ops``.
+
+        The pre-flight (:func:`~sdze_lightning.input_checks.check_reverse_passes`) compares
+        it with :attr:`max_reverse_passes`. The default, ``0``, is that of an estimator whose
+        passes do not grow with ``spatial_dim`` (forward-only ones, or batched products).
+        """
+        return 0
 
     def check(self, ops: Collection[str]) -> None:
         """Raise ``ValueError`` if an operator in ``ops`` is unknown or unsupported."""

@@ -2,6 +2,13 @@
 
 One reverse pass per coordinate for the Laplacian, so the cost grows like
 ``O(d)`` passes: the reference every randomized estimator is checked against.
+
+Each pass costs about as much as a backward pass through the network (``O(N d width)`` in
+the input layer), so one estimate costs ``O(d^2)``: 7 ms per pass and 73 s per estimate at
+d = 1e4 (100 points, MLP 4x128, float32, one thread of the 2-core CPU of
+``benchmarks/README.md``), about 3.4 h at d = 1e5 (0.12 s per pass) and years at d = 1e7.
+The pre-flight refuses an estimate of more than :data:`MAX_REVERSE_PASSES` passes
+(``max_reverse_passes``; ``None`` lifts the bound).
 """
 
 from __future__ import annotations
@@ -11,8 +18,13 @@ from collections.abc import Callable, Collection
 import torch
 from torch import Tensor
 
+from sdze_lightning.checks import integer
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.model_fn import ModelFunction, as_model_function
+
+#: Default bound on the reverse passes of one estimate: d = 2e4 for the Laplacian (about
+#: 5 min per estimate on the CPU of the module notes; d = 1e4 takes 73 s).
+MAX_REVERSE_PASSES = 20_000
 
 
 def _d(y: Tensor, x: Tensor) -> Tensor:
@@ -42,12 +54,51 @@ def pure_derivatives(
     return out
 
 
+def _bound(value: int | None) -> int | None:
+    """``estimator.max_reverse_passes``: a positive count or ``None``."""
+    return None if value is None else integer("estimator.max_reverse_passes", value, minimum=1)
+
+
 class ExactEstimator(Estimator):
-    """Autodiff operators on every coordinate (deterministic, back-propagates)."""
+    """Autodiff operators on every coordinate (deterministic, back-propagates).
+
+    Args:
+        max_reverse_passes: Most reverse passes one estimate may take
+            (:meth:`reverse_passes`: ``d + 1`` for the Laplacian) before the pre-flight
+            refuses the run; ``None``: no bound.
+
+    """
 
     name = "exact"
     operators = frozenset({"u", "grad", "grad_norm2", "laplacian", "dt", "third", "biharmonic"})
     forward_only = False
+
+    def __init__(self, max_reverse_passes: int | None = MAX_REVERSE_PASSES) -> None:
+        self.max_reverse_passes = _bound(max_reverse_passes)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_reverse_passes={self.max_reverse_passes})"
+
+    def coordinate_count(self, spatial_dim: int) -> int:
+        """How many coordinates one estimate differentiates (every one: ``spatial_dim``)."""
+        return spatial_dim
+
+    def reverse_passes(self, ops: Collection[str], spatial_dim: int) -> int:
+        """Reverse passes of one estimate of ``ops``: ``k + 1`` for the Laplacian.
+
+        ``k`` is :meth:`coordinate_count`; one pass gives the gradient (``grad``,
+        ``grad_norm2``, ``dt``), and each further order takes one pass per coordinate
+        (:func:`pure_derivatives`): the Laplacian ``1 + k``, ``third`` ``1 + 2k``, the
+        biharmonic another ``1 + k`` on top of its Laplacian's.
+        """
+        ops, k = set(ops), self.coordinate_count(spatial_dim)
+        passes = 1 if ops & {"grad", "grad_norm2", "dt"} else 0
+        order = 3 if "third" in ops else (2 if ops & {"laplacian", "biharmonic"} else 0)
+        if order:
+            passes += 1 + (order - 1) * k
+        if "biharmonic" in ops:
+            passes += 1 + k
+        return passes
 
     def coordinates(self, spatial_dim: int, generator: torch.Generator) -> tuple[list[int], float]:
         """Spatial coordinates to differentiate and the scale of their sum."""

@@ -18,6 +18,7 @@ cost does not grow with ``d`` beyond the cost of one gradient.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -82,6 +83,17 @@ class HutchinsonEstimator(DirectionalEstimator):
 
     def __init__(self, num_directions: int = 16, distribution: str = "rademacher") -> None:
         super().__init__(num_directions, distribution)
+
+    #: ``(V N, input_dim)`` arrays an estimate holds at its peak: the points and the probes
+    #: copied into ``V N`` rows, and the gradients and products of the two nested
+    #: ``torch.func.grad``, which keep their own graph, so as many without the parameters'
+    #: graph (zeroth-order methods) as with it (measured at d = 1e5, 100 points, 16 probes:
+    #: 5.8 GB for Adam and for MeZO; ``benchmarks/preflight_accuracy.py``).
+    INPUT_COPIES: ClassVar[float] = 8.0
+
+    def step_numel(self, points: int, input_dim: int, hidden: int, graph: bool) -> int:
+        """``(V N, input_dim)`` copies of points, probes and gradients (:data:`INPUT_COPIES`)."""
+        return int(self.INPUT_COPIES * self.num_directions * points * input_dim)
 
     def directional(
         self,

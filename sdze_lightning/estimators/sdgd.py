@@ -22,7 +22,7 @@ from torch import Tensor
 from sdze_lightning.checks import integer
 from sdze_lightning.directions import sample_coordinates
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.estimators.exact import ExactEstimator, pure_derivatives
+from sdze_lightning.estimators.exact import MAX_REVERSE_PASSES, ExactEstimator, pure_derivatives
 from sdze_lightning.model_fn import ModelFunction, as_model_function
 
 
@@ -31,16 +31,38 @@ class SDGDEstimator(ExactEstimator):
 
     Args:
         num_directions: Coordinates ``K = |J|`` per estimate (capped at ``d``).
+        max_reverse_passes: Most reverse passes one estimate may take (about ``K``, see
+            :meth:`reverse_passes`) before the pre-flight refuses the run; ``None``: no bound.
 
     """
 
     name = "sdgd"
 
-    def __init__(self, num_directions: int = 16) -> None:
+    def __init__(
+        self, num_directions: int = 16, max_reverse_passes: int | None = MAX_REVERSE_PASSES
+    ) -> None:
+        super().__init__(max_reverse_passes)
         self.num_directions = integer("estimator.num_directions", num_directions, minimum=1)
 
     def __repr__(self) -> str:
-        return f"SDGDEstimator(num_directions={self.num_directions})"
+        return (f"SDGDEstimator(num_directions={self.num_directions}, "
+                f"max_reverse_passes={self.max_reverse_passes})")
+
+    def coordinate_count(self, spatial_dim: int) -> int:
+        """Coordinates one estimate differentiates: ``K``, capped at ``spatial_dim``."""
+        return min(self.num_directions, spatial_dim)
+
+    def reverse_passes(self, ops: Collection[str], spatial_dim: int) -> int:
+        """Reverse passes of one estimate: as the exact estimator's on ``K`` coordinates.
+
+        The biharmonic takes ``2 + 2K`` passes of its own (a Laplacian on ``J1``, then
+        its Laplacian on ``J2``), besides those of the other operators.
+        """
+        ops = set(ops)
+        passes = super().reverse_passes(ops - {"biharmonic"}, spatial_dim)
+        if "biharmonic" in ops:
+            passes += 2 + 2 * self.coordinate_count(spatial_dim)
+        return passes
 
     def coordinates(self, spatial_dim: int, generator: torch.Generator) -> tuple[list[int], float]:
         """``K`` distinct random coordinates and the scale ``d / K``."""

@@ -40,6 +40,7 @@ shortcut: ``W x`` once per point, ``W xi_k`` once per direction).
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -163,6 +164,22 @@ class SteinEstimator(Estimator):
             f"SteinEstimator(num_directions={self.num_directions}, sigma={self.sigma}, "
             f"variant={self.variant!r}, value={self.value!r})"
         )
+
+    #: Activations kept per evaluated row and hidden unit, with and without the parameters'
+    #: graph: fitted to the peaks of K = 1024 at d = 1e4 and 1e5 (Adam and the fused method:
+    #: 1.3; MeZO: 0.6; ``benchmarks/preflight_accuracy.py``).
+    ACTIVATIONS: ClassVar[dict[bool, float]] = {True: 1.3, False: 0.6}
+
+    def step_numel(self, points: int, input_dim: int, hidden: int, graph: bool) -> int:
+        """Numbers of an estimate: samples and activations (the memory pre-flight's).
+
+        The Gaussian samples ``(K, input_dim)``, and the network's
+        activations on the ``(2K + 1) N`` evaluated rows (``(K + 1) N`` without antithetic
+        pairs), :data:`ACTIVATIONS` per row and hidden unit.
+        """
+        k = self.num_directions
+        rows = (2 * k + 1 if self.variant == "antithetic" else k + 1) * points
+        return int(k * input_dim + self.ACTIVATIONS[graph] * rows * hidden)
 
     def check(self, ops: Collection[str]) -> None:
         """Like :meth:`Estimator.check`, pointing to ``taylor``/``fd`` for orders 3 and 4."""

@@ -204,6 +204,57 @@ def gradient_numel(factory: Any, module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+#: Parameter-sized state tensors of ``torch.optim`` classes (``amsgrad`` adds one to Adam's,
+#: ``momentum`` gives SGD one).
+STATE_PER_PARAMETER: dict[type[torch.optim.Optimizer], int] = {
+    torch.optim.Adam: 2, torch.optim.AdamW: 2, torch.optim.SGD: 0,
+}
+
+
+def state_numel(factory: Any, module: nn.Module) -> int:
+    """Numbers of the parameter-sized optimizer state a first-order method keeps (a lower bound).
+
+    A method declares ``state_per_parameter`` (an int, or a function of the partial's
+    keywords); the ``torch.optim`` classes of :data:`STATE_PER_PARAMETER` are known; any
+    other method, a zeroth-order one and one that keeps its gradients in another form
+    (``gradient_numel``: its state is that of its small layers) counts ``0``.
+    """
+    if is_zeroth_order(factory):
+        return 0
+    target = _target(factory)
+    cls = target if isinstance(target, type) else type(target)
+    keywords = dict(getattr(factory, "keywords", {})) if isinstance(
+        factory, functools.partial) else dict(getattr(target, "defaults", {}))
+    per = getattr(cls, "state_per_parameter", None)
+    if callable(per):
+        per = per(**keywords)
+    if per is None:
+        if callable(getattr(cls, "gradient_numel", None)):
+            return 2 * gradient_numel(factory, module)  # Adam on the dense-gradient layers
+        base = next((k for k in cls.__mro__ if k in STATE_PER_PARAMETER), None)
+        if base is None:
+            return 0
+        per = STATE_PER_PARAMETER[base]
+        per += int(base is torch.optim.SGD and bool(keywords.get("momentum", 0)))
+        per += int(base is not torch.optim.SGD and bool(keywords.get("amsgrad", False)))
+    return int(per) * sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def step_temporary_numel(factory: Any, module: nn.Module) -> int:
+    """Numbers a method allocates within a step beside its state (a lower bound).
+
+    A method declares them with a static ``step_temporary_numel(module, **keywords)``
+    (``keywords``: the partial's); others count ``0``.
+    """
+    target = _target(factory)
+    own = getattr(target if isinstance(target, type) else type(target),
+                  "step_temporary_numel", None)
+    if not callable(own):
+        return 0
+    keywords = dict(factory.keywords) if isinstance(factory, functools.partial) else {}
+    return int(own(module, **keywords))
+
+
 def build_optimizer(
     factory: Callable[..., torch.optim.Optimizer], module: nn.Module
 ) -> torch.optim.Optimizer:

@@ -36,6 +36,7 @@ average is a float in the optimizer state (checkpointed, replayed). With
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +91,14 @@ class MeZO(TwoPointOptimizer):
         self.norm_beta = float(norm_beta)
         if normalize:
             self.zo_state.update(sq_avg=0.0, norm_step=0)
+
+    @staticmethod
+    def step_temporary_numel(module: nn.Module, **_: Any) -> int:
+        """Numbers a step allocates (the memory pre-flight's count).
+
+        The regenerated direction ``z`` of one parameter at a time: the largest.
+        """
+        return max((p.numel() for p in module.parameters() if p.requires_grad), default=0)
 
     def direction(self, query: int, index: int) -> Tensor:
         """Regenerate ``z`` of query ``query`` for parameter ``index`` at the current step."""

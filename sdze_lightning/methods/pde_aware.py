@@ -73,10 +73,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, positive_int, positive_int_or_none
 
@@ -150,6 +150,27 @@ class PDEAware(torch.optim.Optimizer):
     #: A closure's non-finite loss applies nothing (:func:`~sdze_lightning.methods.base.
     #: withholds_nonfinite`): ``divergence="skip"`` needs no copy of the parameters.
     withholds_nonfinite_step: ClassVar[bool] = True
+
+    @staticmethod
+    def state_per_parameter(adam_floor: bool = True, **_: Any) -> int:
+        """Parameter-sized state tensors (the memory pre-flight's count).
+
+        ``exp_avg``, ``exp_avg_sq`` and, with ``adam_floor``, ``exp_avg_sq_first``.
+        """
+        return 3 if adam_floor else 2
+
+    @staticmethod
+    def step_temporary_numel(module: nn.Module, chunk_size: int = 8, **_: Any) -> int:
+        """Numbers a step allocates (the memory pre-flight's count).
+
+        The per-point gradients of one chunk (``chunk_size`` per parameter) and, in
+        :func:`per_point_moments`, their square for the largest parameter; eight more per
+        parameter: the chunk's two sums and their means, the running sum of squares and
+        its mean, the update's denominator and step (fitted to the measured peaks at
+        d = 1e5, ``benchmarks/preflight_accuracy.py``).
+        """
+        sizes = [p.numel() for p in module.parameters() if p.requires_grad]
+        return (chunk_size + 8) * sum(sizes) + chunk_size * max(sizes, default=0)
 
     def __init__(
         self,

@@ -105,6 +105,11 @@ class TwoBody(BallProblem):
     body = 2
     solution_name = "The two-body solution"
 
+    @property
+    def uses_compiled_kernels(self) -> bool:
+        """Whether its batches go through the fused kernel (the memory pre-flight counts it)."""
+        return bool(self.fused_kernels) and self.input_dim > FUSED_MIN_DIM
+
     def psi_terms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """See :func:`two_body_terms`."""
         return two_body_terms(x, self.coeffs, fused=self.fused_kernels)

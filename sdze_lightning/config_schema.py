@@ -7,7 +7,7 @@ turns a rejected value into the CLI's one-line message (``seed must be an intege
 the config: a composition error ends the process with Hydra's own report (several
 lines, exit status 1) instead of ``Error: <message>`` and exit status 2.
 
-The options that the problem takes (``pde.*``, ``prefetch``, ``fused_kernels``,
+The options that the problem takes (``pde.*``, ``prefetch``, ``fused_kernels``, ``output_fit``,
 ``threads``) are checked by its constructor, which Python-API users reach without Hydra.
 """
 

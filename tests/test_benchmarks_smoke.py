@@ -271,6 +271,7 @@ def test_fused_kernels_smoke(tmp_path):
     assert json.loads((tmp_path / "fused_kernels.json").read_text())["rows"] == [row]
 
 
+@pytest.mark.slow  # two sdze-train processes: a benchmark's smoke, kept out of CI's budget
 def test_scale_first_smoke(tmp_path):
     """Both variants run side by side through sdze-train; rows carry the floors."""
     mod = load_benchmark("scale_first")

@@ -168,6 +168,7 @@ def test_preflight_benchmark_table():
     assert table[3] == "| sdze+taylor | 500 MB / 500 MB (1.00) | - |"
 
 
+@pytest.mark.slow  # four sdze-train processes (~17 s): a benchmark's smoke, kept out of CI's budget
 def test_preflight_benchmark_smoke(tmp_path):
     bench = _load_benchmark()
     result = bench.main(["--smoke", "--out", str(tmp_path)])

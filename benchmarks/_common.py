@@ -16,6 +16,7 @@ import os
 import re
 import resource
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -103,7 +104,7 @@ METHODS: dict[str, tuple[str, str]] = {
 __all__ = [
     "MACHINE", "METHODS", "RESULTS", "SMOKE", "BenchConfig", "build", "forward_pass",
     "limit_memory", "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
-    "add_prefetch_flag", "machine", "median_time", "sync", "write_csv",
+    "add_prefetch_flag", "git_commit", "machine", "median_time", "sync", "write_csv",
 ]
 
 
@@ -254,6 +255,20 @@ def peak_rss_total() -> int:
 def limit_memory(nbytes: int) -> None:
     """Cap this process's address space (``RLIMIT_AS``); allocations past it raise."""
     resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+
+
+def git_commit() -> str:
+    """The checkout's ``HEAD``, ``+dirty`` with changes to tracked files (``"unknown"``
+    outside git): the commit a results file's figures come from."""
+    root = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, cwd=root).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def load_average() -> float:

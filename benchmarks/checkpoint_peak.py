@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
 
-from _common import MACHINE, RESULTS, load_average  # noqa: E402
+from _common import MACHINE, RESULTS, git_commit, load_average  # noqa: E402
 
 EXPERIMENTS = ("twobody_fused", "twobody_sdze_large")
 IOS = {"old": ["+trainer.plugins=[]"], "new": []}
@@ -143,15 +143,6 @@ def configuration(args: argparse.Namespace, experiment: str, dim: int, points: i
     for run_dir in work.glob(f"{experiment}-{dim}-{points}-{io}-*"):
         shutil.rmtree(run_dir, ignore_errors=True)  # a d = 1e7 checkpoint is 5 GB
     return rows
-
-
-def git_commit() -> str:
-    """``git rev-parse HEAD`` of this checkout (``"unknown"`` outside git)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -52,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
 
-from _common import MACHINE, RESULTS  # noqa: E402
+from _common import MACHINE, RESULTS, git_commit  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -263,18 +263,6 @@ def markdown_table(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-def git_commit() -> str:
-    """``git rev-parse HEAD`` (``"unknown"`` outside git), ``+dirty`` with local changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                               text=True, check=True, cwd=REPO).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def jobs(args: argparse.Namespace) -> list[tuple[str, int, list[str]]]:
     """(pair name, d, base overrides) of every run asked for."""
     out = []

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
 
-from _common import MACHINE, RESULTS, load_average  # noqa: E402
+from _common import MACHINE, RESULTS, git_commit, load_average  # noqa: E402
 
 #: Variants of each study: name -> overrides.
 STUDIES: dict[str, dict[str, list[str]]] = {
@@ -58,16 +58,6 @@ STUDIES: dict[str, dict[str, list[str]]] = {
 #: The problem of each study.
 PDES = {"output_fit": "allen_cahn_twobody", "input_rate": "allen_cahn_cube",
         "levers": "allen_cahn_twobody"}
-
-
-def git_commit() -> str:
-    """The checkout's commit (``+dirty`` with uncommitted changes)."""
-    root = Path(__file__).resolve().parents[1]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True).stdout.strip()
-    return head + ("+dirty" if dirty else "")
 
 
 def overrides(study: str, dim: int, draw: int, seed: int, budget_s: float,

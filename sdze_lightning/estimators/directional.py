@@ -28,13 +28,12 @@ which cost ``K * d`` for ``W v`` instead of a column lookup.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from sdze_lightning.checks import integer
 from sdze_lightning.directions import (
     DISTRIBUTIONS,
     Directions,
@@ -42,8 +41,8 @@ from sdze_lightning.directions import (
     sample_directions,
     time_axis,
 )
-from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.model_fn import ModelFunction, as_model_function
+from sdze_lightning.estimators.base import Estimator, Parameter
+from sdze_lightning.model_fn import ModelFunction
 
 # The samplers live in sdze_lightning.directions; importing them from here keeps working.
 __all__ = [
@@ -71,6 +70,13 @@ def scatter_gradient(d1: Tensor, dirs: Directions, spatial_dim: int, scale: floa
     return d1.T @ dirs.dense[:, :spatial_dim].to(d1.dtype) * (scale / k)
 
 
+def distribution_name(estimator: DirectionalEstimator, key: str, value: object) -> str:
+    """``distribution``: one of the estimator's ``distributions``."""
+    if value not in estimator.distributions:
+        raise ValueError(f"{key} must be one of {estimator.distributions}, got {value!r}.")
+    return str(value)
+
+
 class DirectionalEstimator(Estimator):
     """Base of estimators assembled from directional derivatives ``D_v^k u``.
 
@@ -92,21 +98,15 @@ class DirectionalEstimator(Estimator):
 
     """
 
+    shares_first_layer = True
+    #: The values ``distribution`` may take.
     distributions: ClassVar[tuple[str, ...]] = DISTRIBUTIONS
+    #: Distribution of the main direction set.
+    distribution = Parameter(distribution_name)
 
     def __init__(self, num_directions: int = 16, distribution: str = "coordinate") -> None:
-        self.num_directions = integer("estimator.num_directions", num_directions, minimum=1)
-        if distribution not in self.distributions:
-            raise ValueError(
-                f"estimator.distribution must be one of {self.distributions}, got {distribution!r}."
-            )
+        self.num_directions = num_directions
         self.distribution = distribution
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_directions={self.num_directions}, "
-            f"distribution={self.distribution!r})"
-        )
 
     @abstractmethod
     def directional(
@@ -154,25 +154,6 @@ class DirectionalEstimator(Estimator):
         u, dv = self.directional(model, x, dirs, orders, u0)
         return u, {k: v if k == 1 else v.mean(dim=0) for k, v in dv.items()}
 
-    def halves(self) -> tuple[Estimator, Estimator]:
-        """Two copies with ``num_directions // 2`` directions each (independent draws)."""
-        return self.split_directions(2)
-
-    def estimate(
-        self,
-        model: ModelFunction | Callable[[Tensor], Tensor],
-        x: Tensor,
-        ops: Collection[str],
-        generator: torch.Generator,
-        spatial_dim: int,
-    ) -> dict[str, Tensor]:
-        """Estimate ``ops`` from directional derivatives; see :class:`Estimator`."""
-        model = as_model_function(model)
-        ops = set(ops)
-        self.check(ops)
-        with model.shared_first_layer():
-            return self._estimate(model, x, ops, generator, spatial_dim)
-
     def _estimate(
         self,
         model: ModelFunction,
@@ -181,6 +162,7 @@ class DirectionalEstimator(Estimator):
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
+        """Draw the direction sets and combine ``D_v^k u`` into ``ops`` (see the class notes)."""
         d, dim = spatial_dim, x.shape[1]
         if "dt" in ops:
             t_axis = time_axis(x, d)

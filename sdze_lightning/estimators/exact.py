@@ -13,14 +13,13 @@ The pre-flight refuses an estimate of more than :data:`MAX_REVERSE_PASSES` passe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 import torch
 from torch import Tensor
 
-from sdze_lightning.checks import integer
 from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.model_fn import ModelFunction, as_model_function
+from sdze_lightning.model_fn import ModelFunction
 
 #: Default bound on the reverse passes of one estimate: d = 2e4 for the Laplacian (about
 #: 5 min per estimate on the CPU of the module notes; d = 1e4 takes 73 s).
@@ -54,11 +53,6 @@ def pure_derivatives(
     return out
 
 
-def _bound(value: int | None) -> int | None:
-    """``estimator.max_reverse_passes``: a positive count or ``None``."""
-    return None if value is None else integer("estimator.max_reverse_passes", value, minimum=1)
-
-
 class ExactEstimator(Estimator):
     """Autodiff operators on every coordinate (deterministic, back-propagates).
 
@@ -74,10 +68,7 @@ class ExactEstimator(Estimator):
     forward_only = False
 
     def __init__(self, max_reverse_passes: int | None = MAX_REVERSE_PASSES) -> None:
-        self.max_reverse_passes = _bound(max_reverse_passes)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(max_reverse_passes={self.max_reverse_passes})"
+        self.max_reverse_passes = max_reverse_passes
 
     def coordinate_count(self, spatial_dim: int) -> int:
         """How many coordinates one estimate differentiates (every one: ``spatial_dim``)."""
@@ -104,23 +95,22 @@ class ExactEstimator(Estimator):
         """Spatial coordinates to differentiate and the scale of their sum."""
         return list(range(spatial_dim)), 1.0
 
-    def estimate(
+    def _estimate(
         self,
-        model: ModelFunction | Callable[[Tensor], Tensor],
+        model: ModelFunction,
         x: Tensor,
-        ops: Collection[str],
+        ops: set[str],
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
-        """Differentiate ``model`` at ``x`` by autodiff; see :class:`Estimator`."""
-        model = as_model_function(model)
+        """Differentiate ``model`` at ``x`` by autodiff on :meth:`coordinates`."""
         outer_grad = torch.is_grad_enabled()
         coords, scale = self.coordinates(spatial_dim, generator)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             u = model(xg)
             out: dict[str, Tensor] = {"u": u}
-            g = _d(u, xg) if set(ops) & {"grad", "grad_norm2", "dt"} else None
+            g = _d(u, xg) if ops & {"grad", "grad_norm2", "dt"} else None
             if g is not None:
                 out["grad"] = g[:, :spatial_dim]
                 out["grad_norm2"] = (g[:, :spatial_dim] ** 2).sum(dim=1)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from sdze_lightning.directions import Directions
+from sdze_lightning.estimators.base import Estimator, Parameter
 from sdze_lightning.estimators.directional import DirectionalEstimator
 from sdze_lightning.model_fn import ModelFunction
 
@@ -95,6 +96,21 @@ def central_differences(
     return u0, out
 
 
+def step_sizes(estimator: Estimator, key: str, value: object) -> float | dict[int, float] | None:
+    """``step``: ``None``, one positive float, or a mapping order (1 to 4) -> positive float."""
+    if isinstance(value, Mapping):
+        step: float | dict[int, float] | None = {int(k): float(v) for k, v in value.items()}
+        bad = {k: v for k, v in step.items() if k not in STENCILS or not v > 0}
+    elif value is not None:
+        step = float(value)  # type: ignore[arg-type]
+        bad = {} if step > 0 else {"all": step}
+    else:
+        step, bad = None, {}
+    if bad:
+        raise ValueError(f"{key} must be positive, for orders 1 to 4; got {bad}.")
+    return step
+
+
 class FiniteDifferenceEstimator(DirectionalEstimator):
     """Central differences along random directions (orders 1 to 4), forward-only.
 
@@ -111,6 +127,8 @@ class FiniteDifferenceEstimator(DirectionalEstimator):
     name = "fd"
     operators = frozenset({"u", "grad", "grad_norm2", "laplacian", "dt", "third", "biharmonic"})
     forward_only = True
+    #: Step size: ``None`` (the default per dtype and order), a float, or order -> step.
+    step = Parameter(step_sizes)
 
     def __init__(
         self,
@@ -119,23 +137,7 @@ class FiniteDifferenceEstimator(DirectionalEstimator):
         step: float | Mapping[int, float] | None = None,
     ) -> None:
         super().__init__(num_directions, distribution)
-        if isinstance(step, Mapping):
-            step = {int(k): float(v) for k, v in step.items()}
-            bad = {k: v for k, v in step.items() if k not in STENCILS or not v > 0}
-        elif step is not None:
-            step = float(step)
-            bad = {} if step > 0 else {"all": step}
-        else:
-            bad = {}
-        if bad:
-            raise ValueError(f"estimator.step must be positive, for orders 1 to 4; got {bad}.")
         self.step = step
-
-    def __repr__(self) -> str:
-        return (
-            f"FiniteDifferenceEstimator(num_directions={self.num_directions}, "
-            f"distribution={self.distribution!r}, step={self.step!r})"
-        )
 
     def step_for(self, dtype: torch.dtype, order: int) -> float:
         """The step used for ``order`` on points of ``dtype``."""

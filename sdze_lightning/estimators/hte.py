@@ -25,7 +25,7 @@ from torch import Tensor
 
 from sdze_lightning.directions import Directions, time_axis
 from sdze_lightning.estimators.directional import DirectionalEstimator
-from sdze_lightning.model_fn import ModelFunction, as_model_function
+from sdze_lightning.model_fn import ModelFunction
 
 
 def directional_autodiff(model: ModelFunction, x: Tensor, v: Tensor, order: int) -> Tensor:
@@ -79,7 +79,7 @@ class HutchinsonEstimator(DirectionalEstimator):
     name = "hte"
     operators = frozenset({"u", "grad", "grad_norm2", "laplacian", "dt", "third", "biharmonic"})
     forward_only = False
-    distributions = ("rademacher", "gaussian")
+    distributions: ClassVar[tuple[str, ...]] = ("rademacher", "gaussian")
 
     def __init__(self, num_directions: int = 16, distribution: str = "rademacher") -> None:
         super().__init__(num_directions, distribution)
@@ -133,21 +133,18 @@ class HutchinsonEstimator(DirectionalEstimator):
                 return u, {k: weights @ val for k, val in dv.items()}
         return super().directional_means(model, x, dirs, orders, u0)
 
-    def estimate(
+    def _estimate(
         self,
-        model: ModelFunction | Callable[[Tensor], Tensor],
+        model: ModelFunction,
         x: Tensor,
-        ops: Collection[str],
+        ops: set[str],
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
-        """Exact first-order operators, Hutchinson-type higher orders; see :class:`Estimator`."""
-        model = as_model_function(model)
-        ops = set(ops)
-        self.check(ops)
+        """Exact first-order operators from one ``vjp``, Hutchinson-type higher orders."""
         if "dt" in ops:
             time_axis(x, spatial_dim)
-        out = super().estimate(
+        out = super()._estimate(
             model, x, ops & {"laplacian", "third", "biharmonic"}, generator, spatial_dim
         )
         if ops & {"u", "grad", "grad_norm2", "dt"}:

@@ -14,16 +14,14 @@ sums would weight the diagonal ``i = j`` terms by ``d/K`` and the mixed ones by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 import torch
 from torch import Tensor
 
-from sdze_lightning.checks import integer
 from sdze_lightning.directions import sample_coordinates
-from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.estimators.exact import MAX_REVERSE_PASSES, ExactEstimator, pure_derivatives
-from sdze_lightning.model_fn import ModelFunction, as_model_function
+from sdze_lightning.model_fn import ModelFunction
 
 
 class SDGDEstimator(ExactEstimator):
@@ -42,11 +40,7 @@ class SDGDEstimator(ExactEstimator):
         self, num_directions: int = 16, max_reverse_passes: int | None = MAX_REVERSE_PASSES
     ) -> None:
         super().__init__(max_reverse_passes)
-        self.num_directions = integer("estimator.num_directions", num_directions, minimum=1)
-
-    def __repr__(self) -> str:
-        return (f"SDGDEstimator(num_directions={self.num_directions}, "
-                f"max_reverse_passes={self.max_reverse_passes})")
+        self.num_directions = num_directions
 
     def coordinate_count(self, spatial_dim: int) -> int:
         """Coordinates one estimate differentiates: ``K``, capped at ``spatial_dim``."""
@@ -71,23 +65,16 @@ class SDGDEstimator(ExactEstimator):
         )
         return coords.tolist(), spatial_dim / coords.numel()
 
-    def halves(self) -> tuple[Estimator, Estimator]:
-        """Two copies with ``num_directions // 2`` coordinates each (independent draws)."""
-        return self.split_directions(2)
-
-    def estimate(
+    def _estimate(
         self,
-        model: ModelFunction | Callable[[Tensor], Tensor],
+        model: ModelFunction,
         x: Tensor,
-        ops: Collection[str],
+        ops: set[str],
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
-        """Sampled-coordinate autodiff; see :class:`Estimator` and the module notes."""
-        model = as_model_function(model)
-        ops = set(ops)
-        self.check(ops)
-        out = super().estimate(model, x, ops - {"biharmonic"}, generator, spatial_dim)
+        """Sampled-coordinate autodiff (see the module notes)."""
+        out = super()._estimate(model, x, ops - {"biharmonic"}, generator, spatial_dim)
         if "biharmonic" in ops:
             outer_grad = torch.is_grad_enabled()
             c1, s1 = self.coordinates(spatial_dim, generator)

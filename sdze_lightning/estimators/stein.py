@@ -39,20 +39,43 @@ shortcut: ``W x`` once per point, ``W xi_k`` once per direction).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from sdze_lightning.checks import integer
 from sdze_lightning.directions import Directions, sample_directions, time_axis
-from sdze_lightning.estimators.base import Estimator
+from sdze_lightning.estimators.base import Estimator, Parameter
 from sdze_lightning.estimators.fd import central_differences, default_step
-from sdze_lightning.model_fn import ModelFunction, as_model_function
+from sdze_lightning.model_fn import ModelFunction
 
 #: Variants of He et al.: eq. 7, eqs. 8-9, eqs. 10-11.
 VARIANTS: tuple[str, ...] = ("vanilla", "cv", "antithetic")
+#: What ``u`` is: the network at the point, or the Monte Carlo mean of the samples.
+VALUES: tuple[str, ...] = ("plain", "smoothed")
+
+
+def noise_level(estimator: Estimator, key: str, value: object) -> float:
+    """``sigma``: a positive number, kept as a ``float``."""
+    sigma = float(value)  # type: ignore[arg-type]
+    if not sigma > 0:
+        raise ValueError(f"{key} must be positive, got {value!r}.")
+    return sigma
+
+
+def variant_name(estimator: Estimator, key: str, value: object) -> str:
+    """``variant``: one of :data:`VARIANTS`."""
+    if value not in VARIANTS:
+        raise ValueError(f"{key} must be one of {VARIANTS}, got {value!r}.")
+    return str(value)
+
+
+def value_name(estimator: Estimator, key: str, value: object) -> str:
+    """``value``: ``"plain"`` or ``"smoothed"``."""
+    if value not in VALUES:
+        raise ValueError(f"{key} must be 'plain' or 'smoothed', got {value!r}.")
+    return str(value)
 
 
 def stein_samples(
@@ -140,6 +163,15 @@ class SteinEstimator(Estimator):
     name = "stein"
     operators = frozenset({"u", "grad", "grad_norm2", "laplacian", "dt"})
     forward_only = True
+    shares_first_layer = True
+    #: The U-statistic of ``grad_norm2`` needs two samples.
+    min_directions = 2
+    #: Noise level of the smoothing.
+    sigma = Parameter(noise_level)
+    #: One of :data:`VARIANTS`.
+    variant = Parameter(variant_name)
+    #: One of :data:`VALUES`.
+    value = Parameter(value_name)
 
     def __init__(
         self,
@@ -148,22 +180,10 @@ class SteinEstimator(Estimator):
         variant: str = "antithetic",
         value: str = "plain",
     ) -> None:
-        self.num_directions = integer("estimator.num_directions", num_directions, minimum=2)
-        if not float(sigma) > 0:
-            raise ValueError(f"estimator.sigma must be positive, got {sigma!r}.")
-        if variant not in VARIANTS:
-            raise ValueError(f"estimator.variant must be one of {VARIANTS}, got {variant!r}.")
-        if value not in ("plain", "smoothed"):
-            raise ValueError(f"estimator.value must be 'plain' or 'smoothed', got {value!r}.")
-        self.sigma = float(sigma)
+        self.num_directions = num_directions
+        self.sigma = sigma
         self.variant = variant
         self.value = value
-
-    def __repr__(self) -> str:
-        return (
-            f"SteinEstimator(num_directions={self.num_directions}, sigma={self.sigma}, "
-            f"variant={self.variant!r}, value={self.value!r})"
-        )
 
     #: Activations kept per evaluated row and hidden unit, with and without the parameters'
     #: graph: fitted to the peaks of K = 1024 at d = 1e4 and 1e5 (Adam and the fused method:
@@ -192,25 +212,6 @@ class SteinEstimator(Estimator):
             )
         super().check(ops)
 
-    def halves(self) -> tuple[Estimator, Estimator]:
-        """Two copies with ``num_directions // 2`` samples each (independent draws)."""
-        return self.split_directions(4)
-
-    def estimate(
-        self,
-        model: ModelFunction | Callable[[Tensor], Tensor],
-        x: Tensor,
-        ops: Collection[str],
-        generator: torch.Generator,
-        spatial_dim: int,
-    ) -> dict[str, Tensor]:
-        """Stein estimates of ``ops`` at ``x``; see :class:`Estimator` and the module notes."""
-        model = as_model_function(model)
-        ops = set(ops)
-        self.check(ops)
-        with model.shared_first_layer():
-            return self._estimate(model, x, ops, generator, spatial_dim)
-
     def _estimate(
         self,
         model: ModelFunction,
@@ -219,6 +220,7 @@ class SteinEstimator(Estimator):
         generator: torch.Generator,
         spatial_dim: int,
     ) -> dict[str, Tensor]:
+        """Stein estimates of ``ops`` at ``x`` (see the module notes)."""
         d = spatial_dim
         if "dt" in ops:
             t_axis = time_axis(x, d)

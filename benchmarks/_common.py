@@ -183,7 +183,7 @@ def make_optimizer(opt_name: str, net: torch.nn.Module, cfg: BenchConfig):
     if opt_name == "sdze":
         return SDZE(net, lr=cfg.lr, rank=cfg.rank, period=cfg.period, seed=cfg.seed)
     if opt_name == "mezo":
-        return MeZO(net, lr=cfg.mezo_lr, seed=cfg.seed)
+        return MeZO(net, lr=cfg.mezo_lr, normalize=False, seed=cfg.seed)
     if opt_name == "adam":
         return torch.optim.Adam(net.parameters(), lr=cfg.lr)
     raise ValueError(f"unknown optimizer {opt_name!r}")

@@ -65,7 +65,7 @@ def build(method: str, dim: int, cfg: dict):
     if method == "sdze":
         opt = SDZE(net, lr=1e-3, rank=cfg["rank"], period=100)
     elif method == "mezo":
-        opt = MeZO(net, lr=1e-4)
+        opt = MeZO(net, lr=1e-4, normalize=False)
     else:
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     return problem, opt

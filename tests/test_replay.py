@@ -25,7 +25,7 @@ Q = 2
 METHODS = {
     "sdze": functools.partial(SDZE, lr=1e-2, rank=2, period=4, queries=Q, carry="project",
                               seed=7),
-    "mezo": functools.partial(MeZO, lr=1e-3, queries=Q, seed=7),
+    "mezo": functools.partial(MeZO, lr=1e-3, queries=Q, seed=7, normalize=False),
 }
 
 

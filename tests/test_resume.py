@@ -37,7 +37,7 @@ METHODS = {
     # period 3 and carry=project: the resume falls inside a window and crosses window changes
     "sdze": functools.partial(SDZE, lr=1e-2, rank=2, period=3, queries=2, update="adam",
                               carry="project", seed=5),
-    "mezo": functools.partial(MeZO, lr=1e-3, queries=2, seed=5),
+    "mezo": functools.partial(MeZO, lr=1e-3, queries=2, seed=5, normalize=False),
     "adam": functools.partial(torch.optim.Adam, lr=1e-2),
     # two param groups, both under the StepLR schedule
     "adam_input_lr": functools.partial(Adam, lr=1e-2, input_lr=1e-3),

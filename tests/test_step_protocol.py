@@ -117,7 +117,7 @@ class CountSteps(L.Callback):
 
 @pytest.mark.parametrize("method", [
     functools.partial(SDZE, lr=1e-2, rank=2, queries=2),
-    functools.partial(MeZO, lr=1e-4, queries=2),
+    functools.partial(MeZO, lr=1e-4, queries=2, normalize=False),
     functools.partial(torch.optim.Adam, lr=1e-3),
 ], ids=["sdze", "mezo", "adam"])
 def test_callbacks_see_one_before_optimizer_step_per_training_step(method):
@@ -204,7 +204,7 @@ def test_skip_under_a_profiler_counts_the_step(tmp_path):
 # ------------------------------------------------------------------ public step entry
 @pytest.mark.parametrize("method", [
     functools.partial(SDZE, lr=1e-2, rank=2, period=2, queries=2),
-    functools.partial(MeZO, lr=1e-3),
+    functools.partial(MeZO, lr=1e-3, normalize=False),
     functools.partial(torch.optim.Adam, lr=1e-2),
 ], ids=["sdze", "mezo", "adam"])
 def test_run_step_is_what_training_step_runs(method):
@@ -263,7 +263,7 @@ def test_every_stream_in_use_is_a_distinct_member_and_no_seed_is_shared(monkeypa
     for module in (seeding, collocation_module, variance, plots):
         monkeypatch.setattr(module, "mix", recording)
     for method in (functools.partial(SDZE, lr=1e-2, rank=2, queries=2),
-                   functools.partial(MeZO, lr=1e-4)):
+                   functools.partial(MeZO, lr=1e-4, normalize=False)):
         monitor = EstimatorVarianceMonitor(every_n_steps=1, spatial_seeds=2, spatial_points=8,
                                            probes=2)
         problem = poisson(method=method)

@@ -16,7 +16,7 @@ machine epsilon`` per parameter, far below the update ``lr * g * z``.
 writes also invalidate the shared ``W x`` of the first layer, so every
 evaluation pays a full pass over the input, as MeZO does.
 
-**Scale-free step (``normalize=True``, the shipped config's default).** Plain
+**Scale-free step (``normalize=True``, the default).** Plain
 SGD on the SPSA estimate needs a learning rate inversely proportional to the
 size of the loss gradient, which differs by orders of magnitude between
 problems: on the two-body Allen-Cahn problem at ``d = 1000`` (loss ~1e7, the
@@ -29,8 +29,11 @@ every parameter moves by about ``lr * z`` per step whatever the loss scale (an
 RMSProp-style normalisation of the one scalar per query; the directions, the
 in-place perturbation and the SGD form of the update are MeZO's). The moving
 average is a float in the optimizer state (checkpointed, replayed). With
-``normalize=False`` (the class default) the update is MeZO's plain
-``theta <- theta - lr s z``.
+``normalize=False`` the update is MeZO's plain ``theta <- theta - lr s z``, whose
+``lr`` has to be matched to the loss scale.
+
+The constructor's defaults are the values of ``configs/method/mezo.yaml``, so
+``MeZO(net)`` is the optimizer that ``sdze-train method=mezo`` runs.
 """
 
 from __future__ import annotations
@@ -66,13 +69,13 @@ class MeZO(TwoPointOptimizer):
     def __init__(
         self,
         module: nn.Module,
-        lr: float = 1e-4,
+        lr: float = 3e-3,
         eps: float = 1e-3,
         queries: int = 1,
         crns: bool = True,
         weight_decay: float = 0.0,
         seed: int = 0,
-        normalize: bool = False,
+        normalize: bool = True,
         norm_beta: float = 0.99,
     ) -> None:
         boolean("method.normalize", normalize)

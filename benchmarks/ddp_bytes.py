@@ -1,4 +1,4 @@
-"""Bytes communicated per training step under DDP: SDZE against first-order Adam.
+"""Bytes communicated per training step under DDP: SDZE, fused_adafactor and Adam.
 
 Two CPU processes (gloo) on one machine, started like ``torchrun`` does (``LOCAL_RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``): run without those variables, the script
@@ -8,10 +8,17 @@ starts the two workers itself and collects their result. Every collective issued
 visible through the Python ``allreduce_hook`` (the same communication as DDP's default).
 
 Expected: SDZE sends ``2 q`` float64 loss values per step (``16 q`` bytes) whatever the
-parameter count; Adam sends the gradients (``P`` numbers per step).
+parameter count; Adam sends the gradients (``P`` numbers per step); fused_adafactor sends
+the points' back-propagated signals at the input layer (``N x width``), the directions'
+(``K x width``) and the small layers' gradients, whatever ``d`` is.
 
-    python benchmarks/ddp_bytes.py            # two-body Allen-Cahn, widths 16..1024, d=100 and 1e4
-    python benchmarks/ddp_bytes.py --smoke    # Poisson 2D, widths 8 and 64 (plus start-up)
+For fused_adafactor each row also splits a rank's step into the closure (forward and
+backward over its share) and the rest (the exchange and the input layer's update over the
+whole batch, which every rank repeats).
+
+    python benchmarks/ddp_bytes.py            # two-body Allen-Cahn, widths 16..1024, d=100 to 1e6
+    python benchmarks/ddp_bytes.py --methods fused_adafactor   # those rows only
+    python benchmarks/ddp_bytes.py --smoke    # Poisson 2D and small two-body rows (and start-up)
 """
 
 from __future__ import annotations
@@ -31,12 +38,12 @@ import torch
 
 from sdze_lightning.distributed import CommunicationCounter
 from sdze_lightning.estimators.taylor import TaylorEstimator
-from sdze_lightning.methods import SDZE
+from sdze_lightning.methods import SDZE, FusedAdafactor
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D, TwoBody
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
-from _common import write_csv  # noqa: E402
+from _common import git_commit, load_average, machine, write_csv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLD = 2
@@ -47,39 +54,61 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny configuration")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods to run (default: all); results go to "
+                             "ddp_bytes_<methods>.json")
     return parser.parse_args(argv)
 
 
 def configs(smoke: bool) -> list[dict]:
     """(problem, dim, width, method, queries) rows."""
     if smoke:
-        return [dict(problem="poisson2d", dim=2, width=w, depth=2, method=m, queries=2)
+        rows = [dict(problem="poisson2d", dim=2, width=w, depth=2, method=m, queries=2)
                 for m in ("sdze", "adam") for w in (8, 64)]
+        # fused_adafactor: with boundary points (Poisson), and two input sizes (two-body);
+        # 33 interior points give shares of 17 and 16
+        rows.append(dict(problem="poisson2d", dim=2, width=8, depth=2,
+                         method="fused_adafactor", queries=0))
+        rows += [dict(problem="twobody", dim=dim, width=16, depth=2, method="fused_adafactor",
+                      queries=0, n_interior=33, directions=dist)
+                 for dim, dist in ((16, "rademacher"), (512, "rademacher"), (16, "coordinate"))]
+        return rows
     rows = [dict(problem="twobody", dim=100, width=w, depth=2, method=m, queries=q)
             for w in (16, 64, 256, 1024) for m, q in (("sdze", 1), ("sdze", 4), ("adam", 0))]
     rows += [dict(problem="twobody", dim=10_000, width=128, depth=2, method=m, queries=q)
              for m, q in (("sdze", 1), ("adam", 0))]
+    rows += [dict(problem="twobody", dim=dim, width=128, depth=2, method="fused_adafactor",
+                  queries=0) for dim in (100, 10_000, 1_000_000)]
     return rows
+
+
+def key(cfg: dict) -> str:
+    """A row's name: method, queries, dimension, width (and directions where not the default)."""
+    name = f"{cfg['method']}-q{cfg['queries']}-d{cfg['dim']}-w{cfg['width']}"
+    return name + (f"-{cfg['directions']}" if "directions" in cfg else "")
 
 
 def method_factory(method: str, queries: int):
     if method == "sdze":
         return functools.partial(SDZE, lr=1e-2, rank=2, period=4, queries=queries)
+    if method == "fused_adafactor":
+        return functools.partial(TimedFusedAdafactor, lr=1e-2)
     return functools.partial(torch.optim.Adam, lr=1e-2)
 
 
 def make_problem(cfg: dict, **kwargs):
     """The problem of a row (``kwargs``: more problem arguments, e.g. ``prefetch``); the
     smoke rows are the ones tests/test_ddp.py checks."""
-    est = TaylorEstimator(num_directions=2, distribution="rademacher")
+    est = TaylorEstimator(num_directions=2, distribution=cfg.get("directions", "rademacher"))
     net = MLP(cfg["dim"], width=cfg["width"], depth=cfg["depth"], seed=0)
     method = method_factory(cfg["method"], cfg["queries"])
     if cfg["problem"] == "poisson2d":
         # 33 interior / 7 boundary points: shares of unequal size (17/16, 4/3) on 2 ranks
         return Poisson2D(net=net, n_interior=33, n_boundary=7, n_eval=64, estimator=est,
                          method=method, **kwargs)
-    return TwoBody(dim=cfg["dim"], operator="allen_cahn", net=net, n_interior=64, n_eval=0,
-                   estimator=est, method=method, **kwargs)
+    return TwoBody(dim=cfg["dim"], operator="allen_cahn", net=net,
+                   n_interior=cfg.get("n_interior", 64), n_eval=0, estimator=est, method=method,
+                   **kwargs)
 
 
 def trainer(devices: int, steps: int, precision: str, callbacks=()) -> L.Trainer:
@@ -89,6 +118,31 @@ def trainer(devices: int, steps: int, precision: str, callbacks=()) -> L.Trainer
         devices=devices, precision=precision, callbacks=list(callbacks),
         strategy="ddp" if devices > 1 else "auto",
     )
+
+
+class TimedFusedAdafactor(FusedAdafactor):
+    """:class:`FusedAdafactor` that records, per step, the closure's and the whole step's time."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.closure_seconds: list[float] = []
+        self.step_seconds: list[float] = []
+
+    def step(self, closure=None):
+        def timed():
+            start = time.perf_counter()
+            out = closure()
+            self.closure_seconds.append(time.perf_counter() - start)
+            return out
+
+        start = time.perf_counter()
+        out = super().step(timed)
+        self.step_seconds.append(time.perf_counter() - start)
+        return out
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 class StepBytes(L.Callback):
@@ -124,14 +178,20 @@ def measure(cfg: dict, steps: int, precision: str) -> tuple[dict, list[torch.Ten
     """One DDP fit (inside the worker processes): the row and the final parameters."""
     problem = make_problem(cfg)
     with CommunicationCounter() as counter:
-        cb = StepBytes(counter, hook=cfg["method"] == "adam")
+        cb = StepBytes(counter, hook=cfg["method"] in ("adam", "fused_adafactor"))
         trainer(WORLD, steps, precision, [cb]).fit(problem)
     params = sum(p.numel() for p in problem.net.parameters())
     row = dict(cfg, params=params, precision=precision, steps=steps,
                bytes_per_step=cb.bytes, calls_per_step=cb.calls,
                bytes_per_param=round(max(cb.bytes) / params, 6),
-               seconds_per_step=round(sorted(cb.seconds)[len(cb.seconds) // 2], 5),
+               seconds_per_step=round(median(cb.seconds), 5),
                shard=list(cb.shard))
+    opt = problem.trainer.optimizers[0]
+    if isinstance(opt, TimedFusedAdafactor):  # the first step also fits the row statistic
+        closure, total = opt.closure_seconds[1:], opt.step_seconds[1:]
+        row["closure_seconds"] = round(median(closure), 5)
+        row["update_seconds"] = round(median([t - c for t, c in zip(total, closure,
+                                                                      strict=True)]), 5)
     return row, [p.detach().clone() for p in problem.net.parameters()]
 
 
@@ -141,28 +201,47 @@ def worker(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[torch.T
     steps = args.steps or (6 if args.smoke else 5)
     precision = "64-true" if args.smoke else "32-true"
     rows, params = [], {}
+    load_start = load_average()
+    wanted = None if args.methods is None else set(args.methods.split(","))
     for cfg in configs(args.smoke):
+        if wanted is not None and cfg["method"] not in wanted:
+            continue
         row, final = measure(cfg, steps, precision)
         rows.append(row)
-        params[f"{cfg['method']}-q{cfg['queries']}-d{cfg['dim']}-w{cfg['width']}"] = final
+        params[key(cfg)] = final
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            print(f"{cfg['method']:5s} q={cfg['queries']} d={cfg['dim']:6d} "
+            split = (f" closure={row['closure_seconds']}s update={row['update_seconds']}s"
+                     if "update_seconds" in row else "")
+            print(f"{cfg['method']:5s} q={cfg['queries']} d={cfg['dim']:7d} "
                   f"width={cfg['width']:5d} params={row['params']:9d} "
                   f"bytes/step={max(row['bytes_per_step']):10d} "
-                  f"calls/step={max(row['calls_per_step'])}", flush=True)
+                  f"calls/step={max(row['calls_per_step'])}{split}", flush=True)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        write(rows, args)
+        meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), commit=git_commit(),
+                    machine=machine(), load_start=load_start, load_end=load_average(),
+                    threads=torch.get_num_threads(), world_size=WORLD,
+                    command="python benchmarks/ddp_bytes.py " + " ".join(
+                        a for a in (["--smoke"] if args.smoke else [])
+                        + ([f"--methods {args.methods}"] if args.methods else [])
+                        + ([f"--steps {args.steps}"] if args.steps else [])))
+        write(rows, meta, args)
     return rows, params
 
 
-def write(rows: list[dict], args: argparse.Namespace) -> None:
+def stem(args: argparse.Namespace) -> str:
+    """The results file's name: what it holds."""
+    name = "ddp_bytes_smoke" if args.smoke else "ddp_bytes"
+    return name + ("_" + args.methods.replace(",", "_") if args.methods else "")
+
+
+def write(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "ddp_bytes_smoke" if args.smoke else "ddp_bytes"
-    (args.out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / f"{stem(args)}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     keys = ["problem", "dim", "width", "depth", "params", "method", "queries", "precision",
-            "bytes_per_param", "seconds_per_step"]
-    write_csv(args.out / f"{stem}.csv",
-              [{**{k: r[k] for k in keys}, "bytes_per_step": max(r["bytes_per_step"]),
+            "bytes_per_param", "seconds_per_step", "closure_seconds", "update_seconds"]
+    write_csv(args.out / f"{stem(args)}.csv",
+              [{**{k: r.get(k, "") for k in keys}, "bytes_per_step": max(r["bytes_per_step"]),
                 "calls_per_step": max(r["calls_per_step"])} for r in rows])
 
 
@@ -196,9 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     logs = launch(__file__, list(argv if argv is not None else sys.argv[1:]))
     print("\n".join(line for line in logs[0].splitlines() if "bytes/step" in line))
-    stem = "ddp_bytes_smoke" if args.smoke else "ddp_bytes"
-    rows = json.loads((args.out / f"{stem}.json").read_text())
-    print(f"[{time.perf_counter() - start:.1f}s] wrote {args.out / stem}.{{json,csv}}")
+    rows = json.loads((args.out / f"{stem(args)}.json").read_text())["rows"]
+    print(f"[{time.perf_counter() - start:.1f}s] wrote {args.out / stem(args)}.{{json,csv}}")
     return rows
 
 

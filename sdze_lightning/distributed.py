@@ -17,7 +17,12 @@ step ``k``:
    seed, so ranks never drift apart;
 4. a first-order method back-propagates its rank's estimate and Lightning's
    DDP averages the gradients (the usual DDP), which again gives the gradient
-   of the global loss.
+   of the global loss;
+5. ``fused_adafactor`` keeps its input layer's weight out of DDP: the ranks
+   exchange that layer's back-propagated signals (``N x width`` numbers, see
+   :meth:`~sdze_lightning.nn.first_layer_grad.FirstLayerGradient.across_ranks`),
+   and each rank rebuilds the whole batch's gradient factors from the points it
+   sampled (:meth:`Shard.full_batch`); DDP averages the small layers' gradients.
 
 The estimators' random directions depend on the per-step seed only, not on the
 points, so each rank uses the same directions as the single-process run.
@@ -38,8 +43,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sdze_lightning.methods.base import ZerothOrderOptimizer
+from sdze_lightning.methods.fused_adafactor import FusedAdafactor
+
+#: Every share handed out by :meth:`Shard.take`, with the batch it was taken from: a rank's
+#: points are a view of the whole batch, which every rank sampled.
+_TAKEN_FROM = WeakIdKeyDictionary()
 
 #: Collectives whose tensor payloads :class:`CommunicationCounter` counts.
 COLLECTIVES: tuple[str, ...] = (
@@ -100,11 +111,31 @@ class Shard:
         return start, start + base + (1 if self.rank < extra else 0)
 
     def take(self, batch: Tensor) -> Tensor:
-        """Rows of ``batch`` that belong to this rank (the whole batch on one rank)."""
+        """Rows of ``batch`` that belong to this rank (the whole batch on one rank).
+
+        The share is a view of ``batch``; :meth:`full_batch` finds ``batch`` from it.
+        """
         if not self.active:
             return batch
         start, stop = self.bounds(batch.shape[0])
-        return batch[start:stop]
+        share = batch[start:stop]
+        _TAKEN_FROM[share] = batch
+        return share
+
+    def full_batch(self, share: Tensor) -> Tensor | None:
+        """The batch that :meth:`take` cut ``share`` from, or ``None`` if it did not.
+
+        ``None`` too for a tensor that is no longer exactly this rank's rows of that
+        batch (a copy, a transformed or reshaped input).
+        """
+        batch = _TAKEN_FROM.get(share)
+        if batch is None:
+            return None
+        start, stop = self.bounds(batch.shape[0])
+        if share.shape != (stop - start, *batch.shape[1:]) or (
+                stop > start and share.data_ptr() != batch[start].data_ptr()):
+            return None
+        return batch
 
     def mean(self, values: Tensor, n_total: int) -> Tensor:
         """Estimate, from this rank's share, of the mean over the whole batch of ``n_total`` values.
@@ -157,9 +188,41 @@ def data_parallel_shard(
                 f"{name}={n} is smaller than the number of ranks ({world}); every rank "
                 "needs at least one point."
             )
+    shard = Shard(int(trainer.global_rank), world)
     for opt in zeroth_order:
         opt.reducer = all_reduce_mean
-    return Shard(int(trainer.global_rank), world)
+    for opt in optimizers:
+        if isinstance(opt, FusedAdafactor):
+            opt.shard = shard
+    return shard
+
+
+def keep_self_reduced_out_of_ddp(
+    module: torch.nn.Module, factory: Any, net: torch.nn.Module
+) -> None:
+    """Have DDP leave alone the parameters that the method ``factory`` reduces itself.
+
+    ``fused_adafactor``'s input weight: no gradient bucket (``width x d`` numbers), no
+    all-reduce. Must run before the strategy wraps ``module`` (Lightning's ``setup``
+    hook); without DDP it has no effect.
+
+    Args:
+        module: The module the strategy wraps (the problem).
+        factory: The method (class, partial or instance).
+        net: The network the method is built from.
+
+    """
+    target = factory
+    while isinstance(target, functools.partial):
+        target = target.func
+    cls = target if isinstance(target, type) else type(target)
+    if not issubclass(cls, FusedAdafactor):
+        return
+    ids = {id(p) for p in FusedAdafactor.self_reduced_parameters(net)}
+    names = [name for name, p in module.named_parameters() if id(p) in ids]
+    # DDP's way to exclude parameters from its reducer (a static method of the wrapper)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        module, names)
 
 
 def all_reduce_mean(values: Tensor, group: Any = None) -> Tensor:

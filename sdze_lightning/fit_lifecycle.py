@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from sdze_lightning import collocation, resume
 from sdze_lightning.distributed import Shard, data_parallel_shard
+from sdze_lightning.methods.fused_adafactor import FusedAdafactor
 from sdze_lightning.stepping import inner_optimizers, zeroth_order_optimizers
 
 if TYPE_CHECKING:
@@ -59,3 +60,6 @@ def teardown(problem: PINNProblem, stage: str) -> None:
     for opt in zeroth_order_optimizers(problem):
         opt.reducer = None
         opt.close()
+    for opt in inner_optimizers(problem):
+        if isinstance(opt, FusedAdafactor):
+            opt.shard = None

@@ -34,7 +34,7 @@ from sdze_lightning import (
 )
 from sdze_lightning.constraints import Constraint
 from sdze_lightning.derivatives import Derivatives
-from sdze_lightning.distributed import Shard
+from sdze_lightning.distributed import Shard, keep_self_reduced_out_of_ddp
 from sdze_lightning.divergence import DivergenceGuard, NonFiniteLossError, steps_skipped
 from sdze_lightning.estimators import Estimator
 from sdze_lightning.input_checks import check_precision
@@ -314,8 +314,9 @@ class PINNProblem(L.LightningModule):
     on_load_checkpoint = resume.on_load_checkpoint
 
     def setup(self, stage: str) -> None:
-        """Reject a Trainer precision this library cannot train with."""
+        """Reject a Trainer precision this library cannot train with; set up DDP's exclusions."""
         check_precision(self.trainer.precision)
+        keep_self_reduced_out_of_ddp(self, self.method, self.net)
 
     # The fit's set-up and release (:mod:`sdze_lightning.fit_lifecycle`).
     on_fit_start = fit_lifecycle.on_fit_start

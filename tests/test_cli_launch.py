@@ -113,6 +113,35 @@ def test_ddp_resume_through_the_cli(ddp_run):
     assert segments == ["segment-1"]
 
 
+FUSED = ["experiment=twobody_fused", "pde.dim=64", "pde.n_interior=33", "model.width=16",
+         "model.depth=2", "pde.n_eval=64", "trainer.max_steps=4", "trainer.precision=64-true",
+         "trainer.accelerator=cpu", *QUIET_CALLBACKS]
+
+
+@pytest.mark.parametrize("world", [2])
+def test_fused_adafactor_ddp_through_the_cli_equals_one_process(tmp_path, world):
+    """``experiment=twobody_fused trainer=ddp trainer.devices=2``: both ranks end with the
+    parameters of the one-process run on the same 33 points (shares of 17 and 16)."""
+    states = {}
+    for devices in (world, 1):
+        params = tmp_path / f"params{devices}"
+        run = sdze_train(*FUSED, *(["trainer=ddp"] if devices > 1 else []),
+                         f"trainer.devices={devices}", f"hydra.run.dir={tmp_path / str(devices)}",
+                         "+callbacks.rank_params._target_=cli_helpers.SaveRankParameters",
+                         f"+callbacks.rank_params.dirpath={params}", cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        states[devices] = [torch.load(params / f"rank{r}.pt", weights_only=False)
+                           for r in range(devices)]
+    rank0, rank1 = states[world]
+    assert rank0["world_size"] == world and rank0["global_step"] == rank1["global_step"] == 4
+    [single] = states[1]
+    for key, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][key]), key
+        # float64; the ranks' factors are summed in another order (~1e-16 relative per
+        # entry) and Adafactor's step G / sqrt(V) is scale-free: ~1e-16 * lr per step
+        torch.testing.assert_close(value, single["params"][key], rtol=0, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------- sweeps
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sdze_lightning.distributed import Shard
 from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
 from sdze_lightning.estimators.stein import SteinEstimator
 from sdze_lightning.estimators.taylor import TaylorEstimator
@@ -307,11 +308,26 @@ def test_other_networks_are_refused_before_training():
         problem.check_inputs()
 
 
-def test_data_parallel_is_refused(monkeypatch):
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    with pytest.raises(ValueError, match="one process"):
-        FusedAdafactor(MLP(4, width=8, depth=1))
+def test_data_parallel_refuses_points_that_are_not_the_sampled_rows():
+    """Under DDP a rank rebuilds the others' points from the sampled batch; a network input
+    that is not this rank's rows of that batch (a copy, a transformed input) is refused
+    before any collective."""
+    batch = torch.randn(9, DIM, dtype=torch.float64)
+    shard = Shard(1, 2)
+    share = shard.take(batch)
+    assert shard.full_batch(share) is batch
+    assert shard.full_batch(share.clone()) is None
+    assert Shard(0, 2).full_batch(share) is None  # another rank's rows
+    net = MLP(DIM, width=8, depth=1, seed=0).double()
+    for inputs, ok in ((share, True), (share * 1.0, False)):
+        with net.capture_first_layer_gradient() as grad:
+            net(inputs).sum().backward()
+        if ok:
+            with pytest.raises(ValueError, match="process group has not been initialized"):
+                grad.across_ranks(shard)  # got past the check, to the first collective
+        else:
+            with pytest.raises(ValueError, match="sampled points themselves"):
+                grad.across_ranks(shard)
 
 
 def test_method_input_lr_reaches_the_input_layer_group(tmp_path):

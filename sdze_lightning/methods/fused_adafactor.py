@@ -87,9 +87,20 @@ and a few element-wise passes over ``W`` more than a forward and backward pass.
 Scope: the library's :class:`~sdze_lightning.nn.MLP` (the first layer is read
 through its products), the forward-mode estimators (``taylor``, ``fd``,
 ``stein``: an estimator that back-propagates through ``x`` would need the
-gradient of a gradient, which the recorded factors do not give), one process
-(under data parallelism the factors live on different ranks; refused before
-the first step).
+gradient of a gradient, which the recorded factors do not give).
+
+Data parallelism (``trainer.strategy=ddp``): every rank samples the whole batch
+and keeps its share, and the step's directions are the same on every rank, so a
+rank can rebuild the others' factors ``Z`` and needs only their ``Delta``. The
+input weight stays out of DDP (no ``width x d`` gradient bucket); after the
+backward pass the ranks gather the points' ``Delta`` (``N x width`` numbers per
+step in all) and sum the directions' (``K x width``)
+(:meth:`~sdze_lightning.nn.first_layer_grad.FirstLayerGradient.across_ranks`),
+DDP averages the small layers' gradients, and every rank applies the same update
+to its copy of ``W``. Communication per step does not depend on ``d``. The
+update itself is not split: each rank forms the whole batch's ``Delta^T Z``, one
+product of ``W``'s shape, as one process would; the ranks share the forward and
+backward passes.
 """
 
 from __future__ import annotations
@@ -179,7 +190,6 @@ class FusedAdafactor(torch.optim.Adam):
         if lag_bound is not None and (isinstance(lag_bound, bool) or not isinstance(
                 lag_bound, numbers.Real) or not lag_bound >= 1):
             raise ValueError(f"method.lag_bound must be >= 1 or null, got {lag_bound!r}.")
-        _refuse_data_parallel()
         super().__init__(
             [{"params": [weight], "factored": True, "scaled_by_points": input_lr is None,
               "lr": lr if input_lr is None else input_lr},
@@ -191,9 +201,17 @@ class FusedAdafactor(torch.optim.Adam):
         self.block_bytes = block_bytes
         self.exact_rows = boolean("method.exact_rows", exact_rows)
         self.lag_bound = None if lag_bound is None else float(lag_bound)
+        #: This rank's share of the batch under data parallelism (set for the fit by
+        #: :func:`~sdze_lightning.distributed.data_parallel_shard`); ``None``: one process.
+        self.shard: Any = None
         self._saved_statistics: dict[int, tuple[Tensor, Tensor]] = {}
         self.register_load_state_dict_pre_hook(_remember_statistics)
         self.register_load_state_dict_post_hook(_restore_statistics)
+
+    @staticmethod
+    def self_reduced_parameters(module: nn.Module) -> list[nn.Parameter]:
+        """The parameters whose gradient the method exchanges between ranks itself: ``W``."""
+        return [mlp_input_weight(module, "method=fused_adafactor updates", "method=adam")]
 
     @staticmethod
     def gradient_numel(module: nn.Module) -> int:
@@ -217,6 +235,8 @@ class FusedAdafactor(torch.optim.Adam):
         with self.module.capture_first_layer_gradient() as grad, torch.enable_grad():
             loss = closure()
         super().step()  # Adam on group 1; the input weight has no .grad and is skipped
+        if grad and self.shard is not None and self.shard.active:
+            grad = grad.across_ranks(self.shard)
         if grad:
             for group in self.param_groups:
                 if group["factored"]:
@@ -342,18 +362,6 @@ def _small_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Every trainable parameter but the input layer's weight: Adam's group."""
     weight = module.layers[0].weight
     return [p for p in module.parameters() if p is not weight and p.requires_grad]
-
-
-def _refuse_data_parallel() -> None:
-    """Raise before the first step when more than one process trains."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError(
-            "method=fused_adafactor runs in one process: the input layer's gradient is "
-            "kept as per-rank factors that no strategy all-reduces "
-            f"(world size {dist.get_world_size()}). Use trainer.devices=1, or method=sdze "
-            "(data-parallel, all-reduces 2q numbers per step) or method=adam."
-        )
 
 
 def _remember_statistics(optimizer: FusedAdafactor, state_dict: dict[str, Any]) -> None:

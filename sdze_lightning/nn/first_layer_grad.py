@@ -31,11 +31,13 @@ every product is the plain one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 #: Bound on the bytes of one block of the input weight cast to autocast's dtype for a
@@ -275,6 +277,88 @@ class FirstLayerGradient:
             inside = (index >= start) & (index < stop)
             if bool(inside.any()):
                 out.index_add_(1, index[inside] - start, delta[inside].T.to(dtype))
+        return out
+
+    def across_ranks(self, shard: Any) -> FirstLayerGradient:
+        """The factors of the mean over data-parallel ranks of each rank's gradient.
+
+        Every rank recorded its share of the points (a view of the whole batch, which
+        every rank sampled: ``shard.full_batch``) and the step's directions (the same on
+        every rank). Then ``mean_r dL_r/dW = (1 / R) sum_r Delta_r^T Z_r`` has the
+        factors ``(cat_r Delta_r / R, whole batch)`` for the points and ``(sum_r Delta_r
+        / R, Z)`` for the directions: one ``all_gather`` of the points' ``Delta``
+        (``N x width`` numbers in all) and one ``all_reduce`` of the directions' ``Delta``
+        (``K x width`` each), whatever ``D`` is. The ranks also compare a checksum of
+        their directions, so that directions that differ between ranks stop the step.
+
+        Args:
+            shard: This rank's :class:`~sdze_lightning.distributed.Shard` (its
+                ``rank``, ``world_size``, ``bounds`` and ``full_batch``).
+
+        Raises:
+            ValueError: If a recorded point is not this rank's rows of a batch that every
+                rank sampled, or if the ranks' directions differ.
+
+        """
+        world = shard.world_size
+        point_ids = {id(z) for z in self.points}
+        points = [(d, z) for d, z in self.dense if id(z) in point_ids]
+        shared = [(d, z) for d, z in self.dense if id(z) not in point_ids]
+        batches = []
+        for _, z in points:
+            batch = shard.full_batch(z)
+            if batch is None:
+                raise ValueError(
+                    "method=fused_adafactor under data parallelism needs the network to be "
+                    "evaluated on the sampled points themselves (each rank rebuilds the "
+                    "others' from the shared seed); this problem or estimator evaluates it "
+                    f"on other inputs ({tuple(z.shape)}). Use trainer.devices=1 or method=adam."
+                )
+            batches.append(batch)
+        deltas = [d for d, _ in points] + [d for d, _ in shared] + [d for d, _ in self.sparse]
+        dtype = deltas[0].dtype
+        for d in deltas[1:]:
+            dtype = torch.promote_types(dtype, d.dtype)
+        device, width = deltas[0].device, deltas[0].shape[1]
+        # the points' Delta, padded to the largest share, and the checksums of the directions
+        rows = [-(-b.shape[0] // world) for b in batches]
+        checks = [z.sum(dtype=torch.float64) for _, z in shared] + [
+            j.sum(dtype=torch.float64) for _, j in self.sparse]
+        sent = torch.zeros(sum(rows) * width + len(checks), dtype=dtype, device=device)
+        offset = 0
+        for (d, _), n in zip(points, rows, strict=True):
+            sent[offset:offset + d.numel()] = d.reshape(-1)
+            offset += n * width
+        if checks:
+            sent[offset:] = torch.stack(checks).to(dtype)
+        gathered = [torch.empty_like(sent) for _ in range(world)]
+        dist.all_gather(gathered, sent)
+        if checks and not all(torch.equal(g[offset:], sent[offset:]) for g in gathered):
+            raise ValueError(
+                "method=fused_adafactor under data parallelism needs the same estimator "
+                "directions on every rank; they differ (an estimator that draws them from "
+                "a per-rank generator?)."
+            )
+        out = FirstLayerGradient()
+        offset = 0
+        for (d, _), batch, n in zip(points, batches, rows, strict=True):
+            parts = []
+            for rank, g in enumerate(gathered):
+                start, stop = dataclasses.replace(shard, rank=rank).bounds(batch.shape[0])
+                parts.append(g[offset:offset + (stop - start) * width].view(-1, width))
+            out.dense.append(((torch.cat(parts) / world).to(d.dtype), batch))
+            out.points.append(batch)
+            offset += n * width
+        summed = torch.cat([d.reshape(-1).to(dtype) for d, _ in [*shared, *self.sparse]]
+                           or [sent.new_empty(0)])
+        if summed.numel():
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+            summed /= world
+        offset = 0
+        for target, pairs in ((out.dense, shared), (out.sparse, self.sparse)):
+            for d, z in pairs:
+                target.append((summed[offset:offset + d.numel()].view_as(d).to(d.dtype), z))
+                offset += d.numel()
         return out
 
     def dense_gradient(self, in_features: int, dtype: torch.dtype) -> Tensor:

@@ -80,3 +80,33 @@ def test_the_points_norm_makes_no_copy_of_the_batch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert int(out.stdout.strip()) < 0.1 * 400e6
+
+
+def test_a_checkpoint_from_before_the_rate_rule_resumes_at_its_own_rate():
+    """Optimizer state saved before ``scaled_by_points`` existed (its groups lack the key)
+    loads and steps with the plain rate it was trained with, as ``input_lr=lr``."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 64, dtype=torch.float64) * 10  # |x| ~ 80 > width / 2: the rule binds
+
+    def run(opt, net):
+        def closure():
+            opt.zero_grad()
+            loss = net(x).square().mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+    old_net = MLP(64, width=8, depth=1, seed=0).double()
+    old = FusedAdafactor(old_net, lr=1e-2, input_lr=1e-2)
+    run(old, old_net)
+    state = old.state_dict()
+    for group in state["param_groups"]:
+        group.pop("scaled_by_points", None)
+    plain_net = MLP(64, width=8, depth=1, seed=0).double()
+    plain = FusedAdafactor(plain_net, lr=1e-2, input_lr=1e-2)
+    run(plain, plain_net)
+    old.load_state_dict(state)
+    run(old, old_net)
+    run(plain, plain_net)
+    for a, b in zip(old_net.parameters(), plain_net.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -297,7 +297,8 @@ class FusedAdafactor(torch.optim.Adam):
         """
         row_sum = torch.zeros(buffers.shape[1], dtype=buffers.dtype, device=buffers.device)
         rate_scale = 1.0
-        if apply is not None and apply[2]["scaled_by_points"]:
+        # absent from the groups of checkpoints saved before the rule, which used lr as it is
+        if apply is not None and apply[2].get("scaled_by_points", False):
             rate_scale = input_rate_scale(grad.points_rms_norm(), apply[0].shape[0])
         for start, stop in blocks:
             n = stop - start

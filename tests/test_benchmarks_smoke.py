@@ -16,6 +16,7 @@ import pytest
 from conftest import load_benchmark
 
 
+@pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
 def test_scaling_smoke(tmp_path):
     mod = load_benchmark("scaling")
     rows = mod.main(["--smoke", "--methods", "sdze", "adam+hte", "--out", str(tmp_path)])
@@ -129,6 +130,7 @@ def test_profile_smoke(tmp_path):
     assert (tmp_path / "profile_sdze_d300.txt").exists()
 
 
+@pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
 def test_time_to_accuracy_smoke(tmp_path):
     mod = load_benchmark("time_to_accuracy")
     # two runs at once (--jobs 2): the rows still come back in job order
@@ -252,6 +254,7 @@ def test_fused_scaling_smoke(tmp_path):
     assert json.loads((tmp_path / "fused_scaling_smoke.json").read_text())["rows"] == rows
 
 
+@pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
 def test_threads_smoke():
     """benchmarks/threads.py: the main job through the CLI next to a busy process."""
     mod = load_benchmark("threads")

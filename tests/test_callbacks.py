@@ -628,6 +628,7 @@ def test_callback_configs_instantiate(group, tmp_path):
 
 
 # ------------------------------------------------------------------- benchmark
+@pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
 def test_benchmark_smoke_mode(tmp_path):
     module = load_benchmark("callbacks_cost")
     threads = torch.get_num_threads()

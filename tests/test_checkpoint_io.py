@@ -392,6 +392,7 @@ def test_a_configured_plugin_is_left_alone():
     assert len(module._load_state_dict_pre_hooks) == 1
 
 
+@pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
 def test_checkpoint_peak_benchmark_smoke(tmp_path):
     """benchmarks/checkpoint_peak.py: three runs per configuration, the resume restores."""
     from conftest import load_benchmark

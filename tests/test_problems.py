@@ -439,6 +439,7 @@ def test_sdze_train_runs_the_example_config(tmp_path):
     assert '"steps": 5' in out.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
 def test_zoo_accuracy_smoke(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

@@ -20,6 +20,7 @@ def bench():
     return load_benchmark("stde_side_by_side")
 
 
+@pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
 def test_smoke_runs_both_of_our_methods_and_writes_the_floors(bench, tmp_path):
     result = bench.main(["--smoke", "--out", str(tmp_path)])
     assert [r["method"] for r in result["rows"]] == list(bench.OURS)

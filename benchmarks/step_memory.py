@@ -104,7 +104,7 @@ def measure(method: str, dim: int, cfg: dict) -> dict:
     source = peak() - before
 
     # method only: batch and source precomputed (resident), so only the step's own transients
-    problem.points = lambda step, key: x
+    problem.collocation.points = lambda step, key: x
     problem.source = lambda pts: f
     reset_peak()
     train_step(problem, opt, 2)

@@ -10,14 +10,13 @@ draw them once, and a problem can cache what depends on them by tensor; with ``p
 batch of the next step is built on a background thread (:mod:`sdze_lightning.prefetch`)
 and handed over when the step begins.
 
-The functions take the problem first: :class:`~sdze_lightning.problem.PINNProblem`
-binds them as its methods (``problem.points(step, key)``).
+:class:`Collocation` is the problem's collaborator for all of this (its
+``collocation`` attribute); the problem's ``points``, ``begin_step``, ... delegate to it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import itertools
 import time
@@ -29,21 +28,38 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from sdze_lightning.distributed import Shard
 from sdze_lightning.prefetch import BatchPrefetcher, PreparePlacement
 from sdze_lightning.seeding import Stream, mix
 
 if TYPE_CHECKING:
-    from sdze_lightning.problem import PINNProblem
+    from sdze_lightning.contract import ProblemContract
+
+
+def seeded_generator(device: torch.device, seed: int, *parts: int,
+                     stream: Stream = Stream.USER) -> torch.Generator:
+    """A generator on ``device`` seeded from ``(stream, seed, *parts)``.
+
+    The library's draws have their own streams (:mod:`sdze_lightning.seeding`).
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(mix(stream, seed, *parts))
+    return gen
 
 
 class Collocation:
-    """The collocation state of one problem (its ``collocation`` attribute).
+    """The collocation points of one problem (its ``collocation`` attribute) and their state.
+
+    Draws the points of a step through the problem's user contract
+    (``sample_interior``, ``sample_boundary``, ``prepare_batch``), keeps them for the
+    step, and hands over prefetched batches.
 
     Args:
-        problem: The problem whose batches are prefetched.
+        problem: The problem whose points these are.
         prefetch: Build the next step's interior batch on a background thread.
 
     Attributes:
+        shard: This rank's share of each batch (the whole batch unless data-parallel).
         cache: Interior points of the current step, by ``(step, key)``.
         boundary_cache: Boundary points of the current step, by ``(step, key)``.
         prefetcher: The background builder (``None`` without prefetching).
@@ -53,172 +69,141 @@ class Collocation:
 
     """
 
-    def __init__(self, problem: PINNProblem, prefetch: bool) -> None:
+    def __init__(self, problem: ProblemContract, prefetch: bool) -> None:
+        self.problem = problem
+        self.shard = Shard()
         self.cache: dict[tuple[int, int], Tensor] = {}
         self.boundary_cache: dict[tuple[int, int], Tensor] = {}
-        make = functools.partial(training_batch, problem)
-        self.prefetcher = BatchPrefetcher(make) if prefetch else None
+        self.prefetcher = BatchPrefetcher(self.training_batch) if prefetch else None
         self.placement = PreparePlacement()
         self.prepare_takes_rows = "rows" in inspect.signature(problem.prepare_batch).parameters
         self.main_since: float | None = None
 
+    @property
+    def prefetching(self) -> bool:
+        """Whether training batches are prefetched (the problem's ``prefetch`` argument)."""
+        return self.prefetcher is not None
 
-def generator(problem: PINNProblem, *parts: int, stream: Stream = Stream.USER) -> torch.Generator:
-    """A generator on the problem's device seeded from ``(stream, seed, *parts)``.
+    def generator(self, step: int, key: int, stream: Stream) -> torch.Generator:
+        """The generator of ``stream`` for ``(step, key)`` on the problem's device."""
+        return seeded_generator(self.problem.device, self.problem.seed, step, key, stream=stream)
 
-    The library's draws have their own streams (:mod:`sdze_lightning.seeding`).
-    """
-    gen = torch.Generator(device=problem.device)
-    gen.manual_seed(mix(stream, problem.seed, *parts))
-    return gen
+    def points(self, step: int, key: int) -> Tensor:
+        """Interior points of ``step`` for noise key ``key`` (cached within the step).
 
+        Under data parallelism, this rank's share (:attr:`shard`) of the batch: every
+        rank samples the whole batch from the same seed and keeps its rows.
+        """
+        return self._step_cached("cache", step, key, lambda: self.sample_points(step, key))
 
-def rand(problem: PINNProblem, *shape: int, generator: torch.Generator) -> Tensor:
-    """Uniform ``[0, 1)`` samples on the problem's device and dtype."""
-    return torch.rand(*shape, generator=generator, device=problem.device, dtype=problem.dtype)
+    def _step_cached(self, name: str, step: int, key: int, draw: Callable[[], Tensor]) -> Tensor:
+        """``self.<name>[(step, key)]``, drawn on first use; entries of other steps dropped."""
+        cache: dict[tuple[int, int], Tensor] = getattr(self, name)
+        cached = cache.get((step, key))
+        if cached is None:
+            cached = draw()
+            setattr(self, name, {(step, key): cached} | {
+                k: v for k, v in cache.items() if k[0] == step
+            })
+        return cached
 
+    def sample_points(self, step: int, key: int = 0) -> Tensor:
+        """Interior points of ``step`` for noise key ``key``, drawn anew (not cached)."""
+        problem = self.problem
+        gen = self.generator(step, key, Stream.INTERIOR)
+        return self.shard.take(problem.sample_interior(problem.n_interior, gen))
 
-def randn(problem: PINNProblem, *shape: int, generator: torch.Generator) -> Tensor:
-    """Standard normal samples on the problem's device and dtype."""
-    return torch.randn(*shape, generator=generator, device=problem.device, dtype=problem.dtype)
+    def boundary_points(self, step: int, key: int = 0) -> Tensor:
+        """Boundary/initial points of ``step`` for noise key ``key`` (cached within the step).
 
+        This rank's share under data parallelism, as :meth:`points`.
+        """
+        return self._step_cached("boundary_cache", step, key,
+                                 lambda: self.sample_boundary_points(step, key))
 
-def prefetching(problem: PINNProblem) -> bool:
-    """Whether training batches are prefetched (the problem's ``prefetch`` argument)."""
-    return problem.collocation.prefetcher is not None
+    def sample_boundary_points(self, step: int, key: int = 0) -> Tensor:
+        """Boundary/initial points of ``step`` for noise key ``key``, drawn anew (not cached)."""
+        problem = self.problem
+        gen = self.generator(step, key, Stream.BOUNDARY)
+        xb = problem.sample_boundary(problem.n_boundary, gen)
+        if xb.shape[0] == 0:
+            raise ValueError(f"{type(problem).__name__}.sample_boundary() returned no points.")
+        return self.shard.take(xb)
 
+    @contextlib.contextmanager
+    def isolated(self) -> Iterator[None]:
+        """Points cached inside the block (probes, measurements) are dropped at its end.
 
-def points(problem: PINNProblem, step: int, key: int) -> Tensor:
-    """Interior points of ``step`` for noise key ``key`` (cached within the step).
+        The per-step caches of :meth:`points` and :meth:`boundary_points` are left as the
+        block found them.
+        """
+        saved, saved_boundary = dict(self.cache), dict(self.boundary_cache)
+        try:
+            yield
+        finally:
+            self.cache, self.boundary_cache = saved, saved_boundary
 
-    Under data parallelism, this rank's share (``problem.shard``) of the batch:
-    every rank samples the whole batch from the same seed and keeps its rows.
-    """
-    return _step_cached(problem.collocation, "cache", step, key,
-                        lambda: sample_points(problem, step, key))
+    def training_batch(self, step: int) -> tuple[Tensor, float, float]:
+        """Interior points of training ``step`` (key 0) with the times of building them.
 
+        Returns ``(x, sampling seconds, prepare seconds)``; on the prefetch thread the
+        problem's ``prepare_batch`` gets the share of rows that the placement gives that
+        thread (none: 0 s).
+        """
+        t0 = time.perf_counter()
+        x = self.sample_points(step, 0)
+        t1 = time.perf_counter()
+        rows = self.placement.rows_ahead(len(x))
+        if self.prepare_takes_rows:
+            if rows > 0:
+                self.problem.prepare_batch(x, rows)
+        elif 2 * rows >= len(x):  # an override of the one-argument hook: all or nothing
+            self.problem.prepare_batch(x)
+        return x, t1 - t0, time.perf_counter() - t1
 
-def _step_cached(state: Collocation, name: str, step: int, key: int,
-                 draw: Callable[[], Tensor]) -> Tensor:
-    """``state.<name>[(step, key)]``, drawn on first use; entries of other steps dropped."""
-    cache: dict[tuple[int, int], Tensor] = getattr(state, name)
-    cached = cache.get((step, key))
-    if cached is None:
-        cached = draw()
-        setattr(state, name, {(step, key): cached} | {
-            k: v for k, v in cache.items() if k[0] == step
-        })
-    return cached
+    def begin_step(self, step: int) -> None:
+        """Make the interior batch of training ``step`` ready (``prefetch=True``).
 
+        Takes it from the prefetch thread (waiting if it is not done), prepares
+        the rows the prefetch thread left (:class:`~sdze_lightning.prefetch.PreparePlacement`
+        splits them between the threads) and starts the batch of ``step + 1``;
+        without prefetching, does nothing (the batch is drawn when the loss first
+        asks for it).
+        """
+        if self.prefetcher is None:
+            return
+        now = time.perf_counter()
+        main_s = None if self.main_since is None else now - self.main_since
+        x, sample_s, ahead_s = self.prefetcher.get(step)
+        t0 = time.perf_counter()
+        self.problem.prepare_batch(x)
+        self.placement.record(sample_s, ahead_s + time.perf_counter() - t0, main_s)
+        self.cache = {(step, 0): x}
+        self.main_since = time.perf_counter()
 
-def sample_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
-    """Interior points of ``step`` for noise key ``key``, drawn anew (not cached)."""
-    gen = problem.generator(step, key, stream=Stream.INTERIOR)
-    return problem.shard.take(problem.sample_interior(problem.n_interior, gen))
+    def end_step(self) -> None:
+        """Drop the points of the step."""
+        self.cache = {}
+        self.boundary_cache = {}
 
+    def stop_prefetch(self) -> None:
+        """Stop the prefetch thread and drop the batch it was building."""
+        self.main_since = None
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
-def boundary_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
-    """Boundary/initial points of ``step`` for noise key ``key`` (cached within the step).
+    def drop_prefetch_without_crns(self, zeroth_order: Iterable[Any]) -> None:
+        """Turn prefetching off (warned) if a zeroth-order method draws points per evaluation.
 
-    This rank's share under data parallelism, as :func:`points`.
-    """
-    return _step_cached(problem.collocation, "boundary_cache", step, key,
-                        lambda: sample_boundary_points(problem, step, key))
-
-
-def sample_boundary_points(problem: PINNProblem, step: int, key: int = 0) -> Tensor:
-    """Boundary/initial points of ``step`` for noise key ``key``, drawn anew (not cached)."""
-    gen = problem.generator(step, key, stream=Stream.BOUNDARY)
-    xb = problem.sample_boundary(problem.n_boundary, gen)
-    if xb.shape[0] == 0:
-        raise ValueError(f"{type(problem).__name__}.sample_boundary() returned no points.")
-    return problem.shard.take(xb)
-
-
-@contextlib.contextmanager
-def isolated_points(problem: PINNProblem) -> Iterator[None]:
-    """Points cached inside the block (probes, measurements) are dropped at its end.
-
-    The per-step caches of :func:`points` and :func:`boundary_points` are left as the
-    block found them.
-    """
-    state = problem.collocation
-    saved, saved_boundary = dict(state.cache), dict(state.boundary_cache)
-    try:
-        yield
-    finally:
-        state.cache, state.boundary_cache = saved, saved_boundary
-
-
-def training_batch(problem: PINNProblem, step: int) -> tuple[Tensor, float, float]:
-    """Interior points of training ``step`` (key 0) with the times of building them.
-
-    Returns ``(x, sampling seconds, prepare seconds)``; on the prefetch thread the
-    problem's ``prepare_batch`` gets the share of rows that the placement gives that
-    thread (none: 0 s).
-    """
-    state = problem.collocation
-    t0 = time.perf_counter()
-    x = sample_points(problem, step, 0)
-    t1 = time.perf_counter()
-    rows = state.placement.rows_ahead(len(x))
-    if state.prepare_takes_rows:
-        if rows > 0:
-            problem.prepare_batch(x, rows)
-    elif 2 * rows >= len(x):  # an override of the one-argument hook: all or nothing
-        problem.prepare_batch(x)
-    return x, t1 - t0, time.perf_counter() - t1
-
-
-def begin_step(problem: PINNProblem, step: int) -> None:
-    """Make the interior batch of training ``step`` ready (``prefetch=True``).
-
-    Takes it from the prefetch thread (waiting if it is not done), prepares
-    the rows the prefetch thread left (:class:`~sdze_lightning.prefetch.PreparePlacement`
-    splits them between the threads) and starts the batch of ``step + 1``;
-    without prefetching, does nothing (the batch is drawn when the loss first
-    asks for it).
-    """
-    state = problem.collocation
-    if state.prefetcher is None:
-        return
-    now = time.perf_counter()
-    main_s = None if state.main_since is None else now - state.main_since
-    x, sample_s, ahead_s = state.prefetcher.get(step)
-    t0 = time.perf_counter()
-    problem.prepare_batch(x)
-    state.placement.record(sample_s, ahead_s + time.perf_counter() - t0, main_s)
-    state.cache = {(step, 0): x}
-    state.main_since = time.perf_counter()
-
-
-def end_step(problem: PINNProblem) -> None:
-    """Drop the points of the step."""
-    problem.collocation.cache = {}
-    problem.collocation.boundary_cache = {}
-
-
-def stop_prefetch(problem: PINNProblem) -> None:
-    """Stop the prefetch thread and drop the batch it was building."""
-    state = problem.collocation
-    state.main_since = None
-    if state.prefetcher is not None:
-        state.prefetcher.close()
-
-
-def drop_prefetch_without_crns(problem: PINNProblem, zeroth_order: Iterable[Any]) -> None:
-    """Turn prefetching off (warned) if a zeroth-order method draws points per evaluation.
-
-    A method with ``crns=False`` never uses the shared key-0 batch that is prefetched.
-    """
-    state = problem.collocation
-    if state.prefetcher is not None and any(not o.crns for o in zeroth_order):
-        warnings.warn(
-            "prefetch=true has no effect with method.crns=false (each evaluation draws "
-            "its own points); prefetching is turned off.",
-            stacklevel=3,
-        )
-        state.prefetcher = None
+        A method with ``crns=False`` never uses the shared key-0 batch that is prefetched.
+        """
+        if self.prefetcher is not None and any(not o.crns for o in zeroth_order):
+            warnings.warn(
+                "prefetch=true has no effect with method.crns=false (each evaluation draws "
+                "its own points); prefetching is turned off.",
+                stacklevel=3,
+            )
+            self.prefetcher = None
 
 
 class StepLoader(DataLoader[int]):
@@ -268,18 +253,8 @@ class StepLoader(DataLoader[int]):
         self._skip = served if 0 <= served < len(self) else 0
 
 
-def step_indices(problem: PINNProblem, n: int) -> StepLoader:
+def step_indices(seed: int, n: int) -> StepLoader:
     """``n`` step indices: the Trainer's batches (the points are sampled in the step)."""
     # An own generator: a loader's iterator draws its base seed from it, not globally.
-    gen = torch.Generator().manual_seed(problem.seed)
+    gen = torch.Generator().manual_seed(seed)
     return StepLoader(range(n), batch_size=None, generator=gen)
-
-
-def train_dataloader(problem: PINNProblem) -> StepLoader:
-    """The step indices of an epoch (``steps_per_epoch``); resumable mid-epoch."""
-    return step_indices(problem, problem.steps_per_epoch)
-
-
-def val_dataloader(problem: PINNProblem) -> StepLoader:
-    """One index: validation evaluates the held-out set."""
-    return step_indices(problem, 1)

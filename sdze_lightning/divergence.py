@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sdze_lightning.stepping import StepOutcome
@@ -109,8 +109,3 @@ class DivergenceGuard:
         else:
             self.in_a_row = 0
         return outcome
-
-
-def steps_skipped(problem: Any) -> int:
-    """Steps a problem skipped under ``divergence="skip"`` (its ``skipped_steps``)."""
-    return problem.divergence_guard.skipped_steps

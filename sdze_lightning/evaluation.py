@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from sdze_lightning.collocation import seeded_generator
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.seeding import Stream
 
 if TYPE_CHECKING:
-    from sdze_lightning.problem import PINNProblem
+    from sdze_lightning.contract import ProblemContract
 
 #: Input numbers per held-out chunk at most (1 GiB in float32).
 EVAL_CHUNK_ELEMENTS = 1 << 28
@@ -25,51 +26,59 @@ EVAL_CHUNK_ELEMENTS = 1 << 28
 EVAL_MAX_CHUNK = 512
 
 
-def eval_chunk_rows(problem: PINNProblem) -> int:
-    """Held-out points per chunk: :data:`EVAL_CHUNK_ELEMENTS` input numbers at most."""
-    return max(1, min(EVAL_MAX_CHUNK, EVAL_CHUNK_ELEMENTS // problem.input_dim))
+class HeldOutSet:
+    """The held-out points of a problem and its error on them (its ``held_out`` attribute).
 
+    Draws the points with the problem's ``sample_interior`` and their reference values
+    with its ``exact_solution``, and evaluates the problem (its network with the
+    constraint) on them.
 
-def eval_batches(problem: PINNProblem, chunk: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Held-out points and reference values of ``problem`` in chunks of ``chunk`` points.
+    Args:
+        problem: The problem.
 
-    Each chunk is drawn when it is asked for: drop the previous one before asking
-    for the next to hold one chunk at a time. ``chunk`` defaults to
-    ``problem.eval_chunk_rows()`` (the points depend on it). Nothing is yielded without
-    a reference solution.
     """
-    gen = problem.generator(0, 0, stream=Stream.EVAL)
-    rows = chunk or problem.eval_chunk_rows()
-    for start in range(0, problem.n_eval, rows):
-        x = problem.sample_interior(min(rows, problem.n_eval - start), gen)
-        ref = problem.exact_solution(x)
-        if ref is None:
-            return
-        yield x, ref.to(problem.dtype)
-        del x, ref
 
+    def __init__(self, problem: ProblemContract) -> None:
+        self.problem = problem
 
-@torch.no_grad()
-def update_error(problem: PINNProblem, metric: RelativeL2Error) -> bool:
-    """Stream the held-out set (``problem.eval_batches()``) into ``metric``, one chunk in memory.
+    def chunk_rows(self) -> int:
+        """Held-out points per chunk: :data:`EVAL_CHUNK_ELEMENTS` input numbers at most."""
+        return max(1, min(EVAL_MAX_CHUNK, EVAL_CHUNK_ELEMENTS // self.problem.input_dim))
 
-    Returns ``False`` when the problem has no reference solution.
-    """
-    found = False
-    for x, ref in problem.eval_batches():
-        metric.update(problem(x), ref)
-        found = True
-        del x, ref  # before the next chunk is drawn
-    return found
+    def batches(self, chunk: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Held-out points and reference values in chunks of ``chunk`` points.
 
+        Each chunk is drawn when it is asked for: drop the previous one before asking
+        for the next to hold one chunk at a time. ``chunk`` defaults to
+        :meth:`chunk_rows` (the points depend on it). Nothing is yielded without a
+        reference solution.
+        """
+        problem = self.problem
+        gen = seeded_generator(problem.device, problem.seed, 0, 0, stream=Stream.EVAL)
+        rows = chunk or self.chunk_rows()
+        for start in range(0, problem.n_eval, rows):
+            x = problem.sample_interior(min(rows, problem.n_eval - start), gen)
+            ref = problem.exact_solution(x)
+            if ref is None:
+                return
+            yield x, ref.to(problem.dtype)
+            del x, ref
 
-def relative_l2_error(problem: PINNProblem) -> float | None:
-    """Relative L2 error of ``problem`` on its held-out points, or ``None`` without a reference."""
-    metric = RelativeL2Error().to(problem.device)
-    return float(metric.compute()) if update_error(problem, metric) else None
+    @torch.no_grad()
+    def update(self, metric: RelativeL2Error) -> bool:
+        """Stream the held-out set into ``metric``, one chunk in memory.
 
+        The chunks are the problem's ``eval_batches()`` (:meth:`batches` unless a
+        subclass overrides it). Returns ``False`` when there is no reference solution.
+        """
+        found = False
+        for x, ref in self.problem.eval_batches():
+            metric.update(self.problem(x), ref)
+            found = True
+            del x, ref  # before the next chunk is drawn
+        return found
 
-def validation_step(problem: PINNProblem, batch: object, batch_idx: int) -> None:
-    """Log ``val/rel_l2`` on the held-out points (torchmetrics, DDP-safe)."""
-    if update_error(problem, problem.rel_l2):
-        problem.log("val/rel_l2", problem.rel_l2, prog_bar=True)
+    def relative_l2_error(self) -> float | None:
+        """Relative L2 error on the held-out points, or ``None`` without a reference."""
+        metric = RelativeL2Error().to(self.problem.device)
+        return float(metric.compute()) if self.update(metric) else None

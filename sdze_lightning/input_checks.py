@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, integer, non_negative_int, positive_int
+from sdze_lightning.collocation import seeded_generator
 from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.divergence import check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
@@ -52,7 +53,7 @@ from sdze_lightning.seeding import Stream
 from sdze_lightning.threads import check_threads
 
 if TYPE_CHECKING:
-    from sdze_lightning.problem import PINNProblem
+    from sdze_lightning.contract import ProblemContract
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,13 @@ def check_arguments(problem_type: type, **args: Any) -> None:
         )
 
 
-def _inputs(problem: PINNProblem) -> str:
+def _inputs(problem: ProblemContract) -> str:
     """``pde.dim=<d>`` and, for a time-dependent problem, ``+ time``."""
     return f"pde.dim={problem.dim}{' + time' if problem.time_dependent else ''}"
 
 
 def checked_network(
-    problem: PINNProblem, net: nn.Module | Callable[..., nn.Module] | None
+    problem: ProblemContract, net: nn.Module | Callable[..., nn.Module] | None
 ) -> nn.Module:
     """The problem's network: ``net`` itself, or built by the factory ``net`` (default MLP).
 
@@ -217,7 +218,7 @@ def check_reverse_passes(estimator: Estimator, operators: Collection[str], dim: 
     )
 
 
-def check_network_fits(problem: PINNProblem, factory: Callable[..., nn.Module]) -> None:
+def check_network_fits(problem: ProblemContract, factory: Callable[..., nn.Module]) -> None:
     """Refuse a network whose parameters cannot fit, before allocating them.
 
     Works for factories whose target has ``parameter_count(in_features=..., **kw)``
@@ -235,13 +236,13 @@ def check_network_fits(problem: PINNProblem, factory: Callable[..., nn.Module]) 
 
 
 def _network_need(
-    problem: PINNProblem, params: int, itemsize: int, what: str = "network parameters"
+    problem: ProblemContract, params: int, itemsize: int, what: str = "network parameters"
 ) -> Need:
     width = "model.width (or pde.dim)" if problem.input_dim > 1000 else "model.width"
     return Need(f"{what} ({params:,})", params * itemsize, f"lower {width}")
 
 
-def predicted_needs(problem: PINNProblem) -> list[Need]:
+def predicted_needs(problem: ProblemContract) -> list[Need]:
     """Everything the pre-flight predicts a run holds at its peak.
 
     The network, then :func:`training_needs`. Their sum is the predicted peak of the run's
@@ -254,12 +255,12 @@ def predicted_needs(problem: PINNProblem) -> list[Need]:
     return [_network_need(problem, params, itemsize), *training_needs(problem)]
 
 
-def check_training_fits(problem: PINNProblem) -> None:
+def check_training_fits(problem: ProblemContract) -> None:
     """Refuse a run whose :func:`training_needs` cannot fit next to the network."""
     check_fits(training_needs(problem), problem.device)
 
 
-def training_needs(problem: PINNProblem) -> list[Need]:
+def training_needs(problem: ProblemContract) -> list[Need]:
     """What training needs beside the network: the parts the memory check adds up.
 
     The network is already allocated (the available memory excludes it); a
@@ -326,7 +327,7 @@ def training_needs(problem: PINNProblem) -> list[Need]:
     # (the batch being trained on, the method's and the estimator's temporaries, the graph).
     step_transients = sum(n.bytes for n in needs if n.what.startswith(TRANSIENT_PARTS))
     step_transients -= (batches - 1) * problem.n_interior * problem.input_dim * itemsize
-    rows = min(problem.n_eval, problem.eval_chunk_rows())
+    rows = min(problem.n_eval, problem.held_out.chunk_rows())
     chunk = rows * problem.input_dim * itemsize
     needs.append(Need(
         f"held-out chunk ({rows} points: {format_bytes(chunk)}, less the step's transients "
@@ -343,7 +344,7 @@ TRANSIENT_PARTS: tuple[str, ...] = (
 )
 
 
-def checked_residual(problem: PINNProblem, x: Tensor, d: Derivatives) -> Tensor:
+def checked_residual(problem: ProblemContract, x: Tensor, d: Derivatives) -> Tensor:
     """``problem.residual(x, d)``, refused unless it is one floating value per point."""
     r = problem.residual(x, d)
     if not isinstance(r, Tensor) or r.shape != (x.shape[0],):
@@ -359,7 +360,7 @@ def checked_residual(problem: PINNProblem, x: Tensor, d: Derivatives) -> Tensor:
     return r
 
 
-def check_inputs(problem: PINNProblem) -> None:
+def check_inputs(problem: ProblemContract) -> None:
     """Check the user contract on a tiny batch; raise a clear error naming what to fix.
 
     ``PINNProblem.check_inputs``. ``fit`` calls it unless it already ran for the module's
@@ -376,7 +377,7 @@ def check_inputs(problem: PINNProblem) -> None:
     dry_build_method(problem)
     check_training_fits(problem)
     with torch.no_grad():
-        x = problem.sample_interior(2, problem.generator(-1, 0, stream=Stream.INTERIOR))
+        x = problem.sample_interior(2, _probe_generator(problem, Stream.INTERIOR))
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != problem.input_dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
@@ -391,7 +392,7 @@ def check_inputs(problem: PINNProblem) -> None:
                 f"It must take input_dim={problem.input_dim} inputs ({_inputs(problem)}); "
                 "fix model.in_features or the network's first layer."
             ) from err
-        gen = problem.generator(-1, 0, stream=Stream.ESTIMATOR)
+        gen = _probe_generator(problem, Stream.ESTIMATOR)
         r = checked_residual(problem, x, problem.derivatives(x, gen))
         if r.dtype != x.dtype:
             raise TypeError(
@@ -400,7 +401,6 @@ def check_inputs(problem: PINNProblem) -> None:
                 "dtype=x.dtype), or precision=64-true silently loses its accuracy."
             )
         _check_boundary(problem)
-    problem._checked_as = (problem.device, problem.dtype)  # fit checks again only if changed
     if is_zeroth_order(problem.method) and not problem.estimator.forward_only:
         log.warning(
             "estimator=%s back-propagates through x: the zeroth-order method still works, "
@@ -409,11 +409,47 @@ def check_inputs(problem: PINNProblem) -> None:
         )
 
 
-def _check_boundary(problem: PINNProblem) -> None:
+class ContractCheck:
+    """Runs :func:`check_inputs` on a problem once per device and dtype (its ``contract_check``).
+
+    Args:
+        problem: The problem to check.
+
+    Attributes:
+        checked_as: ``(device, dtype)`` of the last passed check, ``None`` before one (and
+            after a fit ends: the next fit checks again).
+
+    """
+
+    def __init__(self, problem: ProblemContract) -> None:
+        self.problem = problem
+        self.checked_as: tuple[torch.device, torch.dtype] | None = None
+
+    def run(self) -> None:
+        """Check the user contract (:func:`check_inputs`) and remember where it passed."""
+        check_inputs(self.problem)
+        self.checked_as = (self.problem.device, self.problem.dtype)
+
+    def run_unless_checked(self) -> None:
+        """:meth:`run` unless it passed for the problem's device and dtype already."""
+        if self.checked_as != (self.problem.device, self.problem.dtype):
+            self.run()
+
+    def forget(self) -> None:
+        """The next :meth:`run_unless_checked` checks again."""
+        self.checked_as = None
+
+
+def _probe_generator(problem: ProblemContract, stream: Stream) -> torch.Generator:
+    """The generator of the checks' tiny batch (step -1: never a training step's)."""
+    return seeded_generator(problem.device, problem.seed, -1, 0, stream=stream)
+
+
+def _check_boundary(problem: ProblemContract) -> None:
     """The boundary sample and residual, or a missing ``n_boundary`` where one is needed."""
     name = type(problem).__name__
     if problem.n_boundary > 0:
-        xb = problem.sample_boundary(2, problem.generator(-1, 0, stream=Stream.BOUNDARY))
+        xb = problem.sample_boundary(2, _probe_generator(problem, Stream.BOUNDARY))
         if xb.dim() != 2 or xb.shape[0] == 0 or xb.shape[1] != problem.input_dim:
             raise ValueError(
                 f"{name}.sample_boundary() must return (n, "
@@ -434,18 +470,15 @@ def _check_boundary(problem: PINNProblem) -> None:
         )
 
 
-def _needs_boundary_sample(problem: PINNProblem) -> bool:
-    from sdze_lightning.problem import PINNProblem
-
-    cls = type(problem)
+def _needs_boundary_sample(problem: ProblemContract) -> bool:
     return (
-        cls.sample_boundary is not PINNProblem.sample_boundary
+        problem.overrides("sample_boundary")
         and problem.constraint is None
-        and cls.hard_constraint is PINNProblem.hard_constraint
+        and not problem.overrides("hard_constraint")
     )
 
 
-def dry_build_method(problem: PINNProblem) -> None:
+def dry_build_method(problem: ProblemContract) -> None:
     """Build the method (and scheduler) once on a parameter-free copy of the network.
 
     Their constructors validate the ``method.*`` values; doing it here puts those

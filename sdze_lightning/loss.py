@@ -19,56 +19,74 @@ from sdze_lightning.input_checks import checked_residual
 from sdze_lightning.seeding import Stream
 
 if TYPE_CHECKING:
-    from sdze_lightning.problem import PINNProblem
+    from sdze_lightning.collocation import Collocation
+    from sdze_lightning.contract import ProblemContract
 
 
-def interior_residuals(
-    problem: PINNProblem, step: int, key: int = 0, rows: slice | None = None
-) -> tuple[Tensor, ...]:
-    """Per-point residual(s) of ``step``: one tensor, or two independent halves.
+class PhysicsLoss:
+    """The loss of a problem's steps (its ``physics_loss`` attribute).
 
-    ``rows`` restricts them to those interior points (same estimator seed).
+    Evaluates the user contract (``residual``, ``boundary_residual``) on the points of
+    ``collocation`` with the problem's estimator.
+
+    Args:
+        problem: The problem (its residuals, estimator, weights and sizes).
+        collocation: Where the points of a step come from.
+
     """
-    x = problem.points(step, key)
-    if rows is not None:
-        x = x[rows]
-    gen = problem.generator(step, key, stream=Stream.ESTIMATOR)
-    if problem.squared_residual == "unbiased":
-        return tuple(
-            checked_residual(problem, x, problem.derivatives(x, gen, half))
-            for half in problem.estimator_halves
-        )
-    return (checked_residual(problem, x, problem.derivatives(x, gen)),)
 
+    def __init__(self, problem: ProblemContract, collocation: Collocation) -> None:
+        self.problem = problem
+        self.collocation = collocation
 
-def loss_terms(problem: PINNProblem, step: int, key: int = 0) -> dict[str, Tensor]:
-    """Loss of ``step`` as a dict with ``"loss"``, ``"interior"`` and ``"boundary"``."""
-    res = problem.interior_residuals(step, key)
-    interior = problem.shard.mean(res[0] * res[-1], problem.n_interior)
-    terms = {"interior": interior}
-    loss = interior
-    if problem.n_boundary > 0:
-        rb = problem.boundary_residual(problem.boundary_points(step, key))
-        terms["boundary"] = problem.shard.mean(rb.square(), problem.n_boundary)
-        loss = loss + problem.boundary_weight * terms["boundary"]
-    terms["loss"] = loss
-    return terms
+    def interior_residuals(
+        self, step: int, key: int = 0, rows: slice | None = None
+    ) -> tuple[Tensor, ...]:
+        """Per-point residual(s) of ``step``: one tensor, or two independent halves.
 
+        ``rows`` restricts them to those interior points (same estimator seed).
+        """
+        problem = self.problem
+        x = self.collocation.points(step, key)
+        if rows is not None:
+            x = x[rows]
+        gen = self.collocation.generator(step, key, Stream.ESTIMATOR)
+        if problem.squared_residual == "unbiased":
+            return tuple(
+                checked_residual(problem, x, problem.derivatives(x, gen, half))
+                for half in problem.estimator_halves
+            )
+        return (checked_residual(problem, x, problem.derivatives(x, gen)),)
 
-def residual_batch(
-    problem: PINNProblem, step: int, key: int = 0, rows: slice | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """Per-point interior residual ``(N,)`` and weighted boundary term (or ``None``).
+    def terms(self, step: int, key: int = 0) -> dict[str, Tensor]:
+        """Loss of ``step`` as a dict with ``"loss"``, ``"interior"`` and ``"boundary"``."""
+        problem, shard = self.problem, self.collocation.shard
+        res = self.interior_residuals(step, key)
+        interior = shard.mean(res[0] * res[-1], problem.n_interior)
+        terms = {"interior": interior}
+        loss = interior
+        if problem.n_boundary > 0:
+            rb = problem.boundary_residual(self.collocation.boundary_points(step, key))
+            terms["boundary"] = shard.mean(rb.square(), problem.n_boundary)
+            loss = loss + problem.boundary_weight * terms["boundary"]
+        terms["loss"] = loss
+        return terms
 
-    For optimizers that need per-point residual gradients (``needs_residuals``,
-    e.g. :class:`~sdze_lightning.methods.PDEAware`); the two halves of the
-    unbiased form are averaged. With ``rows``, the residuals of those interior
-    points only (recomputed on them alone) and no boundary term.
-    """
-    res = problem.interior_residuals(step, key, rows)
-    r = res[0] if len(res) == 1 else 0.5 * (res[0] + res[1])
-    boundary = None
-    if problem.n_boundary > 0 and rows is None:
-        xb = problem.boundary_points(step, key)
-        boundary = problem.boundary_weight * problem.boundary_residual(xb).square().mean()
-    return r, boundary
+    def residual_batch(
+        self, step: int, key: int = 0, rows: slice | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-point interior residual ``(N,)`` and weighted boundary term (or ``None``).
+
+        For optimizers that need per-point residual gradients (``needs_residuals``,
+        e.g. :class:`~sdze_lightning.methods.PDEAware`); the two halves of the
+        unbiased form are averaged. With ``rows``, the residuals of those interior
+        points only (recomputed on them alone) and no boundary term.
+        """
+        problem = self.problem
+        res = self.interior_residuals(step, key, rows)
+        r = res[0] if len(res) == 1 else 0.5 * (res[0] + res[1])
+        boundary = None
+        if problem.n_boundary > 0 and rows is None:
+            xb = self.collocation.boundary_points(step, key)
+            boundary = problem.boundary_weight * problem.boundary_residual(xb).square().mean()
+        return r, boundary

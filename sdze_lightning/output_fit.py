@@ -32,12 +32,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from sdze_lightning.collocation import end_step
 from sdze_lightning.distributed import all_reduce_mean
 from sdze_lightning.nn.mlp import MLP
 
 if TYPE_CHECKING:
-    from sdze_lightning.problem import PINNProblem
+    from sdze_lightning.contract import ProblemContract
 
 #: The choices of the ``output_fit`` option.
 MODES = ("constant", "none")
@@ -138,7 +137,7 @@ class OutputOffsetFit:
         """Never fit (the weights are trained ones, e.g. loaded from a checkpoint)."""
         self.done = True
 
-    def apply(self, problem: PINNProblem, step: int = 0) -> float | None:
+    def apply(self, problem: ProblemContract, step: int = 0) -> float | None:
         """Fit the constant on ``step``'s points and shift the output bias to it.
 
         Under data parallelism each loss and the mean output are averaged over the ranks
@@ -165,21 +164,23 @@ class OutputOffsetFit:
         def over_ranks(value: Tensor) -> float:
             """This rank's estimate of a batch mean, averaged over the ranks."""
             value = value.detach().reshape(1)
-            return float(all_reduce_mean(value) if problem.shard.active else value)
+            return float(all_reduce_mean(value) if shard.active else value)
 
+        collocation = problem.collocation
+        shard = collocation.shard
         with torch.no_grad(), net.first_layer_cache():
-            x = problem.points(step, 0)
+            x = collocation.points(step, 0)
             with constant_output(layer) as set_constant:
 
                 def loss(c: float) -> float:
                     set_constant(c)
-                    return over_ranks(problem.compute_loss(step))
+                    return over_ranks(problem.physics_loss.terms(step)["loss"])
 
                 constant = minimise_scalar(loss)
-            mean = over_ranks(problem.shard.mean(net(x).reshape(-1), problem.n_interior))
+            mean = over_ranks(shard.mean(net(x).reshape(-1), problem.n_interior))
             layer.bias.add_(constant - mean)
         # the first step draws its batch afresh: under the Trainer's precision, and through
         # the prefetch thread where there is one (the same points either way)
-        end_step(problem)
+        collocation.end_step()
         self.constant = constant
         return constant

@@ -13,8 +13,9 @@ checkpoint: ``PINNProblem.load_from_checkpoint(path)`` returns the trained probl
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar
 
@@ -22,27 +23,29 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from sdze_lightning import (
-    collocation,
-    evaluation,
-    fit_lifecycle,
-    input_checks,
-    loading,
-    loss,
-    resume,
-    stepping,
-)
+from sdze_lightning import input_checks, loading
+from sdze_lightning.collocation import Collocation, StepLoader, seeded_generator, step_indices
 from sdze_lightning.constraints import Constraint
 from sdze_lightning.derivatives import Derivatives
-from sdze_lightning.distributed import Shard, keep_self_reduced_out_of_ddp
-from sdze_lightning.divergence import DivergenceGuard, NonFiniteLossError, steps_skipped
+from sdze_lightning.distributed import Shard, data_parallel_shard, keep_self_reduced_out_of_ddp
+from sdze_lightning.divergence import NonFiniteLossError
 from sdze_lightning.estimators import Estimator
-from sdze_lightning.input_checks import check_precision
+from sdze_lightning.evaluation import HeldOutSet
+from sdze_lightning.input_checks import ContractCheck, check_precision
+from sdze_lightning.loss import PhysicsLoss
 from sdze_lightning.methods.base import build_optimizer
+from sdze_lightning.methods.fused_adafactor import FusedAdafactor
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.output_fit import OutputOffsetFit
-from sdze_lightning.stepping import StepOutcome
+from sdze_lightning.resume import ResumeRecord
+from sdze_lightning.seeding import Stream
+from sdze_lightning.stepping import (
+    StepOutcome,
+    StepRunner,
+    inner_optimizers,
+    zeroth_order_optimizers,
+)
 from sdze_lightning.threads import FitThreads
 
 if TYPE_CHECKING:
@@ -90,6 +93,31 @@ class PINNProblem(L.LightningModule):
     recorded, and :meth:`load_from_checkpoint` then needs ``net=`` again
     (:mod:`sdze_lightning.loading`).
 
+    Public surface, beyond ``LightningModule``'s (``tests/test_problem_surface.py`` checks
+    this list against ``dir()``):
+
+    * the user contract, overridden by a subclass: ``sample_interior``,
+      ``sample_boundary``, ``residual``, ``exact_solution``, ``boundary_target``,
+      ``boundary_residual``, ``hard_constraint``, ``prepare_batch``, ``operators``,
+      ``time_dependent``;
+    * tools for writing it: ``generator``, ``rand``, ``randn``, ``derivatives``, ``model``,
+      ``overrides``;
+    * the settings (constructor arguments): ``dim``, ``input_dim``, ``seed``,
+      ``n_interior``, ``n_boundary``, ``n_eval``, ``boundary_weight``,
+      ``squared_residual``, ``steps_per_epoch``, ``divergence``, ``threads``,
+      ``fused_kernels``, ``net``, ``estimator``, ``estimator_halves``, ``method``,
+      ``scheduler``, ``constraint``;
+    * the collaborators that own the library's state: ``collocation`` (points, prefetch,
+      this rank's share), ``physics_loss``, ``step_runner`` (steps, divergence guard),
+      ``held_out``, ``contract_check``, ``resume_record``, ``output_fit``, ``fit_threads``,
+      and the metric ``rel_l2``;
+    * what the last fit did: ``intra_op_threads``, ``last_loss``, ``skipped_steps``;
+    * the library's API, delegating to the collaborators: ``points``, ``sample_points``,
+      ``boundary_points``, ``isolated_points``, ``begin_step``, ``stop_prefetch``,
+      ``prefetch``, ``shard``, ``interior_residuals``, ``loss_terms``, ``residual_batch``,
+      ``compute_loss``, ``eval_chunk_rows``, ``eval_batches``, ``relative_l2_error``,
+      ``run_step``, ``check_inputs``.
+
     """
 
     #: Operators the residual uses; checked against the estimator at construction.
@@ -127,19 +155,20 @@ class PINNProblem(L.LightningModule):
         self.method = input_checks.checked_method(method, seed, self.estimator)
         self.scheduler = scheduler
         self.constraint: Constraint | None = None
-        #: This rank's share of each batch (the whole batch unless data-parallel).
-        self.shard = Shard()
-        self.collocation = collocation.Collocation(self, prefetch)
-        self.divergence_guard = DivergenceGuard()
+        # the collaborators that own the library's state (see the class docs)
+        self.collocation = Collocation(self, prefetch)
+        self.physics_loss = PhysicsLoss(self, self.collocation)
+        self.step_runner = StepRunner(self, self.collocation, self.physics_loss)
+        self.held_out = HeldOutSet(self)
+        self.contract_check = ContractCheck(self)
+        self.resume_record = ResumeRecord(self)
         #: Fits the network's output offset to the loss before the first step.
         self.output_fit = OutputOffsetFit(output_fit)
         self.fit_threads = FitThreads(threads)
         #: The intra-op thread count of the last ``fit`` (``None`` before one).
         self.intra_op_threads: int | None = None
+        #: The held-out error logged at validation (torchmetrics, DDP-safe).
         self.rel_l2 = RelativeL2Error()
-        self.last_loss: float = float("nan")
-        self._checked_as: tuple[torch.device, torch.dtype] | None = None
-        self._resumed_from: dict[str, Any] | None = None
         loading.record_arguments(self, inspect.currentframe())
 
     # ------------------------------------------------------------- user contract
@@ -191,17 +220,32 @@ class PINNProblem(L.LightningModule):
         An override without ``rows`` gets the whole batch on one thread.
         """
 
-    # Random numbers for the samplers, on this module's device and dtype (see
-    # :mod:`sdze_lightning.collocation`; the library's own draws use other streams).
-    generator = collocation.generator
-    rand = collocation.rand
-    randn = collocation.randn
+    # ------------------------------------------------- random numbers for the samplers
+    def generator(self, *parts: int, stream: Stream = Stream.USER) -> torch.Generator:
+        """A generator on the problem's device seeded from ``(stream, seed, *parts)``.
+
+        The library's own draws use other streams (:mod:`sdze_lightning.seeding`).
+        """
+        return seeded_generator(self.device, self.seed, *parts, stream=stream)
+
+    def rand(self, *shape: int, generator: torch.Generator) -> Tensor:
+        """Uniform ``[0, 1)`` samples on the problem's device and dtype."""
+        return torch.rand(*shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def randn(self, *shape: int, generator: torch.Generator) -> Tensor:
+        """Standard normal samples on the problem's device and dtype."""
+        return torch.randn(*shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    @classmethod
+    def overrides(cls, name: str) -> bool:
+        """Whether this class defines its own ``name`` (a contract method) over the base's."""
+        return getattr(cls, name) is not getattr(PINNProblem, name)
 
     # -------------------------------------------------- the solution and its operators
     @property
     def model(self) -> ModelFunction:
         """The solution ``u`` as a function of the points (network + constraint)."""
-        own = type(self).hard_constraint is not PINNProblem.hard_constraint
+        own = self.overrides("hard_constraint")
         return ModelFunction(self.net, self.constraint, self.hard_constraint if own else None)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -265,41 +309,97 @@ class PINNProblem(L.LightningModule):
         values = est.estimate(model or self.model, x, self.operators, generator, self.dim)
         return Derivatives(x, values, self.dim)
 
-    # -------- the library's API: functions of the problem in their modules, bound as methods
-    # The points of a step (:mod:`sdze_lightning.collocation`).
-    points = collocation.points
-    sample_points = collocation.sample_points
-    boundary_points = collocation.boundary_points
-    isolated_points = collocation.isolated_points
+    # ------------------------------ the library's API: delegates to the collaborators
+    @property
+    def shard(self) -> Shard:
+        """This rank's share of each batch (the whole batch unless data-parallel)."""
+        return self.collocation.shard
 
     @property
     def prefetch(self) -> bool:
         """Whether training batches are prefetched (see the ``prefetch`` argument)."""
-        return collocation.prefetching(self)
+        return self.collocation.prefetching
 
-    begin_step = collocation.begin_step
-    stop_prefetch = collocation.stop_prefetch
+    def points(self, step: int, key: int = 0) -> Tensor:
+        """Interior points of ``step`` for noise key ``key`` (cached within the step)."""
+        return self.collocation.points(step, key)
 
-    # The loss (:mod:`sdze_lightning.loss`).
-    interior_residuals = loss.interior_residuals
-    loss_terms = loss.loss_terms
-    residual_batch = loss.residual_batch
+    def sample_points(self, step: int, key: int = 0) -> Tensor:
+        """Interior points of ``step`` for noise key ``key``, drawn anew (not cached)."""
+        return self.collocation.sample_points(step, key)
+
+    def boundary_points(self, step: int, key: int = 0) -> Tensor:
+        """Boundary/initial points of ``step`` for noise key ``key`` (cached within the step)."""
+        return self.collocation.boundary_points(step, key)
+
+    def isolated_points(self) -> contextlib.AbstractContextManager[None]:
+        """A block whose cached points (probes, measurements) are dropped at its end."""
+        return self.collocation.isolated()
+
+    def begin_step(self, step: int) -> None:
+        """Make the (prefetched) interior batch of training ``step`` ready."""
+        self.collocation.begin_step(step)
+
+    def stop_prefetch(self) -> None:
+        """Stop the prefetch thread and drop the batch it was building."""
+        self.collocation.stop_prefetch()
+
+    def interior_residuals(
+        self, step: int, key: int = 0, rows: slice | None = None
+    ) -> tuple[Tensor, ...]:
+        """Per-point residual(s) of ``step``: one tensor, or two independent halves."""
+        return self.physics_loss.interior_residuals(step, key, rows)
+
+    def loss_terms(self, step: int, key: int = 0) -> dict[str, Tensor]:
+        """Loss of ``step`` as a dict with ``"loss"``, ``"interior"`` and ``"boundary"``."""
+        return self.physics_loss.terms(step, key)
+
+    def residual_batch(
+        self, step: int, key: int = 0, rows: slice | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-point interior residual and weighted boundary term (``pde_aware``'s input)."""
+        return self.physics_loss.residual_batch(step, key, rows)
 
     def compute_loss(self, step: int, key: int = 0) -> Tensor:
         """Scalar training loss of ``step`` for noise key ``key``."""
-        return self.loss_terms(step, key)["loss"]
+        return self.physics_loss.terms(step, key)["loss"]
 
-    # The held-out error (:mod:`sdze_lightning.evaluation`).
-    eval_chunk_rows = evaluation.eval_chunk_rows
-    eval_batches = evaluation.eval_batches
-    relative_l2_error = evaluation.relative_l2_error
+    def eval_chunk_rows(self) -> int:
+        """Held-out points per chunk."""
+        return self.held_out.chunk_rows()
 
-    # One optimizer step, usable without a Trainer (:mod:`sdze_lightning.stepping`).
-    run_step = stepping.run_step
+    def eval_batches(self, chunk: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Held-out points and reference values, one chunk at a time."""
+        return self.held_out.batches(chunk)
 
-    check_inputs = input_checks.check_inputs
+    def relative_l2_error(self) -> float | None:
+        """Relative L2 error on the held-out points, or ``None`` without a reference."""
+        return self.held_out.relative_l2_error()
 
-    skipped_steps = property(steps_skipped)
+    def run_step(
+        self, optimizer: torch.optim.Optimizer, step: int, *,
+        backward: Callable[[Tensor], Any] | None = None, skip_nonfinite: bool = False,
+    ) -> StepOutcome:
+        """One optimizer step on the points of ``step``, usable without a Trainer.
+
+        See :meth:`~sdze_lightning.stepping.StepRunner.run`.
+        """
+        return self.step_runner.run(optimizer, step, backward=backward,
+                                    skip_nonfinite=skip_nonfinite)
+
+    def check_inputs(self) -> None:
+        """Check the user contract on a tiny batch (:func:`.input_checks.check_inputs`)."""
+        self.contract_check.run()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped under ``divergence="skip"`` so far (checkpoints keep the count)."""
+        return self.step_runner.guard.skipped_steps
+
+    @property
+    def last_loss(self) -> float:
+        """The loss of the last training step (NaN before one)."""
+        return self.step_runner.last_loss
 
     # ---------------------------------------------------------------- lightning hooks
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -307,22 +407,57 @@ class PINNProblem(L.LightningModule):
 
         See :mod:`sdze_lightning.resume` and :mod:`sdze_lightning.loading`.
         """
-        resume.on_save_checkpoint(self, checkpoint)
+        self.resume_record.save(checkpoint)
         loading.on_save_checkpoint(self, checkpoint)
 
-    # The precision and seeds of a resume (:mod:`sdze_lightning.resume`).
-    on_load_checkpoint = resume.on_load_checkpoint
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the Trainer's precision before the weights load; refuse other seeds."""
+        self.resume_record.load(checkpoint)
 
     def setup(self, stage: str) -> None:
         """Reject a Trainer precision this library cannot train with; set up DDP's exclusions."""
         check_precision(self.trainer.precision)
         keep_self_reduced_out_of_ddp(self, self.method, self.net)
 
-    # The fit's set-up and release (:mod:`sdze_lightning.fit_lifecycle`).
-    on_fit_start = fit_lifecycle.on_fit_start
-    on_train_start = fit_lifecycle.on_train_start
-    on_train_end = fit_lifecycle.on_train_end
-    teardown = fit_lifecycle.teardown
+    def on_fit_start(self) -> None:
+        """Check the inputs (once), shard the batches under DDP, set threads, fit the offset.
+
+        The offset is fitted in a fresh fit only: weights from a checkpoint keep theirs.
+        """
+        self.contract_check.run_unless_checked()
+        sizes = {"pde.n_interior": self.n_interior, "pde.n_boundary": self.n_boundary}
+        self.collocation.shard = data_parallel_shard(self.trainer, inner_optimizers(self), sizes)
+        params = sum(p.numel() for p in self.net.parameters())
+        work = (self.n_interior + self.n_boundary) * params
+        self.intra_op_threads = self.fit_threads.apply(
+            self.device.type == "cpu", work, int(self.prefetch), self.trainer.num_devices
+        )
+        self.step_runner.guard.in_a_row = 0
+        self.output_fit.apply(self)
+
+    def on_train_start(self) -> None:
+        """Drop a batch prefetched by an earlier fit; after a resume, refuse another method seed."""
+        self.collocation.stop_prefetch()
+        self.collocation.drop_prefetch_without_crns(zeroth_order_optimizers(self))
+        self.resume_record.check_methods()
+
+    def on_train_end(self) -> None:
+        """Fold the methods' implicit offsets (SDZE) into the weights: a plain network again."""
+        for opt in zeroth_order_optimizers(self):
+            opt.fold()
+
+    def teardown(self, stage: str) -> None:
+        """Stop prefetching; restore the whole batch, the thread count; close the methods."""
+        self.collocation.stop_prefetch()
+        self.fit_threads.restore()
+        self.collocation.shard = Shard()
+        self.contract_check.forget()
+        for opt in zeroth_order_optimizers(self):
+            opt.reducer = None
+            opt.close()
+        for opt in inner_optimizers(self):
+            if isinstance(opt, FusedAdafactor):
+                opt.shard = None
 
     def configure_optimizers(self) -> Any:
         """Build the injected method (and scheduler)."""
@@ -332,8 +467,24 @@ class PINNProblem(L.LightningModule):
         scheduler = {"scheduler": self.scheduler(opt), "interval": "step"}
         return {"optimizer": opt, "lr_scheduler": scheduler}
 
-    # The steps' indices, the step itself, the held-out error.
-    train_dataloader = collocation.train_dataloader
-    val_dataloader = collocation.val_dataloader
-    training_step = stepping.training_step
-    validation_step = evaluation.validation_step
+    def train_dataloader(self) -> StepLoader:
+        """The step indices of an epoch (``steps_per_epoch``); resumable mid-epoch."""
+        return step_indices(self.seed, self.steps_per_epoch)
+
+    def val_dataloader(self) -> StepLoader:
+        """One index: validation evaluates the held-out set."""
+        return step_indices(self.seed, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        """One step of the method under the divergence policy; the loss is logged."""
+        outcome = self.step_runner.training_step()
+        self.log("train/loss", outcome.loss, prog_bar=True)
+        if "boundary" in outcome.terms:
+            self.log("train/boundary", outcome.terms["boundary"].detach())
+        if self.skipped_steps:
+            self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def validation_step(self, batch: object, batch_idx: int) -> None:
+        """Log ``val/rel_l2`` on the held-out points (torchmetrics, DDP-safe)."""
+        if self.held_out.update(self.rel_l2):
+            self.log("val/rel_l2", self.rel_l2, prog_bar=True)

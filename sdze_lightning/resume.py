@@ -17,7 +17,7 @@ from sdze_lightning.methods.base import ZerothOrderOptimizer
 from sdze_lightning.stepping import inner_optimizers
 
 if TYPE_CHECKING:
-    from sdze_lightning.problem import PINNProblem
+    from sdze_lightning.contract import ProblemContract
 
 #: Key of the resume state in a Lightning checkpoint.
 CHECKPOINT_KEY = "sdze_lightning"
@@ -58,25 +58,49 @@ def check_method_seeds(saved: Mapping[str, Any], optimizers: Iterable[Any]) -> N
             )
 
 
-def on_save_checkpoint(problem: PINNProblem, checkpoint: dict[str, Any]) -> None:
-    """Record the seeds a resumed run must share (a ``PINNProblem`` hook)."""
-    checkpoint[CHECKPOINT_KEY] = resume_state(
-        problem.seed, inner_optimizers(problem), problem.skipped_steps
-    )
+class ResumeRecord:
+    """The seeds a checkpoint records and a resume must share (a problem's ``resume_record``).
 
+    Args:
+        problem: The problem (its seed, Trainer and collaborators).
 
-def on_load_checkpoint(problem: PINNProblem, checkpoint: dict[str, Any]) -> None:
-    """Convert to the Trainer's precision before the weights load; refuse another seed.
+    Attributes:
+        resumed_from: The checkpoint's record, from loading until the resumed fit has
+            checked its methods' seeds (``None`` otherwise).
 
-    A ``PINNProblem`` hook. Lightning loads the weights before it converts the module:
-    with ``64-true`` a float32 module would round the float64 checkpoint first.
     """
-    trainer = getattr(problem, "_trainer", None)
-    if trainer is not None:
-        trainer.strategy.precision_plugin.convert_module(problem)
-    saved = checkpoint.get(CHECKPOINT_KEY)
-    if saved:
-        check_seed(saved, problem.seed)
-        problem.divergence_guard.skipped_steps = int(saved.get("skipped_steps", 0))
-    problem._resumed_from = saved or None
-    problem.output_fit.skip()  # trained weights: their offset is not fitted again
+
+    def __init__(self, problem: ProblemContract) -> None:
+        self.problem = problem
+        self.resumed_from: dict[str, Any] | None = None
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        """Record the seeds a resumed run must share."""
+        problem = self.problem
+        checkpoint[CHECKPOINT_KEY] = resume_state(
+            problem.seed, inner_optimizers(problem), problem.step_runner.guard.skipped_steps
+        )
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        """Convert to the Trainer's precision before the weights load; refuse another seed.
+
+        Lightning loads the weights before it converts the module: with ``64-true`` a
+        float32 module would round the float64 checkpoint first. The skipped-step count
+        continues from the checkpoint's, and the output offset is not fitted again.
+        """
+        problem = self.problem
+        trainer = getattr(problem, "_trainer", None)
+        if trainer is not None:
+            trainer.strategy.precision_plugin.convert_module(problem)
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved:
+            check_seed(saved, problem.seed)
+            problem.step_runner.guard.skipped_steps = int(saved.get("skipped_steps", 0))
+        self.resumed_from = saved or None
+        problem.output_fit.skip()  # trained weights: their offset is not fitted again
+
+    def check_methods(self) -> None:
+        """After a resume's optimizers are built: refuse methods seeded otherwise."""
+        saved, self.resumed_from = self.resumed_from, None
+        if saved:
+            check_method_seeds(saved, inner_optimizers(self.problem))

@@ -28,15 +28,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sdze_lightning.collocation import end_step
 from sdze_lightning.distributed import all_true
-from sdze_lightning.divergence import NonFiniteLossError
+from sdze_lightning.divergence import DivergenceGuard, NonFiniteLossError
 from sdze_lightning.methods.base import ZerothOrderOptimizer, withholds_nonfinite
 
 if TYPE_CHECKING:
     import lightning as L
 
-    from sdze_lightning.problem import PINNProblem
+    from sdze_lightning.collocation import Collocation
+    from sdze_lightning.contract import ProblemContract
+    from sdze_lightning.loss import PhysicsLoss
 
 #: Copies of an optimizer's state and of its parameters (:func:`snapshot`).
 Snapshot = tuple[dict[str, Any], list[Tensor]]
@@ -101,134 +102,151 @@ def restore(optimizer: torch.optim.Optimizer, saved: Snapshot) -> None:
     optimizer.load_state_dict(state)
 
 
-def run_step(
-    problem: PINNProblem,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    *,
-    backward: Callable[[Tensor], Any] | None = None,
-    skip_nonfinite: bool = False,
-) -> StepOutcome:
-    """One step of ``optimizer`` on the points of ``step``: ``PINNProblem.run_step``.
-
-    What ``training_step`` runs, usable without a ``Trainer``: takes the (prefetched)
-    batch, evaluates the loss as the method asks and updates the network, under the
-    network's first-layer cache (where it has one); the step's points are dropped at the
-    end.
+class StepRunner:
+    """Runs a problem's optimizer steps under its divergence policy (its ``step_runner``).
 
     Args:
-        problem: The problem.
-        optimizer: A zeroth-order method (``step(loss_at=...)``) or any
-            ``torch.optim.Optimizer`` (``step(closure)``), or Lightning's wrapper of one.
-        step: The step index: it fixes the points and the estimator's directions.
-        backward: What back-propagates the loss (default ``Tensor.backward``; the
-            Trainer passes ``manual_backward``).
-        skip_nonfinite: On a NaN/Inf loss, report it in the outcome instead of raising
-            :class:`~sdze_lightning.divergence.NonFiniteLossError`.
+        problem: The problem (its network, Trainer hooks and divergence policy).
+        collocation: The points of each step (handed over and dropped per step).
+        physics_loss: The loss the methods evaluate.
+
+    Attributes:
+        guard: The divergence policy's state (skipped steps, saved in checkpoints).
+        last_loss: The loss of the last training step (NaN before one).
+
     """
-    inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
-    cache = getattr(problem.net, "first_layer_cache", None)
-    try:
-        problem.begin_step(step)
-        with cache() if cache is not None else contextlib.nullcontext():
-            if isinstance(inner, ZerothOrderOptimizer):
-                return _zeroth_order_step(problem, optimizer, inner, step, skip_nonfinite)
-            return _first_order_step(
-                problem, optimizer, inner, step, backward or Tensor.backward, skip_nonfinite
-            )
-    except BaseException:
-        problem.stop_prefetch()  # Lightning skips teardown when fit raises
-        raise
-    finally:
-        end_step(problem)
 
+    def __init__(
+        self, problem: ProblemContract, collocation: Collocation, physics_loss: PhysicsLoss
+    ) -> None:
+        self.problem = problem
+        self.collocation = collocation
+        self.physics_loss = physics_loss
+        self.guard = DivergenceGuard()
+        self.last_loss = float("nan")
 
-def _zeroth_order_step(
-    problem: PINNProblem, optimizer: Any, inner: ZerothOrderOptimizer, step: int, skip: bool
-) -> StepOutcome:
-    terms: dict[str, Tensor] = {}
-    bad: dict[str, float] = {}
+    def run(
+        self,
+        optimizer: torch.optim.Optimizer,
+        step: int,
+        *,
+        backward: Callable[[Tensor], Any] | None = None,
+        skip_nonfinite: bool = False,
+    ) -> StepOutcome:
+        """One step of ``optimizer`` on the points of ``step`` (``PINNProblem.run_step``).
 
-    def loss_at(key: int) -> Tensor:
-        # Never raises on a non-finite value: the method checks the (reduced) values,
-        # so that under DDP every rank decides alike.
-        out = problem.loss_terms(step, key)
-        if not bad and not bool(torch.isfinite(out["loss"])):
-            bad.update({k: float(v.detach()) for k, v in out.items()})
-        terms.clear()
-        terms.update(out)
-        return out["loss"]
+        What ``training_step`` runs, usable without a ``Trainer``: takes the (prefetched)
+        batch, evaluates the loss as the method asks and updates the network, under the
+        network's first-layer cache (where it has one); the step's points are dropped at
+        the end.
 
-    try:
-        loss = optimizer.step(loss_at=loss_at, step_index=step, skip_nonfinite=skip)
-    except NonFiniteLossError as err:
-        raise NonFiniteLossError(step, {**bad, **err.terms}, err.method_state) from None
-    loss = torch.as_tensor(loss).detach()
-    if bool(torch.isfinite(loss)):
-        return StepOutcome(loss, terms)
-    report = NonFiniteLossError(step, bad or {"loss": float(loss)}, inner.describe_state())
-    return StepOutcome(loss, terms, report)
+        Args:
+            optimizer: A zeroth-order method (``step(loss_at=...)``) or any
+                ``torch.optim.Optimizer`` (``step(closure)``), or Lightning's wrapper of one.
+            step: The step index: it fixes the points and the estimator's directions.
+            backward: What back-propagates the loss (default ``Tensor.backward``; the
+                Trainer passes ``manual_backward``).
+            skip_nonfinite: On a NaN/Inf loss, report it in the outcome instead of raising
+                :class:`~sdze_lightning.divergence.NonFiniteLossError`.
 
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper
+        cache = getattr(self.problem.net, "first_layer_cache", None)
+        try:
+            self.collocation.begin_step(step)
+            with cache() if cache is not None else contextlib.nullcontext():
+                if isinstance(inner, ZerothOrderOptimizer):
+                    return self._zeroth_order_step(optimizer, inner, step, skip_nonfinite)
+                return self._first_order_step(
+                    optimizer, inner, step, backward or Tensor.backward, skip_nonfinite
+                )
+        except BaseException:
+            self.collocation.stop_prefetch()  # Lightning skips teardown when fit raises
+            raise
+        finally:
+            self.collocation.end_step()
 
-def _first_order_step(
-    problem: PINNProblem, optimizer: Any, inner: torch.optim.Optimizer, step: int,
-    backward: Callable[[Tensor], Any], skip: bool,
-) -> StepOutcome:
-    terms: dict[str, Tensor] = {}
-    bad: dict[str, float] = {}
-    saved: list[Snapshot] = []
+    def _zeroth_order_step(
+        self, optimizer: Any, inner: ZerothOrderOptimizer, step: int, skip: bool
+    ) -> StepOutcome:
+        terms: dict[str, Tensor] = {}
+        bad: dict[str, float] = {}
 
-    def closure() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        out = problem.loss_terms(step, 0)
-        terms.clear()
-        terms.update(out)
-        finite = bool(torch.isfinite(out["loss"]))
-        if problem.shard.active:
-            finite = all_true(finite, problem.device)  # every rank decides alike
-        if finite:
-            backward(out["loss"])
+        def loss_at(key: int) -> Tensor:
+            # Never raises on a non-finite value: the method checks the (reduced) values,
+            # so that under DDP every rank decides alike.
+            out = self.physics_loss.terms(step, key)
+            if not bad and not bool(torch.isfinite(out["loss"])):
+                bad.update({k: float(v.detach()) for k, v in out.items()})
+            terms.clear()
+            terms.update(out)
             return out["loss"]
-        if not bad:
-            bad.update({k: float(v.detach()) for k, v in out.items()})
-        if not skip:
-            raise NonFiniteLossError(step, dict(bad), describe(inner))
-        if not saved and not withholds_nonfinite(inner):
-            saved.append(snapshot(inner))  # undo whatever the method does without gradients
-        # NaN on every rank (this rank's loss may be finite under DDP): a method that
-        # checks the closure's value (pde_aware) withholds the step on every rank alike
-        return torch.full_like(out["loss"].detach(), float("nan"))
 
-    kwargs: dict[str, Any] = {}
-    if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
-        kwargs["residuals"] = functools.partial(problem.residual_batch, step)
-        kwargs["points"] = problem.points(step, 0).shape[0]
-    loss = optimizer.step(closure=closure, **kwargs)
-    if bad:  # skipped (a non-finite loss without skip raised in the closure)
-        if saved:
-            restore(inner, saved[0])
-        nan = torch.full((), float("nan"), dtype=problem.dtype)
-        return StepOutcome(nan, terms, NonFiniteLossError(step, dict(bad), describe(inner)))
-    loss = loss if isinstance(loss, Tensor) else terms["loss"]
-    return StepOutcome(loss.detach(), terms)
+        try:
+            loss = optimizer.step(loss_at=loss_at, step_index=step, skip_nonfinite=skip)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(step, {**bad, **err.terms}, err.method_state) from None
+        loss = torch.as_tensor(loss).detach()
+        if bool(torch.isfinite(loss)):
+            return StepOutcome(loss, terms)
+        report = NonFiniteLossError(step, bad or {"loss": float(loss)}, inner.describe_state())
+        return StepOutcome(loss, terms, report)
 
+    def _first_order_step(
+        self, optimizer: Any, inner: torch.optim.Optimizer, step: int,
+        backward: Callable[[Tensor], Any], skip: bool,
+    ) -> StepOutcome:
+        terms: dict[str, Tensor] = {}
+        bad: dict[str, float] = {}
+        saved: list[Snapshot] = []
+        shard = self.collocation.shard
 
-def training_step(problem: PINNProblem, batch: Any, batch_idx: int) -> None:
-    """``PINNProblem.training_step``: :func:`run_step` under the divergence policy, logged.
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            out = self.physics_loss.terms(step, 0)
+            terms.clear()
+            terms.update(out)
+            finite = bool(torch.isfinite(out["loss"]))
+            if shard.active:
+                finite = all_true(finite, self.problem.device)  # every rank decides alike
+            if finite:
+                backward(out["loss"])
+                return out["loss"]
+            if not bad:
+                bad.update({k: float(v.detach()) for k, v in out.items()})
+            if not skip:
+                raise NonFiniteLossError(step, dict(bad), describe(inner))
+            if not saved and not withholds_nonfinite(inner):
+                saved.append(snapshot(inner))  # undo whatever the method does without gradients
+            # NaN on every rank (this rank's loss may be finite under DDP): a method that
+            # checks the closure's value (pde_aware) withholds the step on every rank alike
+            return torch.full_like(out["loss"].detach(), float("nan"))
 
-    The scheduler steps after every step; ``train/loss`` (and the boundary term and the
-    count of skipped steps, when there are any) go to the loggers.
-    """
-    outcome = problem.divergence_guard.run(problem.divergence, lambda skip: problem.run_step(
-        problem.optimizers(), problem.global_step, backward=problem.manual_backward,
-        skip_nonfinite=skip,
-    ))
-    sched = problem.lr_schedulers()
-    if sched is not None:
-        sched.step()
-    problem.last_loss = float(outcome.loss)
-    problem.log("train/loss", outcome.loss, prog_bar=True)
-    if "boundary" in outcome.terms:
-        problem.log("train/boundary", outcome.terms["boundary"].detach())
-    if problem.skipped_steps:
-        problem.log("train/skipped_steps", float(problem.skipped_steps))
+        kwargs: dict[str, Any] = {}
+        if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
+            kwargs["residuals"] = functools.partial(self.physics_loss.residual_batch, step)
+            kwargs["points"] = self.collocation.points(step, 0).shape[0]
+        loss = optimizer.step(closure=closure, **kwargs)
+        if bad:  # skipped (a non-finite loss without skip raised in the closure)
+            if saved:
+                restore(inner, saved[0])
+            nan = torch.full((), float("nan"), dtype=self.problem.dtype)
+            return StepOutcome(nan, terms, NonFiniteLossError(step, dict(bad), describe(inner)))
+        loss = loss if isinstance(loss, Tensor) else terms["loss"]
+        return StepOutcome(loss.detach(), terms)
+
+    def training_step(self) -> StepOutcome:
+        """The Trainer's step: :meth:`run` under the divergence policy.
+
+        The scheduler steps after every step.
+        """
+        problem = self.problem
+        outcome = self.guard.run(problem.divergence, lambda skip: self.run(
+            problem.optimizers(), problem.global_step, backward=problem.manual_backward,
+            skip_nonfinite=skip,
+        ))
+        sched = problem.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self.last_loss = float(outcome.loss)
+        return outcome

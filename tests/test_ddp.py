@@ -73,13 +73,13 @@ def worker(out: Path) -> None:
             "global_step": trainer.global_step, "skipped": problem.skipped_steps}
     ahead = ddp_bytes.make_problem(smoke_rows("sdze")[0], prefetch=True)
     sizes: list[int] = []
-    begin_step = ahead.begin_step
+    begin_step = ahead.collocation.begin_step
 
     def recording_begin_step(step: int) -> None:  # the batch each step gets from the thread
         begin_step(step)
         sizes.append(ahead.collocation.cache[(step, 0)].shape[0])
 
-    ahead.begin_step = recording_begin_step
+    ahead.collocation.begin_step = recording_begin_step
     ddp_bytes.trainer(2, STEPS, "64-true").fit(ahead)
     prefetched = {"params": [p.detach().clone() for p in ahead.net.parameters()],
                   "sizes": sizes}

@@ -47,13 +47,13 @@ def test_a_problem_step_hands_pde_aware_the_batch_size():
     problem = Poisson2D(net=MLP(2, width=8, depth=2, seed=0), n_interior=24, n_boundary=4,
                         estimator="stein", method="pde_aware")
     seen: list[slice | None] = []
-    batch = problem.residual_batch
+    batch = problem.physics_loss.residual_batch
 
     def recording(step: int, key: int = 0, rows: slice | None = None):
         seen.append(rows)
         return batch(step, key, rows)
 
-    problem.residual_batch = recording
+    problem.physics_loss.residual_batch = recording
     opt = problem.configure_optimizers()
     problem.run_step(opt, 0)
     assert seen and None not in seen

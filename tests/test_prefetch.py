@@ -209,7 +209,7 @@ def test_prefetch_must_be_a_bool():
 def test_a_failed_fit_stops_the_thread_and_drops_its_batch(make_trainer):
     """Lightning skips teardown when fit raises: training_step stops the prefetch itself."""
     problem = _two_body(True)
-    original = problem.loss_terms
+    original = problem.physics_loss.terms
 
     def nan_at_step_3(step, key=0):
         out = original(step, key)
@@ -217,7 +217,7 @@ def test_a_failed_fit_stops_the_thread_and_drops_its_batch(make_trainer):
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    problem.loss_terms = nan_at_step_3
+    problem.physics_loss.terms = nan_at_step_3
     with pytest.raises(NonFiniteLossError):
         make_trainer(max_steps=8).fit(problem)
     assert problem.collocation.prefetcher.pending_step is None

@@ -247,7 +247,11 @@ def test_fused_scaling_smoke(tmp_path):
     rows = mod.main(["--smoke", "--out", str(tmp_path)])
     assert [r["method"] for r in rows] == ["sdze", "fused_adafactor"]
     for r in rows:
-        assert r["steps"] == 3 and r["s_per_step"] > 0 and r["peak_bytes"] >= 0
+        # peak_bytes is counted from the RSS before the network is built, so the peak holds at
+        # least its parameters and one batch (float32): peak_ratio >= 1 (the Trainer and the
+        # step's transients add far more at this size)
+        assert r["steps"] == 3 and r["s_per_step"] > 0
+        assert r["peak_bytes"] >= r["param_bytes"] + r["batch_bytes"]
         assert r["last_loss"] < r["first_loss"]  # both learn something in three steps
     fused = rows[1]
     assert fused["ratio_to_sdze"] == fused["s_per_step"] / rows[0]["s_per_step"]

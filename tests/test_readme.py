@@ -69,9 +69,12 @@ def test_readme_train_command_is_an_sdze_run_that_reports_its_error(tmp_path, mo
     assert summary["status"] == "completed" and summary["steps"] == 5
     (problem, untrained), = built
     # the summary reports the error of the network the run leaves behind (SDZE's offset
-    # folded in), and training moved it away from the untrained network's
+    # folded in), and the run at least halved the untrained network's error: that one
+    # outputs about 0 (error ~1), and the output fit alone moves the mean output to the
+    # loss-minimising constant; on Poisson 2D (u* = sin(x1 + x2) on [0, 1]^2) the best
+    # constant's error is sqrt(1 - E[u*]^2 / E[u*^2]) = sqrt(1 - 0.7737^2 / 0.6474) = 0.27
     assert math.isclose(summary["rel_l2"], relative_l2_by_hand(problem), rel_tol=1e-5)
-    assert summary["rel_l2"] != untrained
+    assert summary["rel_l2"] < 0.5 * untrained
 
 
 def _readme_section(title: str) -> str:

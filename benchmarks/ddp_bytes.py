@@ -128,7 +128,7 @@ class TimedFusedAdafactor(FusedAdafactor):
         self.closure_seconds: list[float] = []
         self.step_seconds: list[float] = []
 
-    def step(self, closure=None):
+    def step(self, closure=None, shard=None):
         def timed():
             start = time.perf_counter()
             out = closure()
@@ -136,7 +136,7 @@ class TimedFusedAdafactor(FusedAdafactor):
             return out
 
         start = time.perf_counter()
-        out = super().step(timed)
+        out = super().step(timed, shard)
         self.step_seconds.append(time.perf_counter() - start)
         return out
 

@@ -45,8 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from sdze_lightning.methods.base import ZerothOrderOptimizer
-from sdze_lightning.methods.fused_adafactor import FusedAdafactor
+from sdze_lightning.methods.base import ZerothOrderOptimizer, traits_of
 
 #: Every share handed out by :meth:`Shard.take`, with the batch it was taken from: a rank's
 #: points are a view of the whole batch, which every rank sampled.
@@ -154,17 +153,18 @@ def data_parallel_shard(
     optimizers: Sequence[Any],
     sizes: Mapping[str, int],
 ) -> Shard:
-    """This rank's :class:`Shard` for ``trainer``; installs the loss-value reduction under DDP.
+    """This rank's :class:`Shard` for ``trainer``.
 
     Zeroth-order two-point methods and plain first-order optimizers (whose
     gradients Lightning's DDP averages) evaluate this rank's share of the
-    points. Optimizers that compute their own per-point gradients
-    (``needs_residuals``, e.g. pde_aware) see the whole batch on every rank.
+    points; the step hands a zeroth-order method :func:`all_reduce_mean` as its
+    ``reduce`` and ``fused_adafactor`` the shard. Optimizers that compute their own
+    per-point gradients (``needs_residuals``, e.g. pde_aware) see the whole batch
+    on every rank.
 
     Args:
         trainer: The Lightning Trainer.
-        optimizers: Its optimizers, unwrapped; the zeroth-order ones get
-            :func:`all_reduce_mean` as their ``reducer``.
+        optimizers: Its optimizers, unwrapped.
         sizes: Points per batch by config name (``pde.n_interior``, ...); each must
             give every rank at least one point.
 
@@ -180,7 +180,7 @@ def data_parallel_shard(
             f"Zeroth-order methods support trainer.strategy=ddp (ddp, ddp_spawn, ddp_fork) "
             f"across devices; got {type(trainer.strategy).__name__}."
         )
-    if any(getattr(o, "needs_residuals", False) for o in optimizers):
+    if any(traits_of(o).needs_residuals for o in optimizers):
         return Shard()
     for name, n in sizes.items():
         if 0 < n < world:
@@ -188,13 +188,7 @@ def data_parallel_shard(
                 f"{name}={n} is smaller than the number of ranks ({world}); every rank "
                 "needs at least one point."
             )
-    shard = Shard(int(trainer.global_rank), world)
-    for opt in zeroth_order:
-        opt.reducer = all_reduce_mean
-    for opt in optimizers:
-        if isinstance(opt, FusedAdafactor):
-            opt.shard = shard
-    return shard
+    return Shard(int(trainer.global_rank), world)
 
 
 def keep_self_reduced_out_of_ddp(
@@ -212,13 +206,13 @@ def keep_self_reduced_out_of_ddp(
         net: The network the method is built from.
 
     """
+    if not traits_of(factory).reduces_input_layer:
+        return
     target = factory
     while isinstance(target, functools.partial):
         target = target.func
     cls = target if isinstance(target, type) else type(target)
-    if not issubclass(cls, FusedAdafactor):
-        return
-    ids = {id(p) for p in FusedAdafactor.self_reduced_parameters(net)}
+    ids = {id(p) for p in cls.self_reduced_parameters(net)}
     names = [name for name, p in module.named_parameters() if id(p) in ids]
     # DDP's way to exclude parameters from its reducer (a static method of the wrapper)
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(

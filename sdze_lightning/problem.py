@@ -34,7 +34,6 @@ from sdze_lightning.evaluation import HeldOutSet
 from sdze_lightning.input_checks import ContractCheck, check_precision
 from sdze_lightning.loss import PhysicsLoss
 from sdze_lightning.methods.base import build_optimizer
-from sdze_lightning.methods.fused_adafactor import FusedAdafactor
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.output_fit import OutputOffsetFit
@@ -453,11 +452,7 @@ class PINNProblem(L.LightningModule):
         self.collocation.shard = Shard()
         self.contract_check.forget()
         for opt in zeroth_order_optimizers(self):
-            opt.reducer = None
             opt.close()
-        for opt in inner_optimizers(self):
-            if isinstance(opt, FusedAdafactor):
-                opt.shard = None
 
     def configure_optimizers(self) -> Any:
         """Build the injected method (and scheduler)."""

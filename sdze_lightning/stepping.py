@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sdze_lightning.distributed import all_true
+from sdze_lightning.distributed import all_reduce_mean, all_true
 from sdze_lightning.divergence import DivergenceGuard, NonFiniteLossError
-from sdze_lightning.methods.base import ZerothOrderOptimizer, withholds_nonfinite
+from sdze_lightning.methods.base import ZerothOrderOptimizer, traits_of, withholds_nonfinite
 
 if TYPE_CHECKING:
     import lightning as L
@@ -182,8 +182,12 @@ class StepRunner:
             terms.update(out)
             return out["loss"]
 
+        kwargs: dict[str, Any] = {}
+        if self.collocation.shard.active:  # the loss values are combined across the ranks
+            kwargs["reduce"] = all_reduce_mean
         try:
-            loss = optimizer.step(loss_at=loss_at, step_index=step, skip_nonfinite=skip)
+            loss = optimizer.step(loss_at=loss_at, step_index=step, skip_nonfinite=skip,
+                                  **kwargs)
         except NonFiniteLossError as err:
             raise NonFiniteLossError(step, {**bad, **err.terms}, err.method_state) from None
         loss = torch.as_tensor(loss).detach()
@@ -223,9 +227,12 @@ class StepRunner:
             return torch.full_like(out["loss"].detach(), float("nan"))
 
         kwargs: dict[str, Any] = {}
-        if getattr(inner, "needs_residuals", False):  # e.g. pde_aware: per-point residuals
+        traits = traits_of(inner)
+        if traits.needs_residuals:  # e.g. pde_aware: per-point residuals
             kwargs["residuals"] = functools.partial(self.physics_loss.residual_batch, step)
             kwargs["points"] = self.collocation.points(step, 0).shape[0]
+        if traits.reduces_input_layer and shard.active:  # fused_adafactor under DDP
+            kwargs["shard"] = shard
         loss = optimizer.step(closure=closure, **kwargs)
         if bad:  # skipped (a non-finite loss without skip raised in the closure)
             if saved:

@@ -42,7 +42,7 @@ Interface (duck-typed):
   points and estimator directions). Probes use keys from
   :data:`~sdze_lightning.seeding.PROBE_KEY_BASE` upward, so they never
   coincide with the keys of a training step;
-* optimizer, optional: ``probe(loss_at, n[, crns=...]) -> Tensor`` of shape
+* optimizer, optional: ``probe(loss_at, n[, crns=..., reduce=...]) -> Tensor`` of shape
   ``(n, m)``: ``n`` independent gradient estimates at the current parameters,
   written in orthonormal coordinates of the parameter space (for SDZE the
   subspace coordinates), computed without changing the parameters, the
@@ -74,6 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.devices import device_of
+from sdze_lightning.distributed import all_reduce_mean
 from sdze_lightning.methods.base import is_zeroth_order
 from sdze_lightning.seeding import PROBE_KEY_BASE, Stream, generator
 
@@ -232,14 +233,18 @@ def optimizer_probe_variance(
     def loss_at(key: int) -> Tensor:
         return problem.compute_loss(step, key)
 
-    out = {"zo_grad": total_variance(optimizer.probe(loss_at, probes.count))}
+    try:
+        accepts = inspect.signature(optimizer.probe).parameters
+    except (TypeError, ValueError):
+        accepts = {}
+    kwargs: dict[str, Any] = {}
+    shard = getattr(problem, "shard", None)
+    if shard is not None and shard.active and "reduce" in accepts:
+        kwargs["reduce"] = all_reduce_mean  # every rank probes its share: average the values
+    out = {"zo_grad": total_variance(optimizer.probe(loss_at, probes.count, **kwargs))}
     if probes.compare_crns:
-        try:
-            accepts_crns = "crns" in inspect.signature(optimizer.probe).parameters
-        except (TypeError, ValueError):
-            accepts_crns = False
-        if accepts_crns:
-            off = total_variance(optimizer.probe(loss_at, probes.count, crns=False))
+        if "crns" in accepts:
+            off = total_variance(optimizer.probe(loss_at, probes.count, crns=False, **kwargs))
             out["zo_grad_nocrns"] = off
             out["zo_crns_ratio"] = off / out["zo_grad"] if out["zo_grad"] > 0 else math.inf
     return out

@@ -5,6 +5,7 @@ other method keeps the copy, and the memory check counts it where it stays."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import lightning as L
@@ -144,7 +145,8 @@ def test_skipped_steps_copy_nothing_and_leave_the_restored_state(name, monkeypat
     first_order = not name.startswith(("sdze", "mezo"))
     assert len(copies) == (len(BAD) if first_order else 0)  # the old path did copy
     if name == "fused_adafactor":
-        monkeypatch.setattr(FusedAdafactor, "withholds_nonfinite_step", True, raising=False)
+        monkeypatch.setattr(FusedAdafactor, "traits", dataclasses.replace(
+            FusedAdafactor.traits, withholds_nonfinite_step=True))
     no_copy_allowed(monkeypatch)
     pinn, now = fit(METHODS[name])
     assert pinn.trainer.global_step == reference.trainer.global_step == STEPS
@@ -288,5 +290,6 @@ def test_the_memory_check_counts_the_copy_where_it_stays(monkeypatch):
         assert "divergence=skip copy" not in refusal(method, "skip", monkeypatch), method
     fused = refusal(FusedAdafactor, "skip", monkeypatch)
     assert (copy_part in fused) == (not withholds_nonfinite(FusedAdafactor))
-    monkeypatch.setattr(FusedAdafactor, "withholds_nonfinite_step", True, raising=False)
+    monkeypatch.setattr(FusedAdafactor, "traits", dataclasses.replace(
+            FusedAdafactor.traits, withholds_nonfinite_step=True))
     assert "divergence=skip copy" not in refusal(FusedAdafactor, "skip", monkeypatch)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sdze_lightning.checks import positive_float_or_none
+from sdze_lightning.methods.base import MethodTraits
 from sdze_lightning.nn.mlp import mlp_input_weight
 
 
@@ -45,12 +46,11 @@ class Adam(torch.optim.Adam):
 
     """
 
-    #: The problem passes the network module, not its parameters.
-    takes_module: ClassVar[bool] = True
-    #: ``torch.optim.Adam.step`` skips parameters without a gradient, so a closure that
-    #: back-propagated nothing changes nothing (:func:`~sdze_lightning.methods.base.
-    #: withholds_nonfinite`): ``divergence="skip"`` needs no copy of the parameters.
-    withholds_nonfinite_step: ClassVar[bool] = True
+    #: Built from the network module; ``torch.optim.Adam.step`` skips parameters without a
+    #: gradient, so a closure that back-propagated nothing changes nothing:
+    #: ``divergence="skip"`` needs no copy of the parameters.
+    traits: ClassVar[MethodTraits] = MethodTraits(takes_module=True,
+                                                  withholds_nonfinite_step=True)
 
     def __init__(
         self,

@@ -16,16 +16,25 @@ stepped with
 where ``fn(noise_key)`` evaluates the loss (forward only) with the collocation
 points and estimator directions of ``noise_key``: the method chooses the keys
 (the same key for the paired evaluations under CRNS, a fresh key per evaluation
-without it). Lightning passes its own closure as ``closure``; the method calls
-it once per step, after the evaluations and before the update, which is where
-Lightning fires ``on_before_optimizer_step`` (once per training step).
+without it). Under data parallelism the step also receives ``reduce``, which
+combines the loss values across ranks. Lightning passes its own closure as
+``closure``; the method calls it once per step, after the evaluations and before
+the update, which is where Lightning fires ``on_before_optimizer_step`` (once per
+training step). :meth:`ZerothOrderOptimizer.step` hands a subclass's
+:meth:`~ZerothOrderOptimizer.zo_step` all of it as one :class:`ZerothOrderStep`.
+
+What the problem needs to know about a method's class (how it is built, what it
+needs, what it does at a skipped step) it reads from the class's declared
+:class:`MethodTraits` (:func:`traits_of`), never from attributes of a partial.
 """
 
 from __future__ import annotations
 
 import functools
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -37,27 +46,83 @@ from sdze_lightning.checks import non_negative_int
 LossAt = Callable[[int], Tensor]
 
 
-class ZerothOrderOptimizer(torch.optim.Optimizer):
+@dataclass(frozen=True)
+class MethodTraits:
+    """What the problem needs to know about a method's class, declared once per class.
+
+    Attributes:
+        zeroth_order: Stepped with ``step(loss_at=...)`` (a :class:`ZerothOrderOptimizer`).
+        takes_module: Built from the network module instead of its parameters.
+        needs_forward_only_estimator: Refuses estimators that back-propagate through ``x``.
+        needs_residuals: Its ``step`` takes ``residuals`` and ``points`` (per-point
+            residual gradients, e.g. ``pde_aware``); it sees the whole batch on every rank.
+        withholds_nonfinite_step: Applies nothing, by itself, at a step whose closure
+            back-propagated nothing and returned NaN (``divergence="skip"``); otherwise
+            the problem copies the parameters and state around such a step.
+        reduces_input_layer: Exchanges its input layer's gradient between data-parallel
+            ranks itself: its ``step`` takes ``shard`` (this rank's share) and DDP leaves
+            that weight alone.
+
+    """
+
+    zeroth_order: bool = False
+    takes_module: bool = False
+    needs_forward_only_estimator: bool = False
+    needs_residuals: bool = False
+    withholds_nonfinite_step: bool = False
+    reduces_input_layer: bool = False
+
+
+@dataclass(frozen=True)
+class ZerothOrderStep:
+    """What a zeroth-order method receives for one step (:meth:`ZerothOrderOptimizer.zo_step`).
+
+    Attributes:
+        loss_at: Evaluates the loss for a noise key.
+        step_index: Index of the step (its directions are a function of it), or
+            ``None``: the method's own counter.
+        ready: Called once after the evaluations and before the update (Lightning's
+            hook point), or ``None``.
+        skip_nonfinite: On non-finite loss values apply nothing, count the step as done
+            and return a NaN loss, instead of raising.
+        reduce: Combines the step's loss values across data-parallel ranks (``None``:
+            one process).
+
+    """
+
+    loss_at: LossAt
+    step_index: int | None = None
+    ready: Callable[[], Any] | None = None
+    skip_nonfinite: bool = False
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+
+class ZerothOrderOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
     """Base class and protocol of forward-only optimizers.
 
     The problem uses nothing else of a zeroth-order method than what is declared
-    here: :meth:`step`, :attr:`reducer`, :attr:`crns`, :attr:`seed`,
-    :meth:`fold`, :meth:`close` and :meth:`describe_state`. A subclass implements
-    :meth:`zo_step` (the step with its arguments checked) or :meth:`step` itself.
+    here: :meth:`step`, :attr:`crns`, :attr:`seed`, :meth:`fold`, :meth:`close` and
+    :meth:`describe_state`. A subclass implements :meth:`zo_step` (the step, as one
+    :class:`ZerothOrderStep`) or overrides :meth:`step` itself; abstract methods are
+    enforced (a subclass that leaves one out cannot be built).
 
     Attributes:
-        reducer: Combines the loss values of a step across data-parallel ranks
-            (``None``: one process); the problem sets it under DDP to
-            :func:`~sdze_lightning.distributed.all_reduce_mean`.
         crns: Whether every evaluation of a step uses noise key ``0`` (the
             step's shared batch, which ``prefetch`` builds ahead).
         seed: Seed of the method's own random numbers (checked on resume).
 
     """
 
-    reducer: Callable[[Tensor], Tensor] | None = None
+    traits: ClassVar[MethodTraits] = MethodTraits(
+        zeroth_order=True, takes_module=True, withholds_nonfinite_step=True
+    )
     crns: bool = True
     seed: int | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "step" in vars(cls) and getattr(cls.zo_step, "__isabstractmethod__", False):
+            cls.zo_step = _step_overridden  # type: ignore[method-assign]
 
     def __init__(self, module: nn.Module, defaults: dict[str, Any]) -> None:
         if not isinstance(module, nn.Module):
@@ -74,6 +139,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         loss_at: LossAt | None = None,
         step_index: int | None = None,
         skip_nonfinite: bool = False,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """One step of training step ``step_index``; returns the mean evaluated loss.
 
@@ -89,6 +155,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
                 as done and return a NaN loss, instead of raising
                 :class:`~sdze_lightning.divergence.NonFiniteLossError` (then nothing
                 is applied and the counter does not advance).
+            reduce: Combines the loss values across data-parallel ranks (the problem
+                passes :func:`~sdze_lightning.distributed.all_reduce_mean` under DDP).
 
         """
         if loss_at is None:
@@ -101,25 +169,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             loss_at = lambda key: loss()  # noqa: E731 - a noise-free loss ignores the key
         if step_index is not None:
             non_negative_int("step_index", step_index)
-        return self.zo_step(loss_at, step_index, closure, skip_nonfinite)
+        return self.zo_step(ZerothOrderStep(loss_at, step_index, closure, skip_nonfinite, reduce))
 
-    def zo_step(
-        self,
-        loss_at: LossAt,
-        step_index: int | None,
-        ready: Callable[[], Any] | None,
-        skip_nonfinite: bool,
-    ) -> Tensor:
-        """The step itself, with the arguments of :meth:`step` checked.
-
-        Args:
-            loss_at: Evaluates the loss for a noise key.
-            step_index: Index of the step, or ``None`` (the method's own counter).
-            ready: Call once after the evaluations, before the update (or ``None``).
-            skip_nonfinite: As in :meth:`step`.
-
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement zo_step().")
+    @abstractmethod
+    def zo_step(self, request: ZerothOrderStep) -> Tensor:
+        """The step itself, with the arguments of :meth:`step` checked; the mean loss."""
 
     def fold(self) -> None:
         """Write any implicit offset into the weights (the default has none)."""
@@ -134,28 +188,20 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         return f"{type(self).__name__}(lr={lrs[0] if len(lrs) == 1 else lrs})"
 
 
+def _step_overridden(self: ZerothOrderOptimizer, request: ZerothOrderStep) -> Tensor:
+    """The ``zo_step`` of a class that overrides :meth:`ZerothOrderOptimizer.step` itself."""
+    raise NotImplementedError(f"{type(self).__name__} overrides step() and has no zo_step().")
+
+
 def _target(factory: Any) -> Any:
     while isinstance(factory, functools.partial):
         factory = factory.func
     return factory
 
 
-def is_zeroth_order(factory: Any) -> bool:
-    """Whether an optimizer class, instance or partial is zeroth-order."""
+def _class(factory: Any) -> type:
     target = _target(factory)
-    if isinstance(target, type):
-        return issubclass(target, ZerothOrderOptimizer)
-    return isinstance(target, ZerothOrderOptimizer)
-
-
-def takes_module(factory: Any) -> bool:
-    """Whether an optimizer is built from the network module (zeroth-order, ``takes_module``)."""
-    return is_zeroth_order(factory) or bool(getattr(_target(factory), "takes_module", False))
-
-
-def needs_forward_only_estimator(factory: Any) -> bool:
-    """Whether a method refuses estimators that back-propagate through ``x``."""
-    return bool(getattr(_target(factory), "needs_forward_only_estimator", False))
+    return target if isinstance(target, type) else type(target)
 
 
 #: ``torch.optim`` classes whose ``step`` skips every parameter without a gradient: after a
@@ -165,29 +211,51 @@ NO_GRADIENT_NO_CHANGE: tuple[type[torch.optim.Optimizer], ...] = (
 )
 
 
+def traits_of(factory: Any) -> MethodTraits:
+    """The :class:`MethodTraits` of a method class, instance or partial.
+
+    A class declares them as ``traits``; any other optimizer class (``torch.optim``'s, a
+    user's) is first-order, built from the parameters, and withholds a skipped step only
+    if it is one of :data:`NO_GRADIENT_NO_CHANGE` exactly (a subclass may override
+    ``step``).
+    """
+    cls = _class(factory)
+    declared = getattr(cls, "traits", None)
+    if isinstance(declared, MethodTraits):
+        return declared
+    return MethodTraits(withholds_nonfinite_step=cls in NO_GRADIENT_NO_CHANGE)
+
+
+def is_zeroth_order(factory: Any) -> bool:
+    """Whether an optimizer class, instance or partial is zeroth-order."""
+    return traits_of(factory).zeroth_order
+
+
+def takes_module(factory: Any) -> bool:
+    """Whether an optimizer is built from the network module (:class:`MethodTraits`)."""
+    return traits_of(factory).takes_module
+
+
+def needs_forward_only_estimator(factory: Any) -> bool:
+    """Whether a method refuses estimators that back-propagate through ``x``."""
+    return traits_of(factory).needs_forward_only_estimator
+
+
 def withholds_nonfinite(factory: Any) -> bool:
     """Whether a method applies nothing, by itself, at a step whose loss is non-finite.
 
     A zeroth-order method checks its loss values before its update. A first-order method
     is stepped with a closure that, at a non-finite loss (under ``divergence="skip"``),
-    back-propagates nothing (every ``.grad`` stays ``None``) and returns NaN; it withholds
-    the step when its class says ``withholds_nonfinite_step = True`` or is one of
-    :data:`NO_GRADIENT_NO_CHANGE` exactly (a subclass may override ``step``). For any
-    other method the problem copies the parameters and the optimizer state before such a
-    step and puts them back after it (:func:`~sdze_lightning.stepping.snapshot`).
+    back-propagates nothing (every ``.grad`` stays ``None``) and returns NaN; whether it
+    then withholds the step is its traits' ``withholds_nonfinite_step``. For any other
+    method the problem copies the parameters and the optimizer state before such a step
+    and puts them back after it (:func:`~sdze_lightning.stepping.snapshot`).
 
     Args:
         factory: An optimizer class, instance or partial.
 
     """
-    target = _target(factory)
-    cls = target if isinstance(target, type) else type(target)
-    if issubclass(cls, ZerothOrderOptimizer):
-        return True
-    declared = getattr(cls, "withholds_nonfinite_step", None)
-    if declared is not None:
-        return bool(declared)
-    return cls in NO_GRADIENT_NO_CHANGE
+    return traits_of(factory).withholds_nonfinite_step
 
 
 def gradient_numel(factory: Any, module: nn.Module) -> int:
@@ -222,7 +290,7 @@ def state_numel(factory: Any, module: nn.Module) -> int:
     if is_zeroth_order(factory):
         return 0
     target = _target(factory)
-    cls = target if isinstance(target, type) else type(target)
+    cls = _class(factory)
     keywords = dict(getattr(factory, "keywords", {})) if isinstance(
         factory, functools.partial) else dict(getattr(target, "defaults", {}))
     per = getattr(cls, "state_per_parameter", None)

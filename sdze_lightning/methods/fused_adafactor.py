@@ -113,6 +113,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, positive_float_or_none, positive_int
+from sdze_lightning.methods.base import MethodTraits
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
 from sdze_lightning.nn.mlp import mlp_input_weight
 
@@ -162,13 +163,14 @@ class FusedAdafactor(torch.optim.Adam):
 
     """
 
-    #: The problem passes the network module, not its parameters.
-    takes_module: ClassVar[bool] = True
-    #: Estimators that back-propagate through ``x`` are refused (see the module docs).
-    needs_forward_only_estimator: ClassVar[bool] = True
-    #: Without a backward (a non-finite loss under divergence=skip) neither its Adam step nor
-    #: the input-layer update (an empty recorded gradient) changes anything.
-    withholds_nonfinite_step: ClassVar[bool] = True
+    #: Built from the network module; estimators that back-propagate through ``x`` are
+    #: refused (see the module docs); without a backward (a non-finite loss under
+    #: divergence=skip) neither its Adam step nor the input-layer update (an empty recorded
+    #: gradient) changes anything; under DDP it exchanges the input layer's factors itself.
+    traits: ClassVar[MethodTraits] = MethodTraits(
+        takes_module=True, needs_forward_only_estimator=True, withholds_nonfinite_step=True,
+        reduces_input_layer=True,
+    )
 
     def __init__(
         self,
@@ -201,9 +203,6 @@ class FusedAdafactor(torch.optim.Adam):
         self.block_bytes = block_bytes
         self.exact_rows = boolean("method.exact_rows", exact_rows)
         self.lag_bound = None if lag_bound is None else float(lag_bound)
-        #: This rank's share of the batch under data parallelism (set for the fit by
-        #: :func:`~sdze_lightning.distributed.data_parallel_shard`); ``None``: one process.
-        self.shard: Any = None
         self._saved_statistics: dict[int, tuple[Tensor, Tensor]] = {}
         self.register_load_state_dict_pre_hook(_remember_statistics)
         self.register_load_state_dict_post_hook(_restore_statistics)
@@ -219,8 +218,16 @@ class FusedAdafactor(torch.optim.Adam):
         return sum(p.numel() for p in _small_parameters(module))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, shard: Any = None
+    ) -> Any:
         """Run ``closure`` (forward + ``manual_backward``), then update every parameter.
+
+        Args:
+            closure: Computes the loss and back-propagates it.
+            shard: This rank's :class:`~sdze_lightning.distributed.Shard` under data
+                parallelism (the problem passes it): the input layer's factors are then
+                exchanged with the other ranks first. ``None``: one process.
 
         Raises:
             ValueError: without a closure: the input layer's gradient exists only as
@@ -235,8 +242,8 @@ class FusedAdafactor(torch.optim.Adam):
         with self.module.capture_first_layer_gradient() as grad, torch.enable_grad():
             loss = closure()
         super().step()  # Adam on group 1; the input weight has no .grad and is skipped
-        if grad and self.shard is not None and self.shard.active:
-            grad = grad.across_ranks(self.shard)
+        if grad and shard is not None and shard.active:
+            grad = grad.across_ranks(shard)
         if grad:
             for group in self.param_groups:
                 if group["factored"]:

@@ -61,7 +61,7 @@ estimators that differentiate in ``x`` with ``torch.autograd.grad`` (``exact``,
 ``sdgd``), which cannot run inside ``torch.func.grad``.
 
 The optimizer needs the per-point residuals, not only the loss: it sets
-:attr:`PDEAware.needs_residuals`, and :class:`~sdze_lightning.PINNProblem`
+``PDEAware.traits.needs_residuals``, and :class:`~sdze_lightning.PINNProblem`
 then calls ``step(closure, residuals=fn, points=N)`` with ``fn()`` returning the
 interior residual vector ``(N,)`` and the weighted boundary term (or ``None``),
 both differentiable in the parameters. Given ``points``, the default rule
@@ -79,6 +79,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, positive_int, positive_int_or_none
+from sdze_lightning.methods.base import MethodTraits
 
 #: Values of ``first_moment``.
 FIRST_MOMENTS: tuple[str, ...] = ("residual", "loss")
@@ -145,11 +146,10 @@ class PDEAware(torch.optim.Optimizer):
 
     """
 
-    #: Tells the problem to pass ``residuals=`` to :meth:`step`.
-    needs_residuals: ClassVar[bool] = True
-    #: A closure's non-finite loss applies nothing (:func:`~sdze_lightning.methods.base.
-    #: withholds_nonfinite`): ``divergence="skip"`` needs no copy of the parameters.
-    withholds_nonfinite_step: ClassVar[bool] = True
+    #: The problem passes ``residuals=`` to :meth:`step`; a closure's non-finite loss
+    #: applies nothing: ``divergence="skip"`` needs no copy of the parameters.
+    traits: ClassVar[MethodTraits] = MethodTraits(needs_residuals=True,
+                                                  withholds_nonfinite_step=True)
 
     @staticmethod
     def state_per_parameter(adam_floor: bool = True, **_: Any) -> int:

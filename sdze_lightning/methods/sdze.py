@@ -34,7 +34,7 @@ layer and would not lower the peak.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -288,7 +288,10 @@ class SDZE(TwoPointOptimizer):
             hold.remove()
 
     @torch.no_grad()
-    def probe(self, loss_at: LossAt, n: int, crns: bool = True) -> Tensor:
+    def probe(
+        self, loss_at: LossAt, n: int, crns: bool = True,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
         """``n`` independent SDZE gradient estimates at the current point, changing nothing.
 
         Each probe is what a step with ``q = 1`` estimates: a Gaussian
@@ -311,6 +314,8 @@ class SDZE(TwoPointOptimizer):
                 (collocation points and estimator directions). Probe ``j``
                 uses key ``PROBE_KEY_BASE + 2 j`` (and ``+ 1`` for the minus
                 evaluation without CRNS), never a training step's key.
+            reduce: Combines the loss values across data-parallel ranks (as a step's
+                ``reduce``); ``None``: one process.
 
         Returns:
             Float64 tensor ``(n, m)``, ``m`` = number of subspace coordinates
@@ -332,7 +337,7 @@ class SDZE(TwoPointOptimizer):
             lambda j, sign: self._install(self._offsets(directions, j, sign)),
             lambda j, sign: loss_at(key_for(j, sign)),
         )
-        scalars = self.scalars(self._reduce(values))
+        scalars = self.scalars(values if reduce is None else reduce(values))
         self.last_probe_scalars = scalars.cpu()
         return torch.stack(
             [s * torch.cat(u).to(torch.float64) for s, u in zip(scalars, directions, strict=True)]

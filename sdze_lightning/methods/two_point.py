@@ -19,10 +19,9 @@ The method evaluates it through ``loss_at(noise_key)``
   ``1 / eps^2``.
 
 Evaluation and update are separate (:meth:`TwoPointOptimizer.estimate`,
-:meth:`TwoPointOptimizer._reduce`, :meth:`TwoPointOptimizer._update`): under
-data parallelism every rank evaluates the same perturbations on its share of
-the points and ``_reduce`` averages the ``2 q`` loss values across ranks
-(:attr:`TwoPointOptimizer.reducer`, set by the problem under DDP), the only
+:meth:`TwoPointOptimizer._update`): under data parallelism every rank evaluates
+the same perturbations on its share of the points and the step's ``reduce`` (given
+by the problem under DDP) averages the ``2 q`` loss values across ranks, the only
 communication of a step (:mod:`sdze_lightning.distributed`).
 
 A step whose (reduced) loss values are not all finite raises
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, integer, positive_int
 from sdze_lightning.divergence import NonFiniteLossError
-from sdze_lightning.methods.base import LossAt, ZerothOrderOptimizer
+from sdze_lightning.methods.base import LossAt, ZerothOrderOptimizer, ZerothOrderStep
 
 #: Key of the method-wide counters inside ``optimizer.state`` (saved as is).
 STATE_KEY = "zo"
@@ -152,10 +151,6 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
         self.last_values: Tensor | None = None
         self.last_lr: float = self.lr
         self.last_step: int = -1
-        #: Combines the ``(q, 2)`` loss values across data-parallel ranks (``None``:
-        #: one process). :class:`~sdze_lightning.PINNProblem` sets it under DDP to
-        #: :func:`~sdze_lightning.distributed.all_reduce_mean`.
-        self.reducer: Callable[[Tensor], Tensor] | None = None
 
     # ---------------------------------------------------------------- counters
     @property
@@ -187,10 +182,6 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
     def _update(self, scalars: Tensor) -> None:
         """Apply the step from the projected-gradient scalars ``(q,)``."""
 
-    def _reduce(self, values: Tensor) -> Tensor:
-        """Combine the loss values across data-parallel ranks (identity on one process)."""
-        return values if self.reducer is None else self.reducer(values)
-
     # ------------------------------------------------------------------- steps
     def estimate(self, loss_at: LossAt) -> Tensor:
         """Evaluate the ``2 q`` perturbed losses of the current step without updating.
@@ -215,19 +206,14 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
         return (values[:, 0] - values[:, 1]) / (2 * self.eps)
 
     @torch.no_grad()
-    def zo_step(
-        self,
-        loss_at: LossAt,
-        step_index: int | None,
-        ready: Callable[[], Any] | None,
-        skip_nonfinite: bool,
-    ) -> Tensor:
+    def zo_step(self, request: ZerothOrderStep) -> Tensor:
         """One two-point step (:meth:`~ZerothOrderOptimizer.step` checks the arguments).
 
-        Evaluates the ``2 q`` losses through ``loss_at`` (keys from
-        :meth:`noise_key_for`), reduces them across ranks, calls ``ready`` and applies
-        the update. ``step_index`` (``global_step`` in training) sets the method's
-        counter first: directions and windows are drawn for it.
+        Evaluates the ``2 q`` losses through ``request.loss_at`` (keys from
+        :meth:`noise_key_for`), combines them across ranks with ``request.reduce``,
+        calls ``request.ready`` and applies the update. ``request.step_index``
+        (``global_step`` in training) sets the method's counter first: directions and
+        windows are drawn for it.
 
         Returns:
             The mean of the evaluated losses.
@@ -240,19 +226,21 @@ class TwoPointOptimizer(ZerothOrderOptimizer):
                 the counter advances and the NaN mean is returned.
 
         """
-        if step_index is not None:
-            self.zo_state["step"] = step_index
+        if request.step_index is not None:
+            self.zo_state["step"] = request.step_index
         step = self.zo_state["step"]
         self.last_step, self.last_lr, self.last_values = step, self.lr, None
-        values = self._reduce(self.estimate(loss_at))
+        values = self.estimate(request.loss_at)
+        if request.reduce is not None:
+            values = request.reduce(values)
         self.last_values = values
         if not bool(torch.isfinite(values).all()):
-            if not skip_nonfinite:
+            if not request.skip_nonfinite:
                 raise NonFiniteLossError(step, self.value_terms(values), self.describe_state())
             self.skip_step()
             return values.mean()
-        if ready is not None:
-            ready()
+        if request.ready is not None:
+            request.ready()
         scalars = self.scalars(values)
         self.last_scalars = scalars
         self._update(scalars)

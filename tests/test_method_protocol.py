@@ -1,0 +1,113 @@
+"""The method protocol: declared traits, enforced abstract methods, the step's request.
+
+What the problem needs to know about a method's class is one :class:`MethodTraits`
+declared on the class; the zeroth-order protocol's abstract methods are enforced at
+construction; a zeroth-order step receives everything, the data-parallel reduction
+included, as one :class:`ZerothOrderStep` (nothing is set on the method from outside).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from sdze_lightning.methods import SDZE, Adam, FusedAdafactor, MeZO, PDEAware
+from sdze_lightning.methods.base import (
+    MethodTraits,
+    ZerothOrderOptimizer,
+    ZerothOrderStep,
+    traits_of,
+    withholds_nonfinite,
+)
+from sdze_lightning.methods.two_point import TwoPointOptimizer
+from sdze_lightning.nn import MLP
+
+SHIPPED = {
+    SDZE: MethodTraits(zeroth_order=True, takes_module=True, withholds_nonfinite_step=True),
+    MeZO: MethodTraits(zeroth_order=True, takes_module=True, withholds_nonfinite_step=True),
+    Adam: MethodTraits(takes_module=True, withholds_nonfinite_step=True),
+    PDEAware: MethodTraits(needs_residuals=True, withholds_nonfinite_step=True),
+    FusedAdafactor: MethodTraits(takes_module=True, needs_forward_only_estimator=True,
+                                 withholds_nonfinite_step=True, reduces_input_layer=True),
+}
+
+
+@pytest.mark.parametrize("cls", list(SHIPPED), ids=lambda c: c.__name__)
+def test_every_shipped_method_declares_its_traits(cls):
+    assert traits_of(cls) == SHIPPED[cls]
+    # a partial (what Hydra builds) and an instance read the same declaration
+    assert traits_of(functools.partial(functools.partial(cls, lr=1e-3))) == SHIPPED[cls]
+
+
+def test_undeclared_optimizers_are_plain_first_order():
+    assert traits_of(torch.optim.Adam) == MethodTraits(withholds_nonfinite_step=True)
+    assert traits_of(torch.optim.RMSprop) == MethodTraits()
+
+    class OwnAdam(torch.optim.Adam):  # may override step: not known to withhold
+        pass
+
+    assert not withholds_nonfinite(OwnAdam)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert traits_of(opt).withholds_nonfinite_step and not traits_of(opt).zeroth_order
+
+
+class NoUpdate(TwoPointOptimizer):
+    def __init__(self, module):
+        super().__init__(module, {"lr": 1e-3}, eps=1e-3, queries=1, seed=0, crns=True)
+
+    def _prepare(self, step):
+        pass
+
+    def _perturb(self, query, sign):
+        pass
+
+
+def test_abstract_methods_are_enforced():
+    with pytest.raises(TypeError, match="abstract.*_update"):
+        NoUpdate(nn.Linear(2, 1))
+
+    class Neither(ZerothOrderOptimizer):
+        pass
+
+    with pytest.raises(TypeError, match="abstract.*zo_step"):
+        Neither(nn.Linear(2, 1), {"lr": 0.0})
+
+    class OwnStep(ZerothOrderOptimizer):  # the protocol allows overriding step instead
+        def step(self, closure=None, **kwargs):
+            return torch.zeros(())
+
+    OwnStep(nn.Linear(2, 1), {"lr": 0.0}).step()
+
+
+def test_the_reduction_comes_with_the_step():
+    """``reduce`` combines the 2 q loss values before the update; without it (one
+    process) they are used as evaluated. Nothing is stored on the method for it."""
+    net = MLP(3, width=4, depth=1, seed=0).double()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def loss_at(key):
+        return net(x).square().mean()
+
+    seen = []
+
+    def reduce(values):
+        seen.append(values.clone())
+        return values * 2
+
+    plain = SDZE(net, lr=1e-2, rank=2, queries=2, seed=0)
+    plain.zo_step(ZerothOrderStep(loss_at, step_index=0))
+    first = plain.last_values.clone()
+    plain.fold()
+    net2 = MLP(3, width=4, depth=1, seed=0).double()
+
+    def loss_at2(key):
+        return net2(x).square().mean()
+
+    reduced = SDZE(net2, lr=1e-2, rank=2, queries=2, seed=0)
+    reduced.step(loss_at=loss_at2, step_index=0, reduce=reduce)
+    assert len(seen) == 1 and torch.equal(seen[0], first)
+    assert torch.equal(reduced.last_values, 2 * first)
+    assert not hasattr(reduced, "reducer")

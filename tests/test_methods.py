@@ -17,7 +17,13 @@ from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
 from sdze_lightning.methods import SDZE, MeZO, PDEAware
 from sdze_lightning.methods.subspace import orthonormal_basis
 from sdze_lightning.nn import MLP, perturb
-from sdze_lightning.nn.perturb import LowRankDelta, attach_hooks, linear_layers
+from sdze_lightning.nn.perturb import (
+    LowRankDelta,
+    attach_hooks,
+    delta_of,
+    linear_layers,
+    set_offset,
+)
 from sdze_lightning.problem import NonFiniteLossError
 from sdze_lightning.problems import Poisson2D
 from sdze_lightning.seeding import Stream
@@ -40,16 +46,15 @@ def _one_thread():
 # --------------------------------------------------------------------------- helpers
 def explicit_copy(net: nn.Module) -> nn.Module:
     """Deep copy with every layer's offset written into its weights, offsets removed."""
-    out = copy.deepcopy(net)
+    out = copy.deepcopy(net)  # the copy's layers carry no offsets (they are the net's)
     with torch.no_grad():
-        for layer in linear_layers(out):
-            delta = getattr(layer, "zo_delta", None)
+        for source, layer in zip(linear_layers(net), linear_layers(out), strict=True):
+            delta = delta_of(source)
             if delta is None:
                 continue
             layer.weight += delta.A @ delta.C @ delta.B.T
             if delta.cb is not None:
                 layer.bias += delta.A @ delta.cb
-            layer.zo_delta = None
     return out
 
 
@@ -61,7 +66,7 @@ def random_deltas(net: nn.Module, rank: int, gen: torch.Generator) -> None:
         b = torch.linalg.qr(torch.randn(n, rb, generator=gen, dtype=F64))[0]
         c = torch.randn(ra, rb, generator=gen, dtype=F64)
         cb = torch.randn(ra, generator=gen, dtype=F64) if layer.bias is not None else None
-        layer.zo_delta = LowRankDelta(a, b, c, cb)
+        set_offset(layer, LowRankDelta(a, b, c, cb))
 
 
 def poisson(dim_points: int = 32, directions: int = 2, **kwargs) -> Poisson2D:
@@ -78,7 +83,7 @@ def coordinate_gradient(
     subs = opt.subspaces()
     coords = [opt.layer_state(i)["coords"].clone().requires_grad_(True) for i in range(len(subs))]
     for layer, sub, c in zip(opt.layers, subs, coords, strict=True):
-        layer.zo_delta = sub.delta(c)
+        set_offset(layer, sub.delta(c))
     with torch.enable_grad():
         loss = problem.compute_loss(step, key)
         grads = torch.autograd.grad(loss, coords)
@@ -124,7 +129,7 @@ def test_hooked_sequential_implicit_offset_equals_explicit_copy(seed):
         nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2]), nn.Tanh(),
         nn.Linear(sizes[2], sizes[3], bias=False),
     ).double()
-    handles = attach_hooks(list(linear_layers(net)))
+    handles = attach_hooks(net)
     random_deltas(net, int(torch.randint(1, 5, (1,), generator=gen)), gen)
     ref = explicit_copy(net)
     x = torch.randn(5, sizes[0], generator=gen, dtype=F64)
@@ -152,7 +157,7 @@ def test_sdze_perturbed_evaluation_equals_explicit_copy(make_net):
     ref = copy.deepcopy(net)
     with torch.no_grad():
         for i, (layer, sub) in enumerate(zip(linear_layers(ref), opt.subspaces(), strict=True)):
-            layer.zo_delta = None
+            set_offset(layer, None)
             c = opt.layer_state(i)["coords"] - 0.3 * opt._directions[0][i]
             core, cb = sub.split(c)
             layer.weight += sub.A @ core @ sub.B.T
@@ -197,7 +202,7 @@ def test_dense_effective_weight_matches_implicit_form_and_sees_in_place_updates(
     dirs = Directions(5, index=torch.tensor([0, 3]))
     with torch.no_grad():
         dense = net.jets(x, dirs, 2)
-        assert net.layers[1].zo_delta._dense is not None  # the dense route was taken
+        assert delta_of(net.layers[1])._dense is not None  # the dense route was taken
         monkeypatch.setattr(perturb, "DENSE_MAX_NUMEL", 0)
         implicit = net.jets(x, dirs, 2)
         monkeypatch.undo()
@@ -231,12 +236,12 @@ def test_dense_effective_weight_is_not_used_where_it_would_be_wrong(case, monkey
     }.get(case, torch.no_grad())
     with context:
         net(x)
-    assert net.layers[1].zo_delta._dense is None
+    assert delta_of(net.layers[1])._dense is None
     with torch.no_grad():
         monkeypatch.undo()
         if case in ("grad", "autocast", "large"):  # and the dense form is taken otherwise
             net(x)
-            assert net.layers[1].zo_delta._dense is not None
+            assert delta_of(net.layers[1])._dense is not None
 
 
 def test_bases_orthonormal_seeded_and_refreshed():
@@ -263,7 +268,7 @@ def test_fold_preserves_function_and_zeroes_offset():
     w0 = net.layers[0].weight.clone()
     opt.fold()
     torch.testing.assert_close(net(x), before, rtol=1e-12, atol=1e-12)
-    assert all(layer.zo_delta is None for layer in net.layers)
+    assert all(delta_of(layer) is None for layer in net.layers)
     assert not torch.equal(net.layers[0].weight, w0)
     # window change: fold with the old bases, then the new window starts at zero
     for i in range(len(opt.layers)):
@@ -598,7 +603,7 @@ def test_trainer_fit_advances_global_step(method, make_trainer):
     assert math.isfinite(problem.last_loss)
     if isinstance(trainer.optimizers[0], SDZE):
         assert trainer.optimizers[0].zo_state["step"] == 3
-        assert all(layer.zo_delta is None for layer in problem.net.layers)  # folded at the end
+        assert all(delta_of(layer) is None for layer in problem.net.layers)  # folded at the end
 
 
 def test_sdze_trains_in_bfloat16(make_trainer):

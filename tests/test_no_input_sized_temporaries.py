@@ -30,6 +30,7 @@ from sdze_lightning.methods import SDZE, Adam, FusedAdafactor, MeZO
 from sdze_lightning.methods.fused_adafactor import BLOCK_BYTES
 from sdze_lightning.nn import MLP, LowRankDelta
 from sdze_lightning.nn import first_layer_grad as flg
+from sdze_lightning.nn.perturb import set_offset
 from sdze_lightning.problems import TwoBody
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -288,9 +289,9 @@ def test_no_weight_sized_temporary_in_the_products_and_their_derivatives(small_b
     net = MLP(D, width=WIDTH, depth=1, seed=0)
     layer = net.layers[0]
     gen = torch.Generator().manual_seed(3)
-    layer.zo_delta = LowRankDelta(A=torch.randn(WIDTH, 2, generator=gen),
-                                  B=torch.randn(D, 2, generator=gen),
-                                  C=torch.randn(2, 2, generator=gen), cb=None)
+    set_offset(layer, LowRankDelta(A=torch.randn(WIDTH, 2, generator=gen),
+                                   B=torch.randn(D, 2, generator=gen),
+                                   C=torch.randn(2, 2, generator=gen), cb=None))
     dirs = Directions(D, dense=torch.randn(3, D, generator=gen))
 
     def offset_forward():  # a zeroth-order step's evaluations: cached W x, dense directions
@@ -307,7 +308,7 @@ def test_no_weight_sized_temporary_in_the_products_and_their_derivatives(small_b
             wv_ac = net.first_layer_directions(dirs)
     assert wv_ac.dtype == torch.bfloat16
     torch.testing.assert_close(wv_ac.float(), wv, rtol=0, atol=8 * U_BF16 * float(wv.abs().max()))
-    layer.zo_delta = None
+    set_offset(layer, None)
 
     x = z.clone().requires_grad_(True)
 

@@ -146,7 +146,7 @@ class TwoLayers(nn.Module):
 def test_a_network_of_ones_own_is_left_as_it_is_with_a_warning():
     problem = Offset(dim=2, net=TwoLayers(), n_interior=16, n_eval=16)
     before = [p.detach().clone() for p in problem.net.parameters()]
-    with pytest.warns(UserWarning, match="needs the library's MLP"):
+    with pytest.warns(UserWarning, match="the library's MLP"):
         assert problem.output_fit.apply(problem) is None
     assert all(torch.equal(a, b) for a, b in zip(before, problem.net.parameters(), strict=True))
 

@@ -20,7 +20,14 @@ from sdze_lightning.estimators import ESTIMATORS, build_estimator
 from sdze_lightning.methods import SDZE
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.nn import MLP
-from sdze_lightning.nn.perturb import LowRankDelta, attach_hooks, linear_forward, linear_layers
+from sdze_lightning.nn.perturb import (
+    LowRankDelta,
+    attach_hooks,
+    delta_of,
+    linear_forward,
+    linear_layers,
+    set_offset,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: 1 thread is faster here
 
@@ -78,15 +85,14 @@ def random_delta(m: int, n: int, rank: int, bias: bool, dtype, gen) -> LowRankDe
 
 def explicit(net: nn.Module) -> nn.Module:
     """Copy with every offset written into the weights."""
-    out = copy.deepcopy(net)
+    out = copy.deepcopy(net)  # the copy's layers carry no offsets (they are the net's)
     with torch.no_grad():
-        for layer in linear_layers(out):
-            delta = getattr(layer, "zo_delta", None)
+        for source, layer in zip(linear_layers(net), linear_layers(out), strict=True):
+            delta = delta_of(source)
             if delta is not None:
                 layer.weight += delta.A @ delta.C @ delta.B.T
                 if delta.cb is not None:
                     layer.bias += delta.A @ delta.cb
-                layer.zo_delta = None
     return out
 
 
@@ -100,12 +106,12 @@ def test_linear_layer_offset(m, n, rank, bias, lead, dtype, seed):
         layer.weight.copy_(torch.randn(m, n, generator=gen, dtype=dtype))
         if bias:
             layer.bias.copy_(torch.randn(m, generator=gen, dtype=dtype))
-    layer.zo_delta = random_delta(m, n, rank, bias, dtype, gen)
+    set_offset(layer, random_delta(m, n, rank, bias, dtype, gen))
     x = torch.randn(*lead, 4, n, generator=gen, dtype=dtype)  # any leading batch shape
     torch.testing.assert_close(linear_forward(layer, x), explicit(layer)(x), **tol(dtype))
     # columns of the offset (coordinate directions) are those of the explicit matrix
     index = torch.randint(0, n, (3,), generator=gen)
-    delta = layer.zo_delta
+    delta = delta_of(layer)
     full = delta.A @ delta.C @ delta.B.T
     torch.testing.assert_close(delta.columns(index), full[:, index].T, **tol(dtype))
 
@@ -131,13 +137,13 @@ def test_mlp_implicit_paths_equal_explicit_copy(d, width, depth, rank, activatio
     gen = torch.Generator().manual_seed(seed)
     net64 = MLP(d, width=width, depth=depth, activation=activation, seed=seed % 997).double()
     for layer in net64.layers:
-        layer.zo_delta = random_delta(*layer.weight.shape, rank, True, torch.float64, gen)
+        set_offset(layer, random_delta(*layer.weight.shape, rank, True, torch.float64, gen))
     exact = explicit(net64)
     net = copy.deepcopy(net64).to(dtype)
     for layer, layer64 in zip(net.layers, net64.layers, strict=True):
-        delta = layer64.zo_delta
-        layer.zo_delta = LowRankDelta(delta.A.to(dtype), delta.B.to(dtype), delta.C.to(dtype),
-                                      delta.cb.to(dtype))
+        delta = delta_of(layer64)
+        set_offset(layer, LowRankDelta(delta.A.to(dtype), delta.B.to(dtype), delta.C.to(dtype),
+                                       delta.cb.to(dtype)))
     ref = explicit(net)
     x64 = torch.randn(5, d, generator=gen, dtype=torch.float64)
     x = x64.to(dtype)
@@ -168,9 +174,9 @@ def test_hooked_network_equals_explicit_copy(sizes, rank, bias, dtype, seed):
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
-    handles = attach_hooks(list(linear_layers(net)))
+    handles = attach_hooks(net)
     for layer in linear_layers(net):
-        layer.zo_delta = random_delta(*layer.weight.shape, rank, bias, dtype, gen)
+        set_offset(layer, random_delta(*layer.weight.shape, rank, bias, dtype, gen))
     x = torch.randn(4, sizes[0], generator=gen, dtype=dtype)
     ref = explicit(net)
     for h in handles:
@@ -179,7 +185,7 @@ def test_hooked_network_equals_explicit_copy(sizes, rank, bias, dtype, seed):
     # the comparison below could not tell an applied offset from an ignored one (the
     # last layer's offset A C B^T h is nonzero for almost every draw).
     assert not torch.equal(net(x), ref(x))
-    handles = attach_hooks(list(linear_layers(net)))
+    handles = attach_hooks(net)
     torch.testing.assert_close(net(x), ref(x), **tol(dtype))
     for h in handles:
         h.remove()
@@ -207,7 +213,7 @@ def test_sdze_perturbation_equals_explicit_parameters(d, width, depth, rank, que
     ref = copy.deepcopy(net)
     with torch.no_grad():
         for i, (layer, sub) in enumerate(zip(linear_layers(ref), opt.subspaces(), strict=True)):
-            layer.zo_delta = None
+            set_offset(layer, None)
             core, cb = sub.split(opt.layer_state(i)["coords"] + sign * 0.1 * opt._directions[j][i])
             layer.weight += sub.A @ core @ sub.B.T
             layer.bias += sub.A @ cb

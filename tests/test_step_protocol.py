@@ -20,7 +20,7 @@ from sdze_lightning import NonFiniteLossError, seeding
 from sdze_lightning.estimators import build_estimator
 from sdze_lightning.methods import SDZE, MeZO, ZerothOrderOptimizer
 from sdze_lightning.nn import MLP
-from sdze_lightning.nn.perturb import has_offset_hook, linear_layers
+from sdze_lightning.nn.perturb import delta_of, has_offset_hook, linear_layers
 from sdze_lightning.problems import Poisson2D
 from sdze_lightning.seeding import Stream
 
@@ -39,9 +39,9 @@ def explicit(net: nn.Module) -> nn.Module:
     """Copy of ``net`` with every layer's current offset written into its weights."""
     out = copy.deepcopy(net)
     with torch.no_grad():
-        for layer in linear_layers(out):
-            weight, bias = layer.zo_delta.effective(layer) if layer.zo_delta else (None, None)
-            layer.zo_delta = None
+        for source, layer in zip(linear_layers(net), linear_layers(out), strict=True):
+            delta = delta_of(source)  # the copy's layers carry no offsets (they are the net's)
+            weight, bias = delta.effective(layer) if delta else (None, None)
             if weight is not None:
                 layer.weight.copy_(weight)
                 if bias is not None:
@@ -69,7 +69,7 @@ def test_second_sdze_on_a_hooked_network_adds_the_offset_once():
     x = torch.rand(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     for _ in range(3):
         opt.step(lambda: (net(x) - 1).square().mean())
-    assert any(layer.zo_delta is not None for layer in linear_layers(net))
+    assert any(delta_of(layer) is not None for layer in linear_layers(net))
     torch.testing.assert_close(net(x), explicit(net)(x), rtol=1e-12, atol=1e-12)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from sdze_lightning.checks import positive_float_or_none
 from sdze_lightning.methods.base import MethodTraits
-from sdze_lightning.nn.mlp import mlp_input_weight
+from sdze_lightning.nn.protocol import first_layer_network
 
 
 class Adam(torch.optim.Adam):
@@ -31,7 +31,8 @@ class Adam(torch.optim.Adam):
 
     Args:
         module: The network; with ``input_lr``, the library's
-            :class:`~sdze_lightning.nn.MLP` (its ``layers[0].weight`` is the input layer).
+            :class:`~sdze_lightning.nn.MLP` (its ``input_layer``:
+            :mod:`sdze_lightning.nn.protocol`).
         lr: Learning rate (of every parameter but the input weight when ``input_lr``
             is given).
         input_lr: Learning rate of the input layer's weight (``None``: ``lr``).
@@ -42,7 +43,8 @@ class Adam(torch.optim.Adam):
     Raises:
         ValueError: If ``input_lr`` is not ``None`` or a number ``> 0``, or torch's Adam
             refuses a value (a negative ``lr``, a ``beta`` outside ``[0, 1)``, ...).
-        TypeError: If ``input_lr`` is given and ``module`` is not the library's MLP.
+        TypeError: If ``input_lr`` is given and ``module`` lacks the members of
+            :class:`~sdze_lightning.nn.protocol.FirstLayerNetwork`.
 
     """
 
@@ -65,8 +67,8 @@ class Adam(torch.optim.Adam):
         if input_lr is None:
             params: list = list(module.parameters())
         else:
-            weight = mlp_input_weight(module, "method.input_lr sets the rate of",
-                                      "method.input_lr=null")
+            weight = first_layer_network(module, "method.input_lr sets the rate of",
+                                         "method.input_lr=null").input_layer.weight
             params = [{"params": [weight], "lr": input_lr},
                       {"params": [p for p in module.parameters() if p is not weight]}]
         hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

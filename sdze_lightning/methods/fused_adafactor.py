@@ -3,9 +3,9 @@
 In an MLP PINN on ``d`` inputs nearly all parameters sit in the first layer's
 weight ``W`` (``width x d``): 1.28e9 of them at ``d = 1e7``, width 128. Adam
 over them keeps a ``width x d`` gradient and two moments of that size (4x the
-parameters, ~20 GiB at ``d = 1e7`` before the batch). Yet the gradient of
-``W`` is low-rank: ``dL/dW = Delta^T Z`` with ``Z`` the collocation points and
-the estimator's directions (``M`` rows, already in memory) and ``Delta`` the
+parameters: 4 x 1.28e9 float32 numbers, 20.5 GB at ``d = 1e7``, before the batch).
+Yet the gradient of ``W`` is low-rank: ``dL/dW = Delta^T Z`` with ``Z`` the collocation
+points and the estimator's directions (``M`` rows, already in memory) and ``Delta`` the
 back-propagated signal at the first layer (``M x width``, from a backward pass
 through the small layers only; :mod:`sdze_lightning.nn.first_layer_grad`).
 
@@ -115,7 +115,7 @@ from torch import Tensor, nn
 from sdze_lightning.checks import boolean, positive_float_or_none, positive_int
 from sdze_lightning.methods.base import MethodTraits
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
-from sdze_lightning.nn.mlp import mlp_input_weight
+from sdze_lightning.nn.protocol import first_layer_network
 
 #: Default bound on the bytes of one block temporary (``width x columns``): small enough
 #: for a block and its statistics to stay in the CPU's cache between the passes over it.
@@ -184,7 +184,8 @@ class FusedAdafactor(torch.optim.Adam):
         exact_rows: bool = False,
         lag_bound: float | None = LAG_BOUND,
     ) -> None:
-        weight = mlp_input_weight(module, "method=fused_adafactor updates", "method=adam")
+        weight = first_layer_network(module, "method=fused_adafactor updates",
+                                     "method=adam").input_layer.weight
         positive_int("method.block_bytes", block_bytes)
         input_lr = positive_float_or_none("method.input_lr", input_lr)
         if not eps1 >= 0:
@@ -210,7 +211,8 @@ class FusedAdafactor(torch.optim.Adam):
     @staticmethod
     def self_reduced_parameters(module: nn.Module) -> list[nn.Parameter]:
         """The parameters whose gradient the method exchanges between ranks itself: ``W``."""
-        return [mlp_input_weight(module, "method=fused_adafactor updates", "method=adam")]
+        return [first_layer_network(module, "method=fused_adafactor updates",
+                                    "method=adam").input_layer.weight]
 
     @staticmethod
     def gradient_numel(module: nn.Module) -> int:
@@ -368,7 +370,7 @@ class _LagFloor(NamedTuple):
 
 def _small_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Every trainable parameter but the input layer's weight: Adam's group."""
-    weight = module.layers[0].weight
+    weight = module.input_layer.weight
     return [p for p in module.parameters() if p is not weight and p.requires_grad]
 
 

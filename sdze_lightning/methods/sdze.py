@@ -4,7 +4,8 @@ Every linear layer ``W`` (``m x n``) gets, per window of ``period`` steps, a
 subspace ``W + A C B^T`` (:mod:`~sdze_lightning.methods.subspace`). Inside a
 window SDZE keeps per layer a coordinate vector ``c`` (core ``C`` of
 ``ra x rb`` and bias part ``c_b``): the network computes with
-``W_eff = W + A C B^T`` implicitly through ``layer.zo_delta``, never by
+``W_eff = W + A C B^T`` implicitly through the layers' offsets
+(:func:`~sdze_lightning.nn.perturb.set_offset`), never by
 writing ``W``. A step
 
 1. draws ``q`` Gaussian directions ``u_j`` in the coordinates (``u ~ N(0, I)``
@@ -45,7 +46,7 @@ from sdze_lightning.methods.base import LossAt
 from sdze_lightning.methods.subspace import LayerSubspace
 from sdze_lightning.methods.two_point import TwoPointOptimizer, perturbation_sweep
 from sdze_lightning.methods.update_rules import RULE_STATE, apply_rule, check_rule
-from sdze_lightning.nn.perturb import HookHold, attach_hooks, linear_layers
+from sdze_lightning.nn.perturb import HookHold, attach_hooks, linear_layers, set_offset
 from sdze_lightning.seeding import PROBE_KEY_BASE, Stream, generator
 
 #: Values of ``carry``.
@@ -141,7 +142,7 @@ class SDZE(TwoPointOptimizer):
         self.adam_eps = float(adam_eps)
         self.carry = carry
         self.zo_state.update(window=0, rule_step=0)
-        self._hooks: list[HookHold] | None = attach_hooks(self.layers)
+        self._hooks: list[HookHold] | None = attach_hooks(self.module, self.layers)
         self._bases: tuple[int, list[LayerSubspace]] | None = None
         self._directions: list[list[Tensor]] = []
         #: ``(q, m)`` per-query estimates ``s_j u_j`` of the last step in the
@@ -201,16 +202,16 @@ class SDZE(TwoPointOptimizer):
     def _install(self, offsets: list[Tensor] | None = None) -> None:
         """Set every layer's implicit offset to its coordinates (plus ``offsets``)."""
         if self._hooks is None:  # used again after close(): hold the hooks again
-            self._hooks = attach_hooks(self.layers)
+            self._hooks = attach_hooks(self.module, self.layers)
         subs = self.subspaces()
         for i, (layer, sub) in enumerate(zip(self.layers, subs, strict=True)):
             coords = self.layer_state(i)["coords"]
             if offsets is not None:
-                layer.zo_delta = sub.delta(coords + offsets[i])
+                set_offset(layer, sub.delta(coords + offsets[i]))
             elif bool(coords.any()):
-                layer.zo_delta = sub.delta(coords)
+                set_offset(layer, sub.delta(coords))
             else:
-                layer.zo_delta = None
+                set_offset(layer, None)
 
     # --------------------------------------------------------------------- hooks
     def _prepare(self, step: int) -> None:
@@ -282,7 +283,7 @@ class SDZE(TwoPointOptimizer):
         """
         self.fold()
         for layer in self.layers:
-            layer.zo_delta = None
+            set_offset(layer, None)
         hooks, self._hooks = self._hooks, None
         for hold in hooks or []:
             hold.remove()

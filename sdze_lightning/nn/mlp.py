@@ -23,6 +23,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -191,6 +192,9 @@ class MLP(nn.Module):
             biases uniform in ``+-1/sqrt(fan_in)``).
     """
 
+    #: Zeroth-order offsets are applied by this class (:func:`linear_forward`), not by hooks.
+    applies_linear_offsets: ClassVar[bool] = True
+
     @staticmethod
     def parameter_count(
         in_features: int, width: int = 128, depth: int = 4, out_features: int = 1, **_: object
@@ -238,7 +242,6 @@ class MLP(nn.Module):
         )
         gen = torch.Generator().manual_seed(seed)
         for layer in self.layers:
-            layer._zo_native = True  # offsets are applied by this class, not by hooks
             INITS[init](layer, gen)
         self._cache: dict | None = None
         self._capture: FirstLayerGradient | None = None
@@ -247,6 +250,16 @@ class MLP(nn.Module):
     def in_features(self) -> int:
         """Input dimension."""
         return self.layers[0].in_features
+
+    @property
+    def input_layer(self) -> nn.Linear:
+        """The first linear layer (``width x in_features``)."""
+        return self.layers[0]
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The last linear layer."""
+        return self.layers[-1]
 
     # ----------------------------------------------------------------- first layer
     @contextlib.contextmanager
@@ -414,23 +427,3 @@ class MLP(nn.Module):
             top = jet[-1]
             out.append(jet[0].new_zeros((1, *jet[0].shape)) if top is None else top)
         return out
-
-
-def mlp_input_weight(module: nn.Module, what: str, instead: str) -> nn.Parameter:
-    """The input layer's weight of ``module``, which must be the library's :class:`MLP`.
-
-    Args:
-        module: The network.
-        what: The start of the refusal, up to "the input layer" (``"method=... updates"``).
-        instead: The other configuration the refusal suggests beside ``model=mlp``.
-
-    Raises:
-        TypeError: If ``module`` is not an :class:`MLP`.
-
-    """
-    if not isinstance(module, MLP):
-        raise TypeError(
-            f"{what} the input layer of the library's MLP (sdze_lightning.nn.MLP); got "
-            f"{type(module).__name__}. Use model=mlp or {instead}."
-        )
-    return module.layers[0].weight

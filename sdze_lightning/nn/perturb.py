@@ -2,20 +2,22 @@
 
 A zeroth-order method evaluates the network at ``W + A C B^T`` without writing
 to ``W``: every linear layer adds ``x B C^T A^T + A c_b`` to its output. The
-offset object lives on the module as ``module.zo_delta`` (``None`` when unused).
+offsets are kept in this module's table, by layer (:func:`set_offset`,
+:func:`delta_of`), not on the layers: nothing is written onto a user's modules.
 
-Networks of this library (:class:`~sdze_lightning.nn.mlp.MLP`) read the offset
-directly, which lets them reuse ``W x`` across evaluations and evaluate
-directional derivatives of the first layer by a column lookup. Any other network
-built from ``nn.Linear`` layers gets the same offset through a forward hook
-(:func:`attach_hooks`), so a user-defined network trains with SDZE unchanged. A
-layer carries at most one such hook, however many optimizers hold it; the last
-hold released removes it.
+A network that applies the offsets itself declares ``applies_linear_offsets =
+True`` (the library's :class:`~sdze_lightning.nn.mlp.MLP`: it reads the offset
+directly, which lets it reuse ``W x`` across evaluations and evaluate directional
+derivatives of the first layer by a column lookup). Every other ``nn.Linear``
+gets the same offset through a forward hook (:func:`attach_hooks`), so a
+user-defined network trains with SDZE unchanged. A layer carries at most one
+such hook, however many optimizers hold it; the last hold released removes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -85,9 +87,23 @@ class LowRankDelta:
         return self._dense[1], self._dense[2]
 
 
+#: The active offset of each perturbed layer (weakly keyed: a layer's entry goes with it).
+_OFFSETS: weakref.WeakKeyDictionary[nn.Module, LowRankDelta] = weakref.WeakKeyDictionary()
+#: The offset hook of each hooked layer and how many holds share it.
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+
+
 def delta_of(module: nn.Module) -> LowRankDelta | None:
     """Return the active offset of ``module`` (``None`` when unperturbed)."""
-    return getattr(module, "zo_delta", None)
+    return _OFFSETS.get(module)
+
+
+def set_offset(module: nn.Module, delta: LowRankDelta | None) -> None:
+    """Make ``delta`` the active offset of ``module`` (``None``: unperturbed)."""
+    if delta is None:
+        _OFFSETS.pop(module, None)
+    else:
+        _OFFSETS[module] = delta
 
 
 #: Weights with at most this many entries are perturbed explicitly when no gradient is
@@ -136,16 +152,12 @@ def linear_forward(layer: nn.Linear, x: Tensor, bias: bool = True) -> Tensor:
 
 def _hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
     delta = delta_of(module)
-    if delta is None or getattr(module, "_zo_native", False):
+    if delta is None:
         return None
     out = output + delta.linear(inputs[0].to(delta.B.dtype)).to(output.dtype)
     if delta.cb is not None:
         out = out + delta.bias().to(output.dtype)
     return out
-
-
-#: Attributes of a hooked layer: the handle of its offset hook and how many holds share it.
-_HOOK_HANDLE, _HOOK_HOLDS = "_zo_hook_handle", "_zo_hook_holds"
 
 
 class HookHold:
@@ -161,36 +173,49 @@ class HookHold:
     def remove(self) -> None:
         """Release this hold; remove the hook if it was the layer's last one."""
         module, self.module = self.module, None
-        if module is None or module.__dict__.get(_HOOK_HANDLE) is None:
+        entry = None if module is None else _HOOKS.get(module)
+        if entry is None:
             return
-        module.__dict__[_HOOK_HOLDS] -= 1
-        if module.__dict__[_HOOK_HOLDS] <= 0:
-            module.__dict__.pop(_HOOK_HANDLE).remove()
-            del module.__dict__[_HOOK_HOLDS]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _HOOKS[module]
+            entry[0].remove()
 
 
-def attach_hooks(modules: list[nn.Linear]) -> list[HookHold]:
-    """Hold the offset hook on every linear layer not natively aware of offsets.
+def attach_hooks(
+    network: nn.Module, layers: Iterable[nn.Linear] | None = None
+) -> list[HookHold]:
+    """Hold the offset hook on the linear layers of ``network`` that it does not perturb itself.
 
+    ``layers`` (default: every ``nn.Linear`` of ``network``) inside a submodule that
+    declares ``applies_linear_offsets`` (:func:`native_layers`) get no hook.
     Idempotent per layer: a layer that already carries the hook (a second optimizer
     on the same network, a second ``fit``) keeps its one hook and gains a hold, so the
     offset is added once. Release each hold with its ``remove()``.
     """
+    native = native_layers(network)
     holds = []
-    for m in modules:
-        if getattr(m, "_zo_native", False):
+    for m in linear_layers(network) if layers is None else layers:
+        if id(m) in native:
             continue
-        if m.__dict__.get(_HOOK_HANDLE) is None:
-            m.__dict__[_HOOK_HANDLE] = m.register_forward_hook(_hook)
-            m.__dict__[_HOOK_HOLDS] = 0
-        m.__dict__[_HOOK_HOLDS] += 1
+        entry = _HOOKS.get(m)
+        if entry is None:
+            entry = _HOOKS[m] = [m.register_forward_hook(_hook), 0]
+        entry[1] += 1
         holds.append(HookHold(m))
     return holds
 
 
+def native_layers(network: nn.Module) -> set[int]:
+    """``id`` of every layer inside a submodule that declares ``applies_linear_offsets``."""
+    return {id(layer) for sub in network.modules()
+            if getattr(type(sub), "applies_linear_offsets", False)
+            for layer in sub.modules()}
+
+
 def has_offset_hook(module: nn.Module) -> bool:
     """Whether ``module`` carries the offset hook of :func:`attach_hooks`."""
-    return module.__dict__.get(_HOOK_HANDLE) is not None
+    return module in _HOOKS
 
 
 def linear_layers(module: nn.Module) -> Iterator[nn.Linear]:

@@ -5,9 +5,10 @@ the ``N x d`` batch; an analytic source term written with ``torch`` operators
 makes a dozen more (each ``sin``, ``mul``, ``add`` reads and writes a full
 ``N x d`` temporary). :func:`fused_call` runs such a term through
 ``torch.compile`` (TorchInductor), which fuses it into one pass with row
-reductions and no ``N x d`` temporary: for the two-body source on 100 points, one
-CPU thread, 6x faster at ``d = 10^4`` and 18x at ``10^5`` and ``10^6``, with
-``O(N)`` extra memory (``benchmarks/fused_kernels.py``).
+reductions and no ``N x d`` temporary: at large ``d``, where the passes over memory
+dominate, it is faster than the eager code because it makes one pass instead of a
+dozen, and it needs ``O(N)`` extra memory (measured: ``benchmarks/README.md``,
+``fused_kernels.py``).
 
 Kernels are built with Inductor's C++ wrapper (``cpp_wrapper``), whose entry
 point releases the GIL while the kernel runs. With the default Python wrapper
@@ -16,11 +17,11 @@ prefetch thread (:mod:`sdze_lightning.prefetch`) stalls the main thread's
 Python between its own operators, and two threads cannot share the work. If
 the C++ wrapper fails to build, the default wrapper is tried next.
 
-Compilation costs seconds to tens of seconds once per process (cached across
-processes by Inductor), so callers use it only past a size where that pays
-off, and fall back to their eager code when it is unavailable. Whether a
-problem uses them is its ``fused_kernels`` argument (the config field
-``fused_kernels``, recorded in ``summary.json`` with :func:`fused_report`): a
+Compilation runs once per process (Inductor caches its output across processes)
+and costs far more than one call, so callers use it only past a size where the
+saving per call repays it over a run, and fall back to their eager code when it is
+unavailable. Whether a problem uses them is its ``fused_kernels`` argument (the config
+field ``fused_kernels``, recorded in ``summary.json`` with :func:`fused_report`): a
 fused kernel sums in another order than the eager code, so the choice is part
 of a run's record, not a process-wide switch. A kernel that fails to compile
 with every wrapper is logged once and turned off.
@@ -42,9 +43,10 @@ log = logging.getLogger(__name__)
 COMPILE_OPTIONS: tuple[dict[str, bool], ...] = ({"cpp_wrapper": True}, {})
 
 #: Memory a process holds once it has compiled and run a kernel (TorchInductor's modules,
-#: caches and the compiled code): 99 MB measured on the CPU of ``benchmarks/README.md``
-#: (peak RSS of ``import sdze_lightning.cli`` against the same after compiling the two-body
-#: kernel, ``benchmarks/_common.warm_fused_kernels``); the memory pre-flight counts it.
+#: caches and the compiled code), rounded up from a measurement: the peak RSS of
+#: ``import sdze_lightning.cli`` against the same after compiling the two-body kernel
+#: (``benchmarks/_common.warm_fused_kernels``). The memory pre-flight counts it (checked
+#: against measured peaks: ``benchmarks/README.md``, ``preflight_accuracy.py``).
 COMPILE_BYTES = 100_000_000
 
 _compiled: dict[Callable, Callable] = {}

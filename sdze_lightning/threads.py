@@ -1,10 +1,11 @@
 """Intra-op thread policy: how many threads torch's CPU kernels use during ``fit``.
 
 torch starts one intra-op thread per core. Where another process keeps a core busy,
-those threads wait for each other at every parallel op, and the small ops of a PINN
-step become several times slower than on one thread (the README's main job: ~5x on the
-2-core CPU with one core taken). Where the ops are small, a second thread gains
-nothing even on an idle machine. The policy ``threads="auto"`` therefore picks
+those threads wait for each other at every parallel op (the thread that shares the busy
+core runs only when the scheduler gives it a turn), and the small ops of a PINN step
+become slower than on one thread (measured: ``benchmarks/README.md``, ``threads.py``).
+Where the ops are small, a second thread gains nothing even on an idle machine. The
+policy ``threads="auto"`` therefore picks
 
 * one thread when one step's work is small (:data:`MIN_WORK_PER_THREAD`
   multiply-adds per thread and more), and otherwise

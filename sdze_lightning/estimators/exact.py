@@ -4,11 +4,10 @@ One reverse pass per coordinate for the Laplacian, so the cost grows like
 ``O(d)`` passes: the reference every randomized estimator is checked against.
 
 Each pass costs about as much as a backward pass through the network (``O(N d width)`` in
-the input layer), so one estimate costs ``O(d^2)``: 7 ms per pass and 73 s per estimate at
-d = 1e4 (100 points, MLP 4x128, float32, one thread of the 2-core CPU of
-``benchmarks/README.md``), about 3.4 h at d = 1e5 (0.12 s per pass) and years at d = 1e7.
-The pre-flight refuses an estimate of more than :data:`MAX_REVERSE_PASSES` passes
-(``max_reverse_passes``; ``None`` lifts the bound).
+the input layer), so one estimate costs ``O(d^2)``: a hundred times more per tenfold ``d``,
+which puts it out of reach of a training step long before the dimensions that the
+randomized estimators handle. The pre-flight refuses an estimate of more than
+:data:`MAX_REVERSE_PASSES` passes (``max_reverse_passes``; ``None`` lifts the bound).
 """
 
 from __future__ import annotations
@@ -21,8 +20,9 @@ from torch import Tensor
 from sdze_lightning.estimators.base import Estimator
 from sdze_lightning.model_fn import ModelFunction
 
-#: Default bound on the reverse passes of one estimate: d = 2e4 for the Laplacian (about
-#: 5 min per estimate on the CPU of the module notes; d = 1e4 takes 73 s).
+#: Default bound on the reverse passes of one estimate: d = 2e4 for the Laplacian (one pass
+#: per coordinate), past which an estimate's ``O(d^2)`` cost makes training impractical on a
+#: CPU (measured: ``benchmarks/README.md``, ``preflight_accuracy.py``).
 MAX_REVERSE_PASSES = 20_000
 
 

@@ -34,8 +34,8 @@ def directional_autodiff(model: ModelFunction, x: Tensor, v: Tensor, order: int)
     ``D_v^{k+1} u = v . grad(D_v^k u)`` (reverse over reverse: ``k = 2`` is the
     Hessian-vector product ``v^T H v``). The ``K`` directions are stacked into
     the batch (``K * N`` rows, each with its own direction), which relies on
-    ``u`` acting point by point; on CPU this is several times faster than
-    ``vmap`` over forward-mode ``jvp`` for the small MLPs of a PINN.
+    ``u`` acting point by point; on CPU this is faster than ``vmap`` over
+    forward-mode ``jvp`` for the small MLPs of a PINN.
 
     Args:
         model: The solution.
@@ -87,8 +87,8 @@ class HutchinsonEstimator(DirectionalEstimator):
     #: ``(V N, input_dim)`` arrays an estimate holds at its peak: the points and the probes
     #: copied into ``V N`` rows, and the gradients and products of the two nested
     #: ``torch.func.grad``, which keep their own graph, so as many without the parameters'
-    #: graph (zeroth-order methods) as with it (measured at d = 1e5, 100 points, 16 probes:
-    #: 5.8 GB for Adam and for MeZO; ``benchmarks/preflight_accuracy.py``).
+    #: graph (zeroth-order methods) as with it (the count fitted to measured peaks; measured:
+    #: ``benchmarks/README.md``, ``preflight_accuracy.py``).
     INPUT_COPIES: ClassVar[float] = 8.0
 
     def step_numel(self, points: int, input_dim: int, hidden: int, graph: bool) -> int:

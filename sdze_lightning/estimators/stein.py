@@ -186,8 +186,9 @@ class SteinEstimator(Estimator):
         self.value = value
 
     #: Activations kept per evaluated row and hidden unit, with and without the parameters'
-    #: graph: fitted to the peaks of K = 1024 at d = 1e4 and 1e5 (Adam and the fused method:
-    #: 1.3; MeZO: 0.6; ``benchmarks/preflight_accuracy.py``).
+    #: graph (Adam and the fused method keep it, MeZO does not): fitted to measured peaks of
+    #: the large-``K`` preset ``stein_he`` (measured: ``benchmarks/README.md``,
+    #: ``preflight_accuracy.py``).
     ACTIVATIONS: ClassVar[dict[bool, float]] = {True: 1.3, False: 0.6}
 
     def step_numel(self, points: int, input_dim: int, hidden: int, graph: bool) -> int:

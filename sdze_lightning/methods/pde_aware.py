@@ -26,8 +26,9 @@ fails on the two problems it was checked on (Allen-Cahn 1D, Poisson 2D):
   ``m`` from the gradient of the total loss, from the closure's backward;
 * a parameter the residual does not depend on (the output bias under
   ``Delta u = f``: Poisson 2D) has ``v = 0`` exactly and is moved by
-  ``lr m / eps``, ``1e5 m`` at the defaults: the boundary loss overflows
-  within ~6 steps, **with either first moment** (the authors' variant too).
+  ``lr m / eps``, ``1e5 m`` at the defaults: the output runs away and the
+  boundary loss overflows within a few steps, **with either first moment**
+  (the authors' variant too).
   With ``adam_floor=True`` (default) the denominator is
   ``sqrt(max(v, s)) + eps``, ``s`` the moving average (``b2``) of the squared
   first-moment input, i.e. Adam's second moment (without bias correction): no
@@ -36,8 +37,8 @@ fails on the two problems it was checked on (Allen-Cahn 1D, Poisson 2D):
   loss gradient) the rule is the paper's. This is not in the paper; it costs
   a third state tensor.
 
-Measured evidence (final relative L2 / loss, both modes, both floors):
-``benchmarks/README.md`` (``method_accuracy.py``); the tests in ``tests/test_methods.py``
+Final relative L2 and loss of both modes with and without the floor (measured:
+``benchmarks/README.md``, ``method_accuracy.py``); the tests in ``tests/test_methods.py``
 check both modes.
 
 Per-point gradients are the rows of the Jacobian of the residual vector,
@@ -46,10 +47,9 @@ cotangents, reduced to the two moments on the fly (memory ``chunk_size x
 parameters``). A one-hot cotangent still flows through the graph of every point
 it was built with, so the residuals are recomputed on chunks of ``chunk_size``
 points and each chunk's VJPs run through that chunk's graph only: the cost grows
-like ``N x chunk_size`` backward rows instead of ``N^2`` (Poisson 2D, 1000
-points, exact estimator: a fraction of a second per step on one thread instead of
-about a minute; ``benchmarks/method_matrix.py``). A ``residuals`` callable without a ``rows``
-argument gets the whole-batch computation.
+like ``N x chunk_size`` backward rows instead of ``N^2``, a saving that grows with
+the batch (measured: ``benchmarks/README.md``, ``method_matrix.py``). A ``residuals``
+callable without a ``rows`` argument gets the whole-batch computation.
 
 ``moment_points`` (default 128) estimates ``v`` from the first that many points of
 the batch (the points are i.i.d., so a random subset): an unbiased estimate of the
@@ -166,8 +166,8 @@ class PDEAware(torch.optim.Optimizer):
         The per-point gradients of one chunk (``chunk_size`` per parameter) and, in
         :func:`per_point_moments`, their square for the largest parameter; eight more per
         parameter: the chunk's two sums and their means, the running sum of squares and
-        its mean, the update's denominator and step (fitted to the measured peaks at
-        d = 1e5, ``benchmarks/preflight_accuracy.py``).
+        its mean, the update's denominator and step (fitted to measured peaks;
+        measured: ``benchmarks/README.md``, ``preflight_accuracy.py``).
         """
         sizes = [p.numel() for p in module.parameters() if p.requires_grad]
         return (chunk_size + 8) * sum(sizes) + chunk_size * max(sizes, default=0)

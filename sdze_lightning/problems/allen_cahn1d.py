@@ -19,8 +19,8 @@ class AllenCahn1D(IntervalProblem):
 
     ``eps = 1e-4``, ``rate = 5``, ``u(x, 0) = x^2 cos(pi x)``. The reference is
     a Fourier ETDRK4 solution computed in the repo
-    (:class:`~sdze_lightning.reference.allen_cahn.AllenCahnReference`; relative
-    L2 error about 4e-6 with the defaults), solved once per process.
+    (:class:`~sdze_lightning.reference.allen_cahn.AllenCahnReference`; with the
+    defaults its error is far below what a PINN reaches), solved once per process.
 
     Boundary points mean three things (one residual per point):
 

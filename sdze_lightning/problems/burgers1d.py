@@ -19,7 +19,8 @@ class Burgers1D(IntervalProblem):
     ``u(x, 0) = -sin(pi x)``, ``u(+-1, t) = 0`` (soft loss). A shock forms at
     ``x = 0`` around ``t = 0.3``. The reference is the Cole-Hopf solution by
     quadrature (:func:`~sdze_lightning.reference.burgers.burgers_cole_hopf`),
-    accurate to about ``1e-15``.
+    accurate to near machine precision in float64 (the trapezoidal rule converges
+    exponentially on its analytic integrands).
 
     Args:
         nu: Viscosity.

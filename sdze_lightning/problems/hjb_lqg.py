@@ -31,12 +31,11 @@ class HJBLQG(PINNProblem):
     points only cover the cube. With the terminal condition alone (He et al.'s
     setup, ``lateral_fraction=0``) the problem on the cube is not well posed:
     any lateral data give another solution, and a network with a small loss
-    can be far from the Cole-Hopf solution (at ``N = 5`` we measured a loss of
-    5e-3 with a relative L2 error of 1.0, growing backward from ``T``). By
-    default a share ``lateral_fraction`` of the boundary points therefore lies
-    on the faces ``x_j in {0, 1}`` with Dirichlet values from the Cole-Hopf
-    reference (``lateral_samples`` Monte Carlo samples, ``O(1)`` in ``N``);
-    the rest sits on ``t = T`` with the analytic ``g``.
+    can be far from the Cole-Hopf solution (its error grows backward from ``T``,
+    away from the only data it is given). By default a share ``lateral_fraction``
+    of the boundary points therefore lies on the faces ``x_j in {0, 1}`` with
+    Dirichlet values from the Cole-Hopf reference (``lateral_samples`` Monte Carlo
+    samples, ``O(1)`` in ``N``); the rest sits on ``t = T`` with the analytic ``g``.
 
     Args:
         lam: Coefficient ``lambda`` of ``|grad u|^2``.

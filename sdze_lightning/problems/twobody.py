@@ -10,15 +10,16 @@ from torch import Tensor
 from sdze_lightning.kernels import fused_call
 from sdze_lightning.problems.ball import BallProblem
 
-#: Columns per chunk when the source is evaluated one point at a time (large d):
-#: the temporaries of a chunk stay in cache (about 3.7x faster at d = 1e6 than whole rows).
+#: Columns per chunk when the source is evaluated one point at a time (large d): the
+#: temporaries of a chunk stay in cache, so at large d this is faster than whole rows, whose
+#: temporaries each make a round trip through main memory.
 COLUMN_CHUNK = 1 << 15
 #: Rows longer than this use the fused (``torch.compile``) kernel when it is available:
 #: one pass over the block, no ``N x d`` temporary (:mod:`sdze_lightning.kernels`).
-#: At 100 points it saves ~9 ms per evaluation at d = 1e4 (7 vs 16-22 ms eager, one
-#: thread), so the one-off compilation (~3 s with Inductor's on-disk cache, ~11 s
-#: without) pays for itself within a few hundred to about a thousand steps; below
-#: ~8k columns the saving is too small for that.
+#: The time it saves per evaluation grows with d, while the compilation is a one-off cost
+#: per process (less with Inductor's on-disk cache): past this size the saving repays the
+#: compilation within a run, below it the saving is too small for that (measured:
+#: ``benchmarks/README.md``, ``fused_kernels.py``).
 FUSED_MIN_DIM = 1 << 13
 
 
@@ -28,7 +29,8 @@ def _two_body_core(
     """The three sums of :func:`two_body_terms`; ``dot(t)`` is ``sum_i t[:, i] c_i``."""
     a, b = x[:, :-1], x[:, 1:]
     # sin and cos of x once (a and b are overlapping views), and phi_aa + phi_bb = a - phi:
-    # about 3x fewer passes over the N x d block than term by term.
+    # fewer passes over the N x d block than term by term, which would compute sin and cos
+    # of a and of b separately and both second derivatives.
     sx, cx = torch.sin(x), torch.cos(x)
     sin_a, cos_a, sin_b, cos_b = sx[:, :-1], cx[:, :-1], sx[:, 1:], cx[:, 1:]
     phi = a + cos_b + b * cos_a

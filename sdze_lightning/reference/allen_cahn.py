@@ -12,9 +12,9 @@ convergence in space for a smooth initial condition.
 Accuracy caveat: ``x^2 cos(pi x)`` is continuous but not smooth when extended
 periodically (``u_x`` jumps from -2 to 2 at ``x = +-1``), so in space the error
 falls only like ``N^{-2}`` until the reaction term damps the kink (``u = -1``
-there is stable). With the defaults (``n_points=1024``, ``dt=1e-3``) the relative
-L2 error against a 4096-point solution is about 4e-6 (max 1.2e-4, early times
-near ``x = +-1``): far below what a PINN reaches.
+there is stable; tested). With the defaults (``n_points=1024``, ``dt=1e-3``) the
+error against a finer grid is largest at early times near ``x = +-1`` and still far
+below what a PINN reaches.
 
 :class:`AllenCahnReference` stores the Fourier coefficients of the solution
 and of ``u_t`` every ``save_dt`` and evaluates ``u(x, t)`` anywhere by Fourier

@@ -19,10 +19,9 @@ evaluation pays a full pass over the input, as MeZO does.
 **Scale-free step (``normalize=True``, the default).** Plain
 SGD on the SPSA estimate needs a learning rate inversely proportional to the
 size of the loss gradient, which differs by orders of magnitude between
-problems: on the two-body Allen-Cahn problem at ``d = 1000`` (loss ~1e7, the
-source grows like ``d^1.5``) ``lr = 1e-6`` overflows to ``inf`` in two steps
-and about ``1e-11`` is needed, while on Poisson 2D (loss ~1) ``lr = 1e-5``
-barely moves in 300 steps. With ``normalize=True`` each
+problems (the two-body Allen-Cahn source grows like ``d^1.5``, Poisson 2D's loss is
+of order one), so no one rate serves both (measured: ``benchmarks/README.md``,
+``method_accuracy.py``). With ``normalize=True`` each
 projected-gradient scalar ``s_j`` is divided by the root of a bias-corrected
 exponential moving average of ``mean_j s_j^2`` (decay ``norm_beta``), so that
 every parameter moves by about ``lr * z`` per step whatever the loss scale (an

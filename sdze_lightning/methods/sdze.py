@@ -65,8 +65,9 @@ class SDZE(TwoPointOptimizer):
 
     Args:
         module: The network.
-        lr: Learning rate (a ``param_groups`` entry, so LR schedulers work); 1e-2, the
-            best of a sweep on Poisson 2D and two-body Allen-Cahn (``benchmarks/README.md``).
+        lr: Learning rate (a ``param_groups`` entry, so LR schedulers work); the default
+            is ``configs/method/sdze.yaml``'s (accuracy by lr: ``benchmarks/README.md``,
+            ``method_accuracy.py``).
         eps: Perturbation size in the coordinates (about ``1e-3`` in float32,
             ``1e-5``-``1e-4`` in float64).
         rank: Subspace rank ``r`` per factor (capped at the layer's sizes).

@@ -13,8 +13,8 @@ not inflate it), with Adam+exact trained right after the pair in the same proces
 wall time per step is reported beside it. The
 paper presets (``PAPER_PRESETS``: Stein with He et al.'s K = 1024) are measured and
 their cost stated, not held to these limits. The table goes to
-``benchmarks/results/method_matrix.{json,md}`` and, between the markers
-``<!-- method-matrix -->`` and ``<!-- /method-matrix -->``, into ``benchmarks/README.md``::
+``benchmarks/results/method_matrix.{json,md}`` and, where ``benchmarks/README.md`` holds
+the markers ``<!-- method-matrix -->`` and ``<!-- /method-matrix -->``, between them::
 
     python benchmarks/method_matrix.py                # the whole matrix (~10 min here)
     python benchmarks/method_matrix.py --smoke        # tiny sizes, 2 steps, no README
@@ -183,10 +183,11 @@ def markdown(rows: list[dict], command: str) -> str:
 
 
 def write_readme(table: str) -> None:
-    """Replace the text between the markers of benchmarks/README.md."""
+    """Replace the text between the markers of benchmarks/README.md, where it has them
+    (the table itself is ``results/method_matrix.md``)."""
     text = README.read_text()
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        return
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     README.write_text(f"{head}{START}\n{table}\n{END}{tail}")

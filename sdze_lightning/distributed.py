@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from sdze_lightning.methods.base import ZerothOrderOptimizer, traits_of
+from sdze_lightning.methods.base import ZerothOrderOptimizer, method_class, traits_of
 
 #: Every share handed out by :meth:`Shard.take`, with the batch it was taken from: a rank's
 #: points are a view of the whole batch, which every rank sampled.
@@ -208,11 +208,7 @@ def keep_self_reduced_out_of_ddp(
     """
     if not traits_of(factory).reduces_input_layer:
         return
-    target = factory
-    while isinstance(target, functools.partial):
-        target = target.func
-    cls = target if isinstance(target, type) else type(target)
-    ids = {id(p) for p in cls.self_reduced_parameters(net)}
+    ids = {id(p) for p in method_class(factory).self_reduced_parameters(net)}
     names = [name for name, p in module.named_parameters() if id(p) in ids]
     # DDP's way to exclude parameters from its reducer (a static method of the wrapper)
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(

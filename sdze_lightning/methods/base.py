@@ -199,7 +199,8 @@ def _target(factory: Any) -> Any:
     return factory
 
 
-def _class(factory: Any) -> type:
+def method_class(factory: Any) -> type:
+    """The class of a method given as a class, an instance or a (nested) partial."""
     target = _target(factory)
     return target if isinstance(target, type) else type(target)
 
@@ -219,7 +220,7 @@ def traits_of(factory: Any) -> MethodTraits:
     if it is one of :data:`NO_GRADIENT_NO_CHANGE` exactly (a subclass may override
     ``step``).
     """
-    cls = _class(factory)
+    cls = method_class(factory)
     declared = getattr(cls, "traits", None)
     if isinstance(declared, MethodTraits):
         return declared
@@ -290,7 +291,7 @@ def state_numel(factory: Any, module: nn.Module) -> int:
     if is_zeroth_order(factory):
         return 0
     target = _target(factory)
-    cls = _class(factory)
+    cls = method_class(factory)
     keywords = dict(getattr(factory, "keywords", {})) if isinstance(
         factory, functools.partial) else dict(getattr(target, "defaults", {}))
     per = getattr(cls, "state_per_parameter", None)

@@ -128,3 +128,17 @@ def fused_steps(problem: PINNProblem, steps: int):
             return loss
         opt.step(closure)
     return opt
+
+
+class DecayingSGD(torch.optim.SGD):
+    """SGD that also halves every parameter at each step, with a gradient or without: it
+    does not withhold a skipped step by itself, so the step runner must snapshot and
+    restore around it."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(0.5)
+        return loss

@@ -11,6 +11,7 @@ import functools
 import lightning as L
 import pytest
 import torch
+from conftest import DecayingSGD
 
 from sdze_lightning import memory_budget, stepping
 from sdze_lightning.estimators import build_estimator
@@ -30,18 +31,6 @@ class PDEAwareUnguarded(PDEAware):
 
     def step(self, closure=None, residuals=None, points=None):
         return super().step(lambda: torch.nan_to_num(closure(), nan=0.0), residuals, points)
-
-
-class DecayingSGD(torch.optim.SGD):
-    """SGD that also halves every parameter at each step, with a gradient or without."""
-
-    def step(self, closure=None):
-        loss = super().step(closure)
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.mul_(0.5)
-        return loss
 
 
 METHODS = {

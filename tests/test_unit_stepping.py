@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import DecayingSGD
 from torch import Tensor
 
 from sdze_lightning.divergence import NonFiniteLossError
@@ -88,19 +89,6 @@ def test_the_backward_argument_back_propagates_the_loss():
 
     outcome = problem.step_runner.run(opt, 0, backward=backward)
     assert len(seen) == 1 and torch.equal(seen[0], outcome.loss)
-
-
-class DecayingSGD(torch.optim.SGD):
-    """SGD that also halves every parameter at each step, with a gradient or without: it
-    does not withhold a step by itself, so the runner must snapshot and restore."""
-
-    def step(self, closure=None):
-        loss = super().step(closure)
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.mul_(0.5)
-        return loss
 
 
 @pytest.mark.parametrize("make", [

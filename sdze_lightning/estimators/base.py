@@ -27,6 +27,7 @@ from torch import Tensor
 
 from sdze_lightning.checks import integer
 from sdze_lightning.model_fn import ModelFunction, as_model_function
+from sdze_lightning.template_method import allow_public_override
 
 #: Operators a residual may ask for, with their meaning.
 OPERATORS: dict[str, str] = {
@@ -93,20 +94,6 @@ def reverse_pass_bound(estimator: Estimator, key: str, value: object) -> int | N
     return None if value is None else integer(key, value, minimum=1)
 
 
-def _overridden_estimate(
-    self: Estimator,
-    model: ModelFunction,
-    x: Tensor,
-    ops: set[str],
-    generator: torch.Generator,
-    spatial_dim: int,
-) -> dict[str, Tensor]:
-    """The hook of a class that overrides :meth:`Estimator.estimate` itself."""
-    raise NotImplementedError(
-        f"{type(self).__name__} overrides estimate() and has no _estimate() to hand over to."
-    )
-
-
 class Estimator(ABC):
     """Base class of the spatial derivative estimators.
 
@@ -139,8 +126,7 @@ class Estimator(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "estimate" in vars(cls) and getattr(cls._estimate, "__isabstractmethod__", False):
-            cls._estimate = _overridden_estimate  # type: ignore[method-assign]
+        allow_public_override(cls, "estimate", "_estimate")
 
     @classmethod
     def parameter_names(cls) -> tuple[str, ...]:

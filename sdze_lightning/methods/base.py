@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.checks import non_negative_int
+from sdze_lightning.template_method import allow_public_override
 
 #: ``loss_at(noise_key)``: the loss with the random inputs (points, estimator
 #: directions) of ``noise_key``, evaluated without back-propagation.
@@ -121,8 +122,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "step" in vars(cls) and getattr(cls.zo_step, "__isabstractmethod__", False):
-            cls.zo_step = _step_overridden  # type: ignore[method-assign]
+        allow_public_override(cls, "step", "zo_step")
 
     def __init__(self, module: nn.Module, defaults: dict[str, Any]) -> None:
         if not isinstance(module, nn.Module):
@@ -186,11 +186,6 @@ class ZerothOrderOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
         """One line of the method's state for divergence reports."""
         lrs = [g.get("lr") for g in self.param_groups]
         return f"{type(self).__name__}(lr={lrs[0] if len(lrs) == 1 else lrs})"
-
-
-def _step_overridden(self: ZerothOrderOptimizer, request: ZerothOrderStep) -> Tensor:
-    """The ``zo_step`` of a class that overrides :meth:`ZerothOrderOptimizer.step` itself."""
-    raise NotImplementedError(f"{type(self).__name__} overrides step() and has no zo_step().")
 
 
 def _target(factory: Any) -> Any:

@@ -184,8 +184,7 @@ class FusedAdafactor(torch.optim.Adam):
         exact_rows: bool = False,
         lag_bound: float | None = LAG_BOUND,
     ) -> None:
-        weight = first_layer_network(module, "method=fused_adafactor updates",
-                                     "method=adam").input_layer.weight
+        (weight,) = self.self_reduced_parameters(module)
         positive_int("method.block_bytes", block_bytes)
         input_lr = positive_float_or_none("method.input_lr", input_lr)
         if not eps1 >= 0:

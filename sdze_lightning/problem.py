@@ -92,7 +92,7 @@ class PINNProblem(L.LightningModule):
     recorded, and :meth:`load_from_checkpoint` then needs ``net=`` again
     (:mod:`sdze_lightning.loading`).
 
-    Public surface, beyond ``LightningModule``'s (``tests/test_problem_surface.py`` checks
+    Public surface, beyond ``LightningModule``'s (``tests/unit/test_problem_surface.py`` checks
     this list against ``dir()``):
 
     * the user contract, overridden by a subclass: ``sample_interior``,

@@ -1,4 +1,4 @@
-"""A user's PDE and network for ``tests/test_load.py``, and its loader process.
+"""A user's PDE and network for ``tests/integration/test_load.py``, and its loader process.
 
 Importable by a fresh process through ``PYTHONPATH=tests``;
 ``helpers_load.main([<jobs.json>, <results.pt>])`` loads each job's checkpoint (or run

@@ -38,7 +38,7 @@ fails on the two problems it was checked on (Allen-Cahn 1D, Poisson 2D):
   a third state tensor.
 
 Final relative L2 and loss of both modes with and without the floor (measured:
-``benchmarks/README.md``, ``method_accuracy.py``); the tests in ``tests/test_methods.py``
+``benchmarks/README.md``, ``method_accuracy.py``); the tests in ``tests/unit/test_methods.py``
 check both modes.
 
 Per-point gradients are the rows of the Jacobian of the residual vector,

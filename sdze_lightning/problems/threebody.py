@@ -7,7 +7,7 @@ known (``docs/design.md``, Benchmark problems) to drop product-rule terms when i
     Delta u = (1 - |x|^2) Delta psi + 2 grad(1 - |x|^2) . grad psi + psi Delta(1 - |x|^2)
             = (1 - |x|^2) Delta psi - 4 x . grad psi - 2 d psi,
 
-and ``tests/test_problems.py`` checks the source against autodiff of the exact
+and ``tests/unit/test_problems.py`` checks the source against autodiff of the exact
 solution in float64.
 """
 

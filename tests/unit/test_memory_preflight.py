@@ -144,7 +144,7 @@ def _load_benchmark():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "preflight_accuracy.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "preflight_accuracy.py"
     spec = importlib.util.spec_from_file_location("preflight_accuracy", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

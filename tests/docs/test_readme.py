@@ -13,7 +13,7 @@ from conftest import relative_l2_by_hand
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: 1 thread is faster here
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ci_runs_the_readme_test_command():

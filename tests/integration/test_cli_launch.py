@@ -22,7 +22,7 @@ import yaml
 
 from sdze_lightning.cli import BAD_INPUT_EXIT
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 SMALL = [
     "model.width=16",
     "model.depth=2",

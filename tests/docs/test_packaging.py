@@ -17,7 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Drops setuptools' editable-install finders (their module is ``__editable___<name>_finder``).
 NO_EDITABLE_HOOKS = textwrap.dedent("""

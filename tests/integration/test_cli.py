@@ -27,7 +27,7 @@ SMALL = [
     "pde.n_eval=256",
     "callbacks=none",
 ]
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def sdze_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """Direct unit tests of :class:`sdze_lightning.input_checks.ContractCheck`.
 
 The contract check itself (:func:`~sdze_lightning.input_checks.check_inputs`) is tested
-through its refusals in ``tests/test_bad_input.py``; here: that the collaborator runs it
+through its refusals in ``tests/integration/test_bad_input.py``; here: that the collaborator runs it
 once per device and dtype, remembers only a passed check, and forgets on request.
 """
 

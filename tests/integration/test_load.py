@@ -39,7 +39,7 @@ from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D, TwoBody
 from sdze_lightning.recipes import decode, encode, unrecorded
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 COMMON = ["model.width=16", "model.depth=2", "pde.n_interior=32", "pde.n_eval=128",
           "threads=1", "~callbacks.progress"]

@@ -20,7 +20,7 @@ from sdze_lightning.problems import Poisson2D
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 #: Estimators with every coordinate (d = 2) or exact derivatives: the residual of the exact
 #: solution is zero up to rounding (float64; fd: truncation h^2 ~ 1e-8 times u''''~1).
 EXACT_HERE = {"exact": {}, "sdgd": {"num_directions": 2}, "taylor": {"num_directions": 2},

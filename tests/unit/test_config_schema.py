@@ -14,7 +14,7 @@ from sdze_lightning.config_options import option_names
 from sdze_lightning.config_schema import check_run_options
 from sdze_lightning.estimators import ESTIMATORS
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def seeds(*overrides: str) -> tuple[int, int, int]:

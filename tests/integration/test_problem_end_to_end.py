@@ -135,7 +135,7 @@ def test_precision_16_mixed_rejected():
 
 
 # On CPU, Lightning itself turns 16-mixed into bf16-mixed (with a warning); the CLI
-# rejects it before building the Trainer (tests/test_cli.py). On CUDA the problem's
+# rejects it before building the Trainer (tests/integration/test_cli.py). On CUDA the problem's
 # setup() must reject it.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed stays 16-mixed only on CUDA")
 def test_precision_16_mixed_rejected_by_trainer(tiny_problem, make_trainer):

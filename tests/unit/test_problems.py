@@ -40,7 +40,7 @@ from sdze_lightning.reference import (
 )
 from sdze_lightning.reference.sampling import chi_square, standard_gamma
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 EXAMPLES = REPO / "examples"
 CLI_MAIN = "from sdze_lightning.cli import console; console()"

@@ -35,7 +35,7 @@ from sdze_lightning.estimators.taylor import TaylorEstimator
 from sdze_lightning.model_fn import ModelFunction
 from sdze_lightning.nn.mlp import MLP
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ALL_OPS = tuple(OPERATORS)
 RANDOMIZED = [
     ("sdgd", {}),

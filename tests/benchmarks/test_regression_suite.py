@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = {"sdze", "mezo", "adam", "pde_aware", "fused_adafactor"}
 HEADER = ("date", "commit", "machine", "load_start", "load_end", "threads", "command")
 

@@ -4,7 +4,7 @@ The README's main job (``sdze-train method=sdze estimator=taylor trainer.max_ste
 Poisson 2D of He et al., MLP 4x128, SDZE rank 4 with Adam in the subspace, forward-only
 Taylor jets), the only convergence test of SDZE on a PDE. Slow (2000 steps, about 2.5 min
 with one thread on the 2-core CPU shared with other jobs): ``pytest -m slow
-tests/test_convergence.py``.
+tests/integration/test_convergence.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from sdze_lightning.cli import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 STEPS = 2000
 #: rel_l2 after 2000 steps measured for seeds 0, 1, 2 (2-core CPU, torch 2.13 CPU wheel,
 #: 2026-12-07, benchmarks/results/main_job_ab_output_fit.json): 0.0667, 0.0666, 0.0727 with

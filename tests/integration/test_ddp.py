@@ -25,7 +25,7 @@ from sdze_lightning.problems import Poisson2D
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: 1 thread is faster here
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 STEPS = 6  # the smoke configuration of benchmarks/ddp_bytes.py
 QUERIES = 2
 WIDTHS = (8, 64)

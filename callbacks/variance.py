@@ -13,7 +13,7 @@ logs it under ``prefix``:
   ``variance/zo_grad_nocrns``, ``variance/zo_proj_nocrns`` and
   ``variance/zo_crns_ratio``: ``probes`` two-point gradient estimates (by
   default only when the optimizer is a
-  :class:`~sdze_lightning.methods.base.ZerothOrderOptimizer`; ``zo=True``
+  :class:`~sdze_lightning.methods.zeroth_order.ZerothOrderOptimizer`; ``zo=True``
   forces it). Cost: ``2 * probes`` loss evaluations, plus ``probes`` with
   ``compare_crns`` (each one loss evaluation of the training batch, i.e. one
   forward pass with a forward-only estimator);

@@ -45,7 +45,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from sdze_lightning.methods.base import ZerothOrderOptimizer, method_class, traits_of
+from sdze_lightning.methods.base import method_class, traits_of
+from sdze_lightning.methods.zeroth_order import ZerothOrderOptimizer
 
 #: Every share handed out by :meth:`Shard.take`, with the batch it was taken from: a rank's
 #: points are a view of the whole batch, which every rank sampled.

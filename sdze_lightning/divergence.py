@@ -6,7 +6,7 @@ steps check the ``2 q`` loss values (after the data-parallel reduction, so all
 ranks decide alike) before the update. The step raises
 :class:`NonFiniteLossError`, whose message names the step, the loss terms and
 the method's state. The problem's ``divergence`` policy then decides
-(:class:`DivergenceGuard`):
+(:class:`~sdze_lightning.stepping.DivergenceGuard`):
 
 * ``"stop"`` (default): the error ends ``fit``. Lightning saves no checkpoint
   on an exception, so ``last.ckpt`` stays the last good one.
@@ -23,15 +23,6 @@ the method's state. The problem's ``divergence`` policy then decides
 """
 
 from __future__ import annotations
-
-import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from sdze_lightning.stepping import StepOutcome
-
-log = logging.getLogger(__name__)
 
 #: Values of ``divergence`` (``PINNProblem(divergence=...)``, config key ``divergence``).
 DIVERGENCE_POLICIES: tuple[str, ...] = ("stop", "skip")
@@ -69,43 +60,3 @@ def check_policy(policy: str) -> None:
         raise ValueError(
             f"divergence must be one of {list(DIVERGENCE_POLICIES)}, got {policy!r}."
         )
-
-
-class DivergenceGuard:
-    """Applies a divergence policy to the steps of a run and counts the skipped ones.
-
-    Attributes:
-        skipped_steps: Steps skipped under ``"skip"`` (saved in checkpoints).
-        in_a_row: Steps skipped in a row now.
-
-    """
-
-    def __init__(self) -> None:
-        self.skipped_steps = 0
-        self.in_a_row = 0
-
-    def run(self, policy: str, step: Callable[[bool], StepOutcome]) -> StepOutcome:
-        """Run ``step(skip_nonfinite)`` under ``policy``; count a skipped step.
-
-        Under ``"skip"`` the step that would be the :data:`MAX_CONSECUTIVE_SKIPS`-th skip in
-        a row is not allowed to skip: its error ends training.
-        """
-        skip = policy == "skip" and self.in_a_row + 1 < MAX_CONSECUTIVE_SKIPS
-        try:
-            outcome = step(skip)
-        except NonFiniteLossError as err:
-            if policy == "skip":
-                raise NonFiniteLossError(
-                    err.step,
-                    err.terms,
-                    f"{err.method_state}; stopping: {self.in_a_row + 1} non-finite "
-                    "steps in a row under divergence=skip",
-                ) from None
-            raise
-        if outcome.skipped is not None:
-            self.in_a_row += 1
-            self.skipped_steps += 1
-            log.warning("%s Skipping the step (divergence=skip).", outcome.skipped)
-        else:
-            self.in_a_row = 0
-        return outcome

@@ -30,12 +30,12 @@ from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, integer, non_negative_int, positive_int
 from sdze_lightning.collocation import seeded_generator
-from sdze_lightning.derivatives import Derivatives
 from sdze_lightning.divergence import check_policy
 from sdze_lightning.estimators import Estimator, build_estimator
 from sdze_lightning.estimators.base import OPERATORS
 from sdze_lightning.estimators.exact import ExactEstimator
 from sdze_lightning.kernels import COMPILE_BYTES
+from sdze_lightning.loss import checked_residual
 from sdze_lightning.memory_budget import Need, check_fits, format_bytes, skip_snapshot_need
 from sdze_lightning.methods.base import (
     build_optimizer,
@@ -342,22 +342,6 @@ def training_needs(problem: ProblemContract) -> list[Need]:
 TRANSIENT_PARTS: tuple[str, ...] = (
     "method's step temporaries", "estimator=", "collocation batch",
 )
-
-
-def checked_residual(problem: ProblemContract, x: Tensor, d: Derivatives) -> Tensor:
-    """``problem.residual(x, d)``, refused unless it is one floating value per point."""
-    r = problem.residual(x, d)
-    if not isinstance(r, Tensor) or r.shape != (x.shape[0],):
-        shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
-        raise ValueError(
-            f"{type(problem).__name__}.residual() must return a tensor of shape "
-            f"({x.shape[0]},) (one value per point), got {shape}."
-        )
-    if not r.is_floating_point():
-        raise TypeError(
-            f"{type(problem).__name__}.residual() must return a floating tensor, got {r.dtype}."
-        )
-    return r
 
 
 def check_inputs(problem: ProblemContract) -> None:

@@ -15,12 +15,28 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from sdze_lightning.input_checks import checked_residual
 from sdze_lightning.seeding import Stream
 
 if TYPE_CHECKING:
     from sdze_lightning.collocation import Collocation
     from sdze_lightning.contract import ProblemContract
+    from sdze_lightning.derivatives import Derivatives
+
+
+def checked_residual(problem: ProblemContract, x: Tensor, d: Derivatives) -> Tensor:
+    """``problem.residual(x, d)``, refused unless it is one floating value per point."""
+    r = problem.residual(x, d)
+    if not isinstance(r, Tensor) or r.shape != (x.shape[0],):
+        shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+        raise ValueError(
+            f"{type(problem).__name__}.residual() must return a tensor of shape "
+            f"({x.shape[0]},) (one value per point), got {shape}."
+        )
+    if not r.is_floating_point():
+        raise TypeError(
+            f"{type(problem).__name__}.residual() must return a floating tensor, got {r.dtype}."
+        )
+    return r
 
 
 class PhysicsLoss:

@@ -44,7 +44,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sdze_lightning.methods.two_point import TwoPointOptimizer
+from sdze_lightning.methods.zeroth_order import TwoPointOptimizer
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from sdze_lightning.methods.base import ZerothOrderOptimizer
+from sdze_lightning.methods.zeroth_order import ZerothOrderOptimizer
 from sdze_lightning.stepping import inner_optimizers
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""One optimizer step: the first-/zeroth-order dispatch and its non-finite checks.
+"""One optimizer step: first-/zeroth-order dispatch, non-finite checks, divergence policy.
 
 A zeroth-order method (:class:`~sdze_lightning.methods.ZerothOrderOptimizer`) gets
 ``step(loss_at=..., step_index=step)``, ``loss_at(key)`` being the loss of the step
@@ -6,7 +6,8 @@ with noise key ``key``; it checks the (reduced) loss values before its update. A
 other ``torch.optim.Optimizer`` gets ``step(closure)``: the closure checks the loss
 before ``backward``. Either way a NaN/Inf loss applies nothing: the step raises
 :class:`~sdze_lightning.divergence.NonFiniteLossError`, or, asked to skip, reports it
-in :attr:`StepOutcome.skipped`.
+in :attr:`StepOutcome.skipped`; :class:`DivergenceGuard` applies the ``divergence``
+policy to it.
 
 A skipped step copies nothing where the method withholds it by itself
 (:func:`~sdze_lightning.methods.base.withholds_nonfinite`: the zeroth-order methods,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,8 +31,9 @@ import torch
 from torch import Tensor
 
 from sdze_lightning.distributed import all_reduce_mean, all_true
-from sdze_lightning.divergence import DivergenceGuard, NonFiniteLossError
-from sdze_lightning.methods.base import ZerothOrderOptimizer, traits_of, withholds_nonfinite
+from sdze_lightning.divergence import MAX_CONSECUTIVE_SKIPS, NonFiniteLossError
+from sdze_lightning.methods.base import traits_of, withholds_nonfinite
+from sdze_lightning.methods.zeroth_order import ZerothOrderOptimizer
 
 if TYPE_CHECKING:
     import lightning as L
@@ -38,6 +41,8 @@ if TYPE_CHECKING:
     from sdze_lightning.collocation import Collocation
     from sdze_lightning.contract import ProblemContract
     from sdze_lightning.loss import PhysicsLoss
+
+log = logging.getLogger(__name__)
 
 #: Copies of an optimizer's state and of its parameters (:func:`snapshot`).
 Snapshot = tuple[dict[str, Any], list[Tensor]]
@@ -100,6 +105,47 @@ def restore(optimizer: torch.optim.Optimizer, saved: Snapshot) -> None:
                         strict=True):
         p.copy_(value)
     optimizer.load_state_dict(state)
+
+
+class DivergenceGuard:
+    """Applies a divergence policy to the steps of a run and counts the skipped ones.
+
+    Attributes:
+        skipped_steps: Steps skipped under ``"skip"`` (saved in checkpoints).
+        in_a_row: Steps skipped in a row now.
+
+    """
+
+    def __init__(self) -> None:
+        self.skipped_steps = 0
+        self.in_a_row = 0
+
+    def run(self, policy: str, step: Callable[[bool], StepOutcome]) -> StepOutcome:
+        """Run ``step(skip_nonfinite)`` under ``policy``; count a skipped step.
+
+        Under ``"skip"`` the step that would be the
+        :data:`~sdze_lightning.divergence.MAX_CONSECUTIVE_SKIPS`-th skip in
+        a row is not allowed to skip: its error ends training.
+        """
+        skip = policy == "skip" and self.in_a_row + 1 < MAX_CONSECUTIVE_SKIPS
+        try:
+            outcome = step(skip)
+        except NonFiniteLossError as err:
+            if policy == "skip":
+                raise NonFiniteLossError(
+                    err.step,
+                    err.terms,
+                    f"{err.method_state}; stopping: {self.in_a_row + 1} non-finite "
+                    "steps in a row under divergence=skip",
+                ) from None
+            raise
+        if outcome.skipped is not None:
+            self.in_a_row += 1
+            self.skipped_steps += 1
+            log.warning("%s Skipping the step (divergence=skip).", outcome.skipped)
+        else:
+            self.in_a_row = 0
+        return outcome
 
 
 class StepRunner:

@@ -56,7 +56,7 @@ Interface (duck-typed):
 * optimizer, optional: ``last_query_estimates``: a ``(q, m)`` tensor of the
   per-query estimates of the last step, in the same coordinates, and
   ``last_scalars``: the ``(q,)`` projected-gradient scalars of the last step
-  (:class:`~sdze_lightning.methods.two_point.TwoPointOptimizer` has it).
+  (:class:`~sdze_lightning.methods.zeroth_order.TwoPointOptimizer` has it).
 
 Randomness comes only from generators seeded from ``seed`` and the step, so
 the global RNG and the training trajectory are untouched.

@@ -10,12 +10,12 @@
 """
 
 from sdze_lightning.methods.adam import Adam
-from sdze_lightning.methods.base import ZerothOrderOptimizer, build_optimizer, is_zeroth_order
+from sdze_lightning.methods.base import build_optimizer, is_zeroth_order
 from sdze_lightning.methods.fused_adafactor import FusedAdafactor
 from sdze_lightning.methods.mezo import MeZO
 from sdze_lightning.methods.pde_aware import PDEAware
 from sdze_lightning.methods.sdze import SDZE
-from sdze_lightning.methods.two_point import TwoPointOptimizer
+from sdze_lightning.methods.zeroth_order import TwoPointOptimizer, ZerothOrderOptimizer
 
 __all__ = [
     "SDZE",

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean
-from sdze_lightning.methods.two_point import TwoPointOptimizer
+from sdze_lightning.methods.zeroth_order import TwoPointOptimizer
 from sdze_lightning.seeding import Stream, generator
 
 

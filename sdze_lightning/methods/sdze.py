@@ -1,7 +1,7 @@
 """SDZE: forward-only steps in an implicit, periodically refreshed low-rank subspace.
 
 Every linear layer ``W`` (``m x n``) gets, per window of ``period`` steps, a
-subspace ``W + A C B^T`` (:mod:`~sdze_lightning.methods.subspace`). Inside a
+subspace ``W + A C B^T`` (:class:`LayerSubspace`). Inside a
 window SDZE keeps per layer a coordinate vector ``c`` (core ``C`` of
 ``ra x rb`` and bias part ``c_b``): the network computes with
 ``W_eff = W + A C B^T`` implicitly through the layers' offsets
@@ -12,7 +12,7 @@ writing ``W``. A step
    per layer: the parameter-space direction ``A S B^T`` is then a standard
    Gaussian of the subspace, since ``A`` and ``B`` are orthonormal);
 2. evaluates the loss at ``c + eps u_j`` and ``c - eps u_j`` (two-point,
-   CRNS as in :mod:`~sdze_lightning.methods.two_point`), each evaluation only
+   CRNS as in :mod:`~sdze_lightning.methods.zeroth_order`), each evaluation only
    swapping the small core of the offset: ``W x`` is shared by all of them;
 3. forms ``g = (1/q) sum_j (L_+ - L_-) / (2 eps) u_j`` (an estimate of the
    gradient projected on the subspace) and updates ``c`` with the chosen rule
@@ -31,23 +31,242 @@ per layer (``r / width`` of the first layer's weight): the network's offset
 pass compute with ``W_eff``), so it needs ``A`` and ``B`` at every forward
 anyway; drawing them again per step would cost a QR of an ``n x r`` matrix per
 layer and would not lower the peak.
+
+**Subspaces** (:class:`LayerSubspace`). For a linear layer with weight ``W`` (``m x n``)
+and bias ``b`` (``m``), the subspace of a window is spanned by orthonormal factors ``A``
+(``m x ra``) and ``B`` (``n x rb``), ``ra = min(r, m)``, ``rb = min(r, n)``: a point of
+it has coordinates ``C`` (``ra x rb``) and, for the bias, ``c_b`` (``ra``), and stands
+for ``W + A C B^T``, ``b + A c_b``. The coordinates are kept as one flat vector of
+``ra * rb + ra`` numbers per layer, independent of ``n`` (the input dimension for the
+first layer).
+
+The factors are the Q factors of seeded Gaussian matrices, signs fixed by the
+diagonal of R so that the basis is Haar distributed and unique
+(:func:`torch.nn.init.orthogonal_` with the seeded generator). They are a pure
+function of ``(seed, window, layer)``: they are never part of the optimizer
+state, and after a resume they are simply drawn again.
+
+**Update rules** (:func:`apply_rule`: plain, momentum, Adam, with torch.optim's
+arithmetic). SDZE keeps its optimizer state in the subspace coordinates: per layer a
+flat coordinate vector and a small dict of rule tensors of the same shape (memory
+``O(size of the coordinates)``). :func:`apply_rule` updates them in place with the
+functional forms of ``torch.optim.SGD`` and ``torch.optim.Adam``
+(:func:`torch.optim.sgd.sgd`, :func:`torch.optim.adam.adam`). The optimizer classes are
+not used because they bind to tensor objects and count steps per tensor, while SDZE
+replaces the coordinates at every window change, resets or rotates the rule state into
+the new subspace and checkpoints it in its own state (a ``rule_step`` counter shared by
+the layers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adam import adam
+from torch.optim.sgd import sgd
 
 from sdze_lightning.checks import positive_int
-from sdze_lightning.methods.base import LossAt
-from sdze_lightning.methods.subspace import LayerSubspace
-from sdze_lightning.methods.two_point import TwoPointOptimizer, perturbation_sweep
-from sdze_lightning.methods.update_rules import RULE_STATE, apply_rule, check_rule
-from sdze_lightning.nn.perturb import HookHold, attach_hooks, linear_layers, set_offset
+from sdze_lightning.methods.zeroth_order import LossAt, TwoPointOptimizer, perturbation_sweep
+from sdze_lightning.nn.perturb import (
+    HookHold,
+    LowRankDelta,
+    attach_hooks,
+    linear_layers,
+    set_offset,
+)
 from sdze_lightning.seeding import PROBE_KEY_BASE, Stream, generator
+
+# -------------------- subspaces
+
+def orthonormal_basis(
+    rows: int, rank: int, seed: int, window: int, layer: int, side: Stream,
+    dtype: torch.dtype, device: torch.device,
+) -> Tensor:
+    """Orthonormal ``(rows, rank)`` matrix: QR of a seeded Gaussian matrix (``orthogonal_``).
+
+    Args:
+        rows: Number of rows (``m`` or ``n``); ``rank <= rows``.
+        rank: Number of columns.
+        seed: The method's seed.
+        window: Index of the refresh window.
+        layer: Index of the layer.
+        side: ``Stream.SUBSPACE_LEFT`` or ``Stream.SUBSPACE_RIGHT``.
+        dtype: Floating dtype of the result (bfloat16 and float16 are drawn and
+            factored in float32, which has a QR, then cast).
+        device: Device of the result (the generator lives there too).
+
+    """
+    gen = generator(device, side, seed, window, layer)
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    # Column-major, the layout of LAPACK's Q factor, so the products with the basis
+    # round as they would with the factor itself.
+    basis = torch.empty(rank, rows, dtype=work, device=device).T
+    return nn.init.orthogonal_(basis, generator=gen).to(dtype)
+
+
+@dataclass
+class LayerSubspace:
+    """The subspace of one linear layer in one window.
+
+    Attributes:
+        layer: The linear layer.
+        A: Left factor ``(out_features, ra)``.
+        B: Right factor ``(in_features, rb)``.
+
+    """
+
+    layer: nn.Linear
+    A: Tensor
+    B: Tensor
+
+    @staticmethod
+    def draw(layer: nn.Linear, rank: int, seed: int, window: int, index: int) -> LayerSubspace:
+        """Draw the factors of ``layer`` (index ``index``) for ``window``."""
+        m, n = layer.weight.shape
+        kw = dict(dtype=layer.weight.dtype, device=layer.weight.device)
+        a = orthonormal_basis(m, min(rank, m), seed, window, index, Stream.SUBSPACE_LEFT, **kw)
+        b = orthonormal_basis(n, min(rank, n), seed, window, index, Stream.SUBSPACE_RIGHT, **kw)
+        return LayerSubspace(layer, a, b)
+
+    @staticmethod
+    def size_for(layer: nn.Linear, rank: int) -> int:
+        """Number of coordinates of ``layer`` at rank ``rank``."""
+        m, n = layer.weight.shape
+        ra, rb = min(rank, m), min(rank, n)
+        return ra * rb + (ra if layer.bias is not None else 0)
+
+    @property
+    def ra(self) -> int:
+        """Rank of the left factor."""
+        return self.A.shape[1]
+
+    @property
+    def rb(self) -> int:
+        """Rank of the right factor."""
+        return self.B.shape[1]
+
+    @property
+    def size(self) -> int:
+        """Number of coordinates ``ra * rb (+ ra)``."""
+        return self.ra * self.rb + (self.ra if self.layer.bias is not None else 0)
+
+    def split(self, coords: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Core ``(ra, rb)`` and bias part ``(ra,)`` (or ``None``) of a flat vector."""
+        k = self.ra * self.rb
+        core = coords[:k].view(self.ra, self.rb)
+        return core, (coords[k:] if self.layer.bias is not None else None)
+
+    def delta(self, coords: Tensor) -> LowRankDelta:
+        """The implicit offset ``A C B^T``, ``A c_b`` for coordinates ``coords``."""
+        core, cb = self.split(coords)
+        return LowRankDelta(self.A, self.B, core, cb)
+
+    @torch.no_grad()
+    def fold(self, coords: Tensor) -> None:
+        """Write ``W += A C B^T`` and ``b += A c_b`` in place (one parameter-sized write)."""
+        core, cb = self.split(coords)
+        w = self.layer.weight
+        w.addmm_((self.A @ core.to(self.A.dtype)).to(w.dtype), self.B.T.to(w.dtype))
+        if cb is not None:
+            self.layer.bias.add_((self.A @ cb.to(self.A.dtype)).to(self.layer.bias.dtype))
+
+    def rotation(self, old: LayerSubspace) -> tuple[Tensor, Tensor]:
+        """``(A_new^T A_old, B_new^T B_old)``: old coordinates to new ones."""
+        return self.A.T @ old.A, self.B.T @ old.B
+
+    def carry(self, old: LayerSubspace, coords: Tensor, second_moment: bool = False) -> Tensor:
+        """Carry a coordinate vector of the ``old`` subspace into this one.
+
+        A first-order quantity (offset, momentum, Adam's first moment) is
+        projected: ``C <- A_new^T A_old C B_old^T B_new``, ``c_b <- A_new^T A_old c_b``.
+        A second moment is mapped as the variances of independent coordinates:
+        with the element-wise squared rotations, ``V <- (R_A^2) V (R_B^2)^T``.
+        """
+        ra_map, rb_map = self.rotation(old)
+        if second_moment:
+            ra_map, rb_map = ra_map * ra_map, rb_map * rb_map
+        core, cb = old.split(coords)
+        out = [(ra_map @ core @ rb_map.T).reshape(-1)]
+        if cb is not None:
+            out.append(ra_map @ cb)
+        return torch.cat(out)
+
+
+# -------------------- update rules of the coordinates
+
+#: Names of the update rules.
+UPDATE_RULES: tuple[str, ...] = ("plain", "momentum", "adam")
+
+#: State tensors each rule keeps (same shape as the coordinates; torch.optim's names).
+RULE_STATE: dict[str, tuple[str, ...]] = {
+    "plain": (),
+    "momentum": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+}
+
+
+def check_rule(rule: str) -> None:
+    """Raise ``ValueError`` for an unknown rule name."""
+    if rule not in UPDATE_RULES:
+        raise ValueError(f"method.update must be one of {list(UPDATE_RULES)}, got {rule!r}.")
+
+
+def apply_rule(
+    rule: str,
+    states: list[dict[str, Tensor]],
+    grads: list[Tensor],
+    lr: float,
+    t: int,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> None:
+    """Update every layer's ``coords`` in place from its gradient estimate.
+
+    Args:
+        rule: ``"plain"`` (SGD, ``-lr g``), ``"momentum"`` (SGD with heavy-ball
+            momentum, ``buf <- momentum buf + g``, ``-lr buf``) or ``"adam"``
+            (bias-corrected moments, ``-lr m_hat / (sqrt(v_hat) + eps)``).
+        states: Per layer, ``coords`` and the rule's tensors (:data:`RULE_STATE`;
+            created on first use, updated in place).
+        grads: Per layer, the gradient estimate of the coordinates.
+        lr: Learning rate.
+        t: Number of updates since the rule state was (re)started, this one included
+            (Adam's bias correction).
+        momentum: Momentum factor.
+        betas: Adam's decay rates.
+        eps: Adam's denominator term.
+
+    """
+    check_rule(rule)
+    coords = [st["coords"] for st in states]
+    grads = [g.to(c.dtype) for g, c in zip(grads, coords, strict=True)]
+    if rule == "adam":
+        for st, g in zip(states, grads, strict=True):
+            for key in RULE_STATE["adam"]:
+                if key not in st:
+                    st[key] = torch.zeros_like(g)
+        adam(
+            coords, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            [], [torch.tensor(float(t - 1)) for _ in states], foreach=False,
+            amsgrad=False, beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=0.0, eps=eps,
+            maximize=False,
+        )
+        return
+    buffers = [st.get("momentum_buffer") for st in states]  # sgd fills in new ones
+    sgd(
+        coords, grads, buffers, foreach=False, weight_decay=0.0,
+        momentum=momentum if rule == "momentum" else 0.0, lr=lr, dampening=0.0,
+        nesterov=False, maximize=False,
+    )
+    if rule == "momentum":
+        for st, buf in zip(states, buffers, strict=True):
+            st["momentum_buffer"] = buf
+
 
 #: Values of ``carry``.
 CARRY_MODES: tuple[str, ...] = ("reset", "project")

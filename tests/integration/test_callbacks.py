@@ -24,7 +24,7 @@ from torch import nn
 
 from sdze_lightning import Derivatives, PINNProblem
 from sdze_lightning.estimators.exact import ExactEstimator
-from sdze_lightning.methods.base import ZerothOrderOptimizer
+from sdze_lightning.methods.zeroth_order import ZerothOrderOptimizer
 from sdze_lightning.metrics import RelativeL2Error
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems.poisson2d import Poisson2D

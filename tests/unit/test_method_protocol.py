@@ -15,14 +15,12 @@ import torch
 from torch import nn
 
 from sdze_lightning.methods import SDZE, Adam, FusedAdafactor, MeZO, PDEAware
-from sdze_lightning.methods.base import (
-    MethodTraits,
+from sdze_lightning.methods.base import MethodTraits, traits_of, withholds_nonfinite
+from sdze_lightning.methods.zeroth_order import (
+    TwoPointOptimizer,
     ZerothOrderOptimizer,
     ZerothOrderStep,
-    traits_of,
-    withholds_nonfinite,
 )
-from sdze_lightning.methods.two_point import TwoPointOptimizer
 from sdze_lightning.nn import MLP
 
 SHIPPED = {

@@ -15,7 +15,7 @@ from torch import nn
 from sdze_lightning.directions import Directions
 from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
 from sdze_lightning.methods import SDZE, MeZO, PDEAware
-from sdze_lightning.methods.subspace import orthonormal_basis
+from sdze_lightning.methods.sdze import orthonormal_basis
 from sdze_lightning.nn import MLP, perturb
 from sdze_lightning.nn.perturb import (
     LowRankDelta,

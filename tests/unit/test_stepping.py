@@ -16,7 +16,7 @@ from conftest import DecayingSGD
 from torch import Tensor
 
 from sdze_lightning.divergence import NonFiniteLossError
-from sdze_lightning.methods.base import ZerothOrderOptimizer, ZerothOrderStep
+from sdze_lightning.methods.zeroth_order import ZerothOrderOptimizer, ZerothOrderStep
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D
 from sdze_lightning.stepping import (

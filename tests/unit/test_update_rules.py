@@ -1,4 +1,4 @@
-"""Direct unit tests of :mod:`sdze_lightning.methods.update_rules` (``apply_rule``).
+"""Direct unit tests of :mod:`sdze_lightning.methods.sdze` (``apply_rule``).
 
 Each rule's update is computed here by hand in float64 from its textbook formula:
 plain ``c - lr g``; momentum ``buf = mu buf + g``, ``c - lr buf``; Adam
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdze_lightning.methods.update_rules import RULE_STATE, UPDATE_RULES, apply_rule, check_rule
+from sdze_lightning.methods.sdze import RULE_STATE, UPDATE_RULES, apply_rule, check_rule
 
 F64 = torch.float64
 TOL = dict(rtol=1e-13, atol=1e-13)

@@ -1,4 +1,21 @@
-"""Two-point zeroth-order steps with Common Random Numbers Synchronisation.
+"""Zeroth-order methods: their protocol and the two-point steps with CRNS.
+
+Zeroth-order methods subclass :class:`ZerothOrderOptimizer`, the one protocol
+between a forward-only method and :class:`~sdze_lightning.PINNProblem`. They are
+built from the network module (they perturb its linear layers implicitly) and
+stepped with
+
+    ``optimizer.step(loss_at=fn, step_index=k)``
+
+where ``fn(noise_key)`` evaluates the loss (forward only) with the collocation
+points and estimator directions of ``noise_key``: the method chooses the keys
+(the same key for the paired evaluations under CRNS, a fresh key per evaluation
+without it). Under data parallelism the step also receives ``reduce``, which
+combines the loss values across ranks. Lightning passes its own closure as
+``closure``; the method calls it once per step, after the evaluations and before
+the update, which is where Lightning fires ``on_before_optimizer_step`` (once per
+training step). :meth:`ZerothOrderOptimizer.step` hands a subclass's
+:meth:`~ZerothOrderOptimizer.zo_step` all of it as one :class:`ZerothOrderStep`.
 
 One step of a two-point method draws ``q`` directions ``z_j`` and evaluates the
 loss at ``theta + eps z_j`` and ``theta - eps z_j``. The projected-gradient
@@ -8,7 +25,7 @@ scalars with the directions.
 The loss is itself random when the spatial operators are estimated
 (``L_hat(theta; xi)``, ``xi`` = collocation points and estimator directions).
 The method evaluates it through ``loss_at(noise_key)``
-(:mod:`~sdze_lightning.methods.base`), the key picking ``xi``:
+(:data:`LossAt`), the key picking ``xi``:
 
 * CRNS on: key ``0`` for every evaluation of the step, so the paired
   evaluations share ``xi`` and the estimator noise cancels to first order (the
@@ -34,16 +51,137 @@ evaluating anything (:mod:`sdze_lightning.replay`).
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
-from typing import Any, overload
+from dataclasses import dataclass
+from typing import Any, ClassVar, overload
 
 import torch
 from torch import Tensor, nn
 
-from sdze_lightning.checks import boolean, integer, positive_int
+from sdze_lightning.checks import boolean, integer, non_negative_int, positive_int
 from sdze_lightning.divergence import NonFiniteLossError
-from sdze_lightning.methods.base import LossAt, ZerothOrderOptimizer, ZerothOrderStep
+from sdze_lightning.methods.base import MethodTraits
+from sdze_lightning.template_method import allow_public_override
+
+#: ``loss_at(noise_key)``: the loss with the random inputs (points, estimator
+#: directions) of ``noise_key``, evaluated without back-propagation.
+LossAt = Callable[[int], Tensor]
+
+
+@dataclass(frozen=True)
+class ZerothOrderStep:
+    """What a zeroth-order method receives for one step (:meth:`ZerothOrderOptimizer.zo_step`).
+
+    Attributes:
+        loss_at: Evaluates the loss for a noise key.
+        step_index: Index of the step (its directions are a function of it), or
+            ``None``: the method's own counter.
+        ready: Called once after the evaluations and before the update (Lightning's
+            hook point), or ``None``.
+        skip_nonfinite: On non-finite loss values apply nothing, count the step as done
+            and return a NaN loss, instead of raising.
+        reduce: Combines the step's loss values across data-parallel ranks (``None``:
+            one process).
+
+    """
+
+    loss_at: LossAt
+    step_index: int | None = None
+    ready: Callable[[], Any] | None = None
+    skip_nonfinite: bool = False
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+
+class ZerothOrderOptimizer(torch.optim.Optimizer, metaclass=ABCMeta):
+    """Base class and protocol of forward-only optimizers.
+
+    The problem uses nothing else of a zeroth-order method than what is declared
+    here: :meth:`step`, :attr:`crns`, :attr:`seed`, :meth:`fold`, :meth:`close` and
+    :meth:`describe_state`. A subclass implements :meth:`zo_step` (the step, as one
+    :class:`ZerothOrderStep`) or overrides :meth:`step` itself; abstract methods are
+    enforced (a subclass that leaves one out cannot be built).
+
+    Attributes:
+        crns: Whether every evaluation of a step uses noise key ``0`` (the
+            step's shared batch, which ``prefetch`` builds ahead).
+        seed: Seed of the method's own random numbers (checked on resume).
+
+    """
+
+    traits: ClassVar[MethodTraits] = MethodTraits(
+        zeroth_order=True, takes_module=True, withholds_nonfinite_step=True
+    )
+    crns: bool = True
+    seed: int | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        allow_public_override(cls, "step", "zo_step")
+
+    def __init__(self, module: nn.Module, defaults: dict[str, Any]) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} is built from the network module, got {type(module)}."
+            )
+        super().__init__([p for p in module.parameters() if p.requires_grad], defaults)
+        self.module = module
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        loss_at: LossAt | None = None,
+        step_index: int | None = None,
+        skip_nonfinite: bool = False,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """One step of training step ``step_index``; returns the mean evaluated loss.
+
+        Args:
+            closure: With ``loss_at``: called once after the evaluations and before
+                the update (Lightning's hook point); its value is not used.
+                Without ``loss_at``: the loss itself, for losses that do not depend
+                on a noise key.
+            loss_at: Evaluates the loss for a noise key.
+            step_index: Index of the step (its directions are a function of it);
+                ``None``: the method's own counter.
+            skip_nonfinite: On non-finite loss values apply nothing, count the step
+                as done and return a NaN loss, instead of raising
+                :class:`~sdze_lightning.divergence.NonFiniteLossError` (then nothing
+                is applied and the counter does not advance).
+            reduce: Combines the loss values across data-parallel ranks (the problem
+                passes :func:`~sdze_lightning.distributed.all_reduce_mean` under DDP).
+
+        """
+        if loss_at is None:
+            if closure is None:
+                raise ValueError(
+                    f"{type(self).__name__}.step() needs loss_at=fn (fn(noise_key) -> loss) "
+                    "or a closure that evaluates the loss."
+                )
+            loss, closure = closure, None
+            loss_at = lambda key: loss()  # noqa: E731 - a noise-free loss ignores the key
+        if step_index is not None:
+            non_negative_int("step_index", step_index)
+        return self.zo_step(ZerothOrderStep(loss_at, step_index, closure, skip_nonfinite, reduce))
+
+    @abstractmethod
+    def zo_step(self, request: ZerothOrderStep) -> Tensor:
+        """The step itself, with the arguments of :meth:`step` checked; the mean loss."""
+
+    def fold(self) -> None:
+        """Write any implicit offset into the weights (the default has none)."""
+
+    def close(self) -> None:
+        """Leave the network a plain module (fold; release hooks); the default folds."""
+        self.fold()
+
+    def describe_state(self) -> str:
+        """One line of the method's state for divergence reports."""
+        lrs = [g.get("lr") for g in self.param_groups]
+        return f"{type(self).__name__}(lr={lrs[0] if len(lrs) == 1 else lrs})"
+
 
 #: Key of the method-wide counters inside ``optimizer.state`` (saved as is).
 STATE_KEY = "zo"

@@ -12,12 +12,14 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 #: Guards lookups, evictions and inserts of the caches (the prefetch thread and the main
-#: thread both use them); module-level, so problems stay copyable and picklable.
+#: thread both use them); module-level, so problems stay copyable and picklable (the
+#: cache itself is left out of a pickle or copy: :meth:`BatchCache.__getstate__`).
 _LOCK = threading.Lock()
 
 
@@ -44,6 +46,12 @@ class BatchCache:
     blocks first, then the rest on the main thread), block by block as in one call,
     so the numbers do not depend on how the rows were split.
     """
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state to pickle or copy, without the cache (weak references, recomputable)."""
+        state = dict(super().__getstate__())
+        state.pop("_batch_cache", None)
+        return state
 
     def _blocks(self, x: Tensor) -> tuple[Tensor, ...]:
         """Split ``x`` into the row blocks the terms are computed in."""

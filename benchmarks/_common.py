@@ -1,25 +1,30 @@
 """Shared helpers of the performance benchmarks.
 
-One place for the benchmark configuration (two-body Allen-Cahn on the unit
-ball, MLP 4x128 tanh, 100 points, 16 directions), the method/estimator pairs,
-one training step through the library's own entry point
-(:meth:`~sdze_lightning.PINNProblem.run_step`, the one ``training_step`` calls),
-and memory probes. Every script imports this module; it imports none of them.
+One place for how a benchmark builds a run (:func:`build_run`: the packaged configs
+composed with Hydra overrides, as ``sdze-train <overrides>`` builds it), the
+method/estimator pairs, one training step through the library's own entry point
+(:meth:`~sdze_lightning.PINNProblem.run_step`, the one ``training_step`` calls), what a
+results file records about its run (:func:`provenance`), and memory probes. Every script
+imports this module; it imports none of them.
 """
 
 from __future__ import annotations
 
 import csv
 import ctypes
+import datetime
 import gc
 import os
 import re
 import resource
+import shlex
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,110 +107,134 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
-    "MACHINE", "METHODS", "RESULTS", "SMOKE", "BenchConfig", "build", "forward_pass",
+    "MACHINE", "METHODS", "PDES", "RESULTS", "SMOKE_OVERRIDES", "Run", "build_run",
+    "finish_provenance", "forward_pass", "method_overrides", "provenance", "run_overrides",
     "limit_memory", "peak", "reset_peak", "rss", "train_step", "peak_rss_total",
     "add_prefetch_flag", "git_commit", "machine", "median_time", "sync", "write_csv",
 ]
 
 
+#: The tiny setup of every script's ``--smoke`` mode (the numbers mean nothing).
+SMOKE_OVERRIDES: list[str] = [
+    "pde.n_interior=8", "estimator.num_directions=4", "model.width=16", "model.depth=2",
+    "threads=1",
+]
+
+#: ``pde=`` of the problems the studies run.
+PDES: dict[str, str] = {"twobody": "allen_cahn_twobody", "cube": "allen_cahn_cube"}
+
+
+def method_overrides(method: str) -> list[str]:
+    """``method=<m> estimator=<e>`` of ``method``, a key of :data:`METHODS`."""
+    opt_name, est_name = METHODS[method]
+    return [f"method={opt_name}", f"estimator={est_name}"]
+
+
+def run_overrides(method: str, dim: int, *extra: str, pde: str = "twobody") -> list[str]:
+    """The ``sdze-train`` overrides of ``method`` on ``pde`` at dimension ``dim``.
+
+    Args:
+        method: A key of :data:`METHODS`.
+        dim: Spatial dimension.
+        *extra: Further overrides (applied last, so they win).
+        pde: A key of :data:`PDES`.
+
+    """
+    return [f"pde={PDES[pde]}", f"pde.dim={dim}", *method_overrides(method), *extra]
+
+
 @dataclass
-class BenchConfig:
-    """Shared setup: network, batch, estimator directions and SDZE settings.
+class Run:
+    """A problem and its optimizer built from the packaged configs.
 
     Attributes:
-        points: Collocation points per step.
-        directions: Directions (or samples) of the spatial estimator.
-        width: Hidden width of the MLP.
-        depth: Hidden layers of the MLP.
-        rank: SDZE subspace rank.
-        period: SDZE window length.
-        lr: Learning rate of SDZE and Adam.
-        mezo_lr: Learning rate of MeZO (plain SGD on a loss of order 1e7 at
-            initialisation: larger values diverge within a few steps).
-        threads: ``torch.set_num_threads``.
-        seed: Seed of the problem, the network and the method.
-        prefetch: Build the next batch (and its source) on a background thread
-            (``PINNProblem(prefetch=True)``).
-        device: Where the problem, network and optimizer live (``"cpu"``, ``"cuda"``).
+        overrides: The Hydra overrides it was composed with.
+        problem: The problem, as ``sdze-train <overrides>`` builds it.
+        optimizer: ``problem.configure_optimizers()``'s optimizer.
+        scheduler: Its scheduler, or ``None``.
+        threads: The run's torch thread count (``threads=`` resolved at build time, as
+            ``on_fit_start`` resolves it; set by :func:`build_run`).
 
     """
 
-    points: int = 100
-    directions: int = 16
-    width: int = 128
-    depth: int = 4
-    rank: int = 4
-    period: int = 100
-    lr: float = 1e-3
-    mezo_lr: float = 1e-9
-    threads: int = 1
-    seed: int = 0
-    prefetch: bool = False
-    device: str = "cpu"
+    overrides: list[str]
+    problem: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    threads: int
 
-    def dict(self) -> dict:
-        """Plain dict (JSON)."""
-        return asdict(self)
+    @property
+    def command(self) -> str:
+        """The ``sdze-train`` command line of these overrides."""
+        return shlex.join(["sdze-train", *self.overrides])
+
+    def fit_output(self) -> None:
+        """``on_fit_start``'s output fit (``output_fit=``), as ``Trainer.fit`` runs it."""
+        self.problem.output_fit.apply(self.problem)
+
+    def step(self, k: int, *, skip_nonfinite: bool = True) -> float:
+        """Training step ``k`` (and the scheduler's step); returns its loss."""
+        loss = float(self.problem.run_step(self.optimizer, k, skip_nonfinite=skip_nonfinite).loss)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss
 
 
-#: The tiny setup of every script's ``--smoke`` mode (the numbers mean nothing).
-SMOKE = BenchConfig(points=8, directions=4, width=16, depth=2, threads=1)
+def build_run(overrides: list[str], *, device: str = "cpu") -> Run:
+    """Compose the packaged config with ``overrides`` and build its problem and optimizer.
 
+    The same construction as ``sdze-train`` (:func:`sdze_lightning.builders.compose_config`,
+    :func:`~sdze_lightning.builders.build_problem`, ``configure_optimizers``), so a row
+    measured on this run is reproducible with ``sdze-train`` and the same overrides.
 
-def make_estimator(name: str, k: int):
-    """Spatial estimator ``name`` with ``k`` directions.
+    Args:
+        overrides: Hydra overrides, e.g. :func:`run_overrides`'s.
+        device: Where the problem and network live, before the optimizer sees them.
 
-    ``taylor`` uses coordinate directions (the first-layer column lookup),
-    ``hte`` Rademacher vectors, ``stein`` ``k`` antithetic Gaussian samples
-    (sigma 0.1), ``sdgd`` ``k`` coordinates, ``exact`` every coordinate.
     """
-    from sdze_lightning.estimators import build_estimator
+    from sdze_lightning.builders import build_problem, compose_config
 
-    if name == "taylor":
-        return build_estimator("taylor", num_directions=k, distribution="coordinate")
-    if name == "fd":
-        return build_estimator("fd", num_directions=k, distribution="coordinate")
-    if name == "hte":
-        return build_estimator("hte", num_directions=k, distribution="rademacher")
-    if name == "stein":
-        return build_estimator("stein", num_directions=k, sigma=0.1, variant="antithetic")
-    if name == "sdgd":
-        return build_estimator("sdgd", num_directions=k)
-    if name == "exact":
-        return build_estimator("exact")
-    raise ValueError(f"unknown estimator {name!r}")
-
-
-def make_optimizer(opt_name: str, net: torch.nn.Module, cfg: BenchConfig):
-    """SDZE, MeZO or Adam on ``net``."""
-    from sdze_lightning.methods import SDZE, MeZO
-
-    if opt_name == "sdze":
-        return SDZE(net, lr=cfg.lr, rank=cfg.rank, period=cfg.period, seed=cfg.seed)
-    if opt_name == "mezo":
-        return MeZO(net, lr=cfg.mezo_lr, normalize=False, seed=cfg.seed)
-    if opt_name == "adam":
-        return torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    raise ValueError(f"unknown optimizer {opt_name!r}")
+    with tempfile.TemporaryDirectory() as run_dir:  # no run directory is written
+        cfg = compose_config(list(overrides), run_dir)
+    problem = build_problem(cfg)
+    problem.to(device)
+    problem.contract_check.run_unless_checked()  # on_fit_start's checks, before any step
+    work = (problem.n_interior + problem.n_boundary) * sum(
+        p.numel() for p in problem.net.parameters())
+    threads = problem.fit_threads.apply(device == "cpu", work, int(problem.prefetch))
+    configured = problem.configure_optimizers()
+    if isinstance(configured, dict):
+        optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    else:
+        optimizer, scheduler = configured, None
+    return Run(list(overrides), problem, optimizer, scheduler, threads)
 
 
-def build(method: str, dim: int, cfg: BenchConfig, n_eval: int = 0):
-    """Two-body Allen-Cahn problem and optimizer of ``method`` (a key of :data:`METHODS`)."""
-    from sdze_lightning.nn import MLP
-    from sdze_lightning.problems import TwoBody
+def provenance(argv: list[str] | None = None) -> dict:
+    """What a results file records about its run, at the start: date, commit, machine,
+    load, threads and the command line (``argv``, else this process's ``sys.argv``).
 
-    opt_name, est_name = METHODS[method]
-    net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=cfg.seed)
-    problem = TwoBody(dim=dim, operator="allen_cahn", net=net,
-                      estimator=make_estimator(est_name, cfg.directions),
-                      n_interior=cfg.points, n_eval=n_eval, seed=cfg.seed,
-                      prefetch=cfg.prefetch)
-    problem.to(cfg.device)  # the network too (a submodule), before the optimizer sees it
-    return problem, make_optimizer(opt_name, net, cfg)
+    Call :func:`finish_provenance` on the same dict when the run ends.
+    """
+    words = [sys.executable, *sys.argv] if argv is None else ["python", *argv]
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": git_commit(), "machine": machine(),
+        "load_start": round(load_average(), 2),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads_at_start": torch.get_num_threads(),
+        "command": shlex.join(words),
+    }
+
+
+def finish_provenance(record: dict) -> dict:
+    """Add the load at the end of the run to ``record``; returns it."""
+    record["load_end"] = round(load_average(), 2)
+    return record
 
 
 def add_prefetch_flag(parser) -> None:
-    """``--prefetch``: problems built with ``prefetch=True`` (:attr:`BenchConfig.prefetch`)."""
+    """``--prefetch``: runs built with ``prefetch=true``."""
     parser.add_argument("--prefetch", action="store_true",
                         help="sample the next batch on a background thread (its source split "
                              "between the two threads): PINNProblem(prefetch=True)")
@@ -301,3 +330,99 @@ def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> 
         writer = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def merge_overrides(*groups: list[str] | tuple[str, ...]) -> list[str]:
+    """The overrides of ``groups`` in order, one per key (the text before ``=``).
+
+    A later override of a key already given replaces the earlier one in its place, so a
+    smoke mode's tiny sizes or a flag's value win without the key appearing twice in the
+    recorded command.
+    """
+    merged: dict[str, str] = {}
+    for group in groups:
+        for override in group:
+            merged[override.split("=", 1)[0]] = override
+    return list(merged.values())
+
+
+def fit_run(run: Run, trainer) -> None:
+    """``trainer.fit(run.problem)`` with the run's own optimizer and scheduler.
+
+    Lightning asks the problem's ``configure_optimizers`` for them; here it gets those
+    :func:`build_run` built (and any scheduler set on ``run`` since), not a second pair.
+    The scheduler steps every training step, as the problem's own configuration has it.
+    """
+    configured = run.optimizer if run.scheduler is None else {
+        "optimizer": run.optimizer,
+        "lr_scheduler": {"scheduler": run.scheduler, "interval": "step"},
+    }
+    run.problem.configure_optimizers = lambda: configured
+    try:
+        trainer.fit(run.problem)
+    finally:
+        del run.problem.configure_optimizers
+
+
+def script_provenance(script: str, argv: list[str] | None) -> dict:
+    """:func:`provenance` of ``benchmarks/<script>`` run with ``argv`` (a script's
+    ``main(argv)``), or of this process's command line where ``argv`` is ``None``."""
+    return provenance(None if argv is None else [f"benchmarks/{Path(script).name}", *argv])
+
+
+def compose_overrides(overrides: list[str]):
+    """The packaged config composed with ``overrides``, as :func:`build_run` composes it.
+
+    No run directory is written. For a study that instantiates a group itself
+    (``hydra.utils.instantiate(cfg.estimator)``, ``cfg.method``) beside a built run.
+    """
+    from sdze_lightning.builders import compose_config
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        return compose_config(list(overrides), run_dir)
+
+
+#: ``trainer.precision=`` of a true-precision run and the dtype Lightning trains it in.
+PRECISION_DTYPES: dict[str, torch.dtype] = {"32-true": torch.float32, "64-true": torch.float64}
+
+
+def precision_dtype(overrides: list[str]) -> torch.dtype:
+    """The parameter dtype of the last ``trainer.precision=`` in ``overrides`` (float32
+    without one, the packaged ``32-true``); raises ``ValueError`` for a mixed precision."""
+    value = "32-true"
+    for override in overrides:
+        if override.startswith("trainer.precision="):
+            value = override.split("=", 1)[1]
+    if value not in PRECISION_DTYPES:
+        raise ValueError(f"trainer.precision={value}: not one of {list(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[value]
+
+
+def cast_run(run: Run) -> torch.dtype:
+    """Cast ``run``'s problem (network and buffers) to its ``trainer.precision=`` dtype, as
+    Lightning's precision plugin casts the module before training; returns the dtype.
+
+    The optimizer keeps working: its parameters are cast in place, and the methods'
+    state is created (SDZE's subspaces redrawn) in the parameters' dtype.
+    """
+    dtype = precision_dtype(run.overrides)
+    run.problem.to(dtype)
+    return dtype
+
+
+#: ``estimator=`` configs without ``num_directions`` (they differentiate every coordinate).
+ESTIMATORS_WITHOUT_DIRECTIONS: tuple[str, ...] = ("exact",)
+
+
+def overrides_for_method(method: str, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``overrides`` less the ``estimator.num_directions=`` that ``method``'s estimator has
+    no key for (``adam+exact``; Hydra refuses the key), e.g. of :data:`SMOKE_OVERRIDES`.
+
+    Args:
+        method: A key of :data:`METHODS`.
+        overrides: Overrides shared by the runs of several methods.
+
+    """
+    if METHODS[method][1] not in ESTIMATORS_WITHOUT_DIRECTIONS:
+        return list(overrides)
+    return [o for o in overrides if not o.startswith("estimator.num_directions=")]

@@ -19,14 +19,26 @@ after the SDZE run, never beside it.
     python benchmarks/big_run.py --steps 20 --max-minutes 15 --baselines
     python benchmarks/big_run.py --smoke                  # tiny, in-process
 
+Every run is built from the packaged configs (``_common.build_run``): the flags become
+``sdze-train`` overrides (``--points``: ``pde.n_interior=``, ``--threads``: ``threads=``,
+``--prefetch``: ``prefetch=true``, ``--lr``: SDZE's ``method.lr=``; ``--smoke``: the tiny
+``SMOKE_OVERRIDES``), everything else is the configs' default, and ``on_fit_start``'s output
+fit runs before the first step, as in ``sdze-train``. The SDZE record and every baseline row
+hold their overrides and the ``sdze-train`` command that reproduces them
+(``sdze_train_command``). A baseline that ``sdze-train``'s pre-flight refuses is a status row
+too: ``OOM at build (pre-flight)`` where the run would not fit in the memory available,
+``refused at build`` otherwise (e.g. ``estimator=exact`` past its ``max_reverse_passes``).
+The results file starts with the run's provenance (date, commit, machine, load at start and
+end, threads, the command line).
+
 Results: ``results/big_run.{csv,json}`` (``big_run_smoke.*`` for the smoke mode).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -34,21 +46,23 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    MACHINE,
     RESULTS,
-    SMOKE,
-    BenchConfig,
+    SMOKE_OVERRIDES,
     add_prefetch_flag,
-    build,
+    build_run,
+    finish_provenance,
     limit_memory,
     load_average,
+    overrides_for_method,
     peak_rss_total,
+    provenance,
     rss,
-    train_step,
+    run_overrides,
     write_csv,
 )
 
@@ -79,21 +93,26 @@ def fixed_batch_loss(problem) -> float:
 
 
 def sdze_run(
-    dim: int, steps: int, max_seconds: float, cfg: BenchConfig, log_every: int = 1,
+    dim: int, steps: int, max_seconds: float, overrides: list[str], log_every: int = 1,
     eval_every: int = 0,
 ) -> dict:
     """Train SDZE at ``dim`` for ``steps`` steps (or until ``max_seconds``); per-step log.
 
-    With ``eval_every > 0`` the loss on a fixed batch is evaluated before the first step,
-    every ``eval_every`` steps and after the last (excluded from the step times).
+    The run is ``build_run(run_overrides("sdze", dim, *overrides))``, its output fitted as
+    ``on_fit_start`` fits it (``output_fit_s``, not part of the step times). With
+    ``eval_every > 0`` the loss on a fixed batch is evaluated before the first step, every
+    ``eval_every`` steps and after the last (excluded from the step times).
     """
-    torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    problem, opt = build("sdze", dim, cfg)
+    run = build_run(run_overrides("sdze", dim, *overrides))
     build_s = time.perf_counter() - t0
+    problem = run.problem
     params = sum(p.numel() for p in problem.net.parameters())
-    print(f"d={dim}: {params:,} parameters, built in {build_s:.1f} s, RSS {rss() / GiB:.2f} GiB",
-          flush=True)
+    print(f"d={dim}: {params:,} parameters, built in {build_s:.1f} s, RSS {rss() / GiB:.2f} GiB "
+          f"({run.command})", flush=True)
+    t0 = time.perf_counter()
+    run.fit_output()
+    output_fit_s = time.perf_counter() - t0
     rows = []
     evals: list[tuple[int, float]] = []
     if eval_every:
@@ -103,7 +122,7 @@ def sdze_run(
     try:
         for k in range(steps):
             t0 = time.perf_counter()
-            loss = train_step(problem, opt, k)
+            loss = run.step(k)
             dt = time.perf_counter() - t0
             rows.append(dict(step=k, loss=loss, seconds=dt, rss_bytes=rss()))
             if k % log_every == 0 or k == steps - 1:
@@ -125,47 +144,83 @@ def sdze_run(
     tenth = max(1, len(losses) // 10)
     first, last = statistics.mean(losses[:tenth]), statistics.mean(losses[-tenth:])
     return dict(
-        dim=dim, params=params, param_bytes=params * 4, batch_bytes=cfg.points * dim * 4,
-        steps_done=len(rows), steps_requested=steps, build_s=build_s,
+        dim=dim, overrides=run.overrides, sdze_train_command=run.command, threads=run.threads,
+        prefetch=bool(problem.prefetch), params=params, param_bytes=params * 4,
+        batch_bytes=problem.n_interior * dim * 4, steps_done=len(rows), steps_requested=steps,
+        build_s=build_s, output_fit_s=output_fit_s,
         median_s_per_step=statistics.median(r["seconds"] for r in rows),
+        skipped_steps=problem.skipped_steps,
         peak_rss_bytes=peak_rss_total(), loss_first_tenth=first, loss_last_tenth=last,
         loss_falls=last < first, rows=rows, fixed_batch_losses=evals,
         fixed_batch_loss_falls=(evals[-1][1] < evals[0][1]) if len(evals) > 1 else None,
     )
 
 
-def baseline_worker(method: str, dim: int, cfg: BenchConfig) -> dict:
-    """One step of ``method`` at ``dim`` (in the current, memory-capped process)."""
-    torch.set_num_threads(cfg.threads)
-    out = dict(method=method, dim=dim, stage="build")
+def _failure_status(err: Exception, stage: str) -> str:
+    """The status of a baseline stopped by ``err`` at ``stage``.
+
+    ``ValueError`` is a pre-flight refusal (``sdze-train`` refuses the run before training:
+    not enough memory, too many reverse passes), also where Hydra wraps the constructor's.
+    """
+    msg = str(err)
+    if isinstance(err, ValueError):
+        return (f"OOM at {stage} (pre-flight)" if "memory is available" in msg
+                else f"refused at {stage}")
+    if isinstance(err, MemoryError) or "memory" in msg.lower():
+        return f"OOM at {stage}"
+    return f"error at {stage}"
+
+
+def baseline_worker(method: str, overrides: list[str]) -> dict:
+    """One step of ``build_run(overrides)`` (in the current, memory-capped process).
+
+    Stages: ``build`` (composition, construction and the pre-flight checks), ``output_fit``
+    (``on_fit_start``'s output fit) and ``step``; the row records where it stopped.
+    """
+    out = dict(method=method, overrides=list(overrides),
+               sdze_train_command=None, stage="build")
     t0 = time.perf_counter()
     try:
-        problem, opt = build(method, dim, cfg)
-        out["build_s"] = time.perf_counter() - t0
-        out["stage"] = "step"
-        t0 = time.perf_counter()
+        run = build_run(overrides)
+        out.update(sdze_train_command=run.command, threads=run.threads,
+                   build_s=time.perf_counter() - t0, stage="output_fit")
         try:
-            out["loss"] = train_step(problem, opt, 0)
+            run.fit_output()
+            out["stage"] = "step"
+            t0 = time.perf_counter()
+            out["loss"] = run.step(0)
             out["step_s"] = time.perf_counter() - t0
+            out["skipped_steps"] = run.problem.skipped_steps
         finally:
-            problem.stop_prefetch()
+            run.problem.stop_prefetch()
         out["status"] = "ok"
-    except (MemoryError, RuntimeError) as err:
-        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        out["status"] = f"OOM at {out['stage']}" if "memory" in msg.lower() or isinstance(
-            err, MemoryError) else f"error at {out['stage']}"
+    except (MemoryError, RuntimeError, ValueError, InstantiationException) as err:
+        if isinstance(err, InstantiationException) and err.__cause__ is not None:
+            err = err.__cause__  # the constructor's own error (its pre-flight's refusal)
+        msg = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        out["status"] = _failure_status(err, out["stage"])
         out["error"] = msg
     out["peak_rss_bytes"] = peak_rss_total()
     return out
 
 
-def run_baselines(dim: int, cfg: BenchConfig, mem_gb: float, timeout: float,
+def _command(overrides: list[str]) -> str:
+    """The ``sdze-train`` command line of ``overrides`` (``Run.command`` without a run)."""
+    return shlex.join(["sdze-train", *overrides])
+
+
+def run_baselines(dim: int, overrides: list[str], mem_gb: float, timeout: float,
                   methods: tuple[str, ...] = BASELINES) -> list[dict]:
-    """Each baseline for one step in a capped subprocess; status rows."""
+    """Each baseline for one step in a capped subprocess; status rows.
+
+    A worker receives its full override list (``run_overrides(method, dim, ...)`` with the
+    shared ``overrides`` its estimator takes).
+    """
     rows = []
     for method in methods:
         cap = int(min(mem_gb * GiB, mem_available() - 2 * GiB))
-        job = dict(method=method, dim=dim, cfg=cfg.dict(), mem_cap=cap)
+        job_overrides = run_overrides(method, dim, *overrides_for_method(method, overrides))
+        job = dict(method=method, overrides=job_overrides, mem_cap=cap)
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
@@ -174,10 +229,14 @@ def run_baselines(dim: int, cfg: BenchConfig, mem_gb: float, timeout: float,
             if proc.returncode == 0 and lines:
                 row = json.loads(lines[-1])
             else:
-                row = dict(method=method, dim=dim, status=f"crashed rc={proc.returncode}",
+                row = dict(method=method, status=f"crashed rc={proc.returncode}",
                            error=proc.stderr[-300:])
         except subprocess.TimeoutExpired:
-            row = dict(method=method, dim=dim, status=f"timeout > {timeout:.0f} s")
+            row = dict(method=method, status=f"timeout > {timeout:.0f} s")
+        row["dim"] = dim
+        row.setdefault("overrides", job_overrides)
+        row.setdefault("sdze_train_command", None)
+        row["sdze_train_command"] = row["sdze_train_command"] or _command(job_overrides)
         row["mem_cap_bytes"] = cap
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
@@ -187,19 +246,32 @@ def run_baselines(dim: int, cfg: BenchConfig, mem_gb: float, timeout: float,
     return rows
 
 
+def shared_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides every run of this invocation shares (the flags, or the smoke setup)."""
+    if args.smoke:
+        out = list(SMOKE_OVERRIDES)
+    else:
+        out = [f"threads={args.threads}"]
+        if args.points is not None:
+            out.append(f"pde.n_interior={args.points}")
+    if args.prefetch:
+        out.append("prefetch=true")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the big SDZE run (and the baselines); write ``results/big_run.*``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dim", type=int, default=10_000_000)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--max-minutes", type=float, default=1e9, help="stop the SDZE run after this")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1", help="threads= (a count or auto)")
     ap.add_argument("--lr", type=float, default=None,
-                    help="SDZE learning rate (default: BenchConfig.lr)")
+                    help="SDZE's method.lr= (default: the packaged config's)")
     ap.add_argument("--eval-every", type=int, default=0,
                     help="loss on a fixed batch every this many steps (0: off)")
-    ap.add_argument("--points", type=int, default=100,
-                    help="collocation points per step (the scaling study's 100 by default)")
+    ap.add_argument("--points", type=int, default=None,
+                    help="pde.n_interior= (default: the packaged config's, 100)")
     add_prefetch_flag(ap)
     ap.add_argument("--baselines", action="store_true", help="try each baseline for one step")
     ap.add_argument("--skip-sdze", action="store_true", help="only the baselines")
@@ -210,28 +282,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny, in-process")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=args.threads, points=args.points, prefetch=args.prefetch)
-    if args.lr is not None:
-        cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.worker:
         job = json.loads(args.worker)
         limit_memory(job["mem_cap"])
-        print(json.dumps(baseline_worker(job["method"], job["dim"], BenchConfig(**job["cfg"]))))
+        print(json.dumps(baseline_worker(job["method"], job["overrides"])))
         return {}
+    record = provenance(None if argv is None else [f"benchmarks/{Path(__file__).name}", *argv])
+    overrides = shared_overrides(args)
     if args.smoke:
-        cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
         args.dim, args.steps, args.eval_every = 300, 6, 3
+    sdze_overrides = overrides + ([f"method.lr={args.lr}"] if args.lr is not None else [])
     args.out.mkdir(parents=True, exist_ok=True)
-    summary: dict = dict(machine=MACHINE, date=time.strftime("%Y-%m-%d"), cfg=cfg.dict())
+    summary: dict = dict(record, overrides=overrides)
     stem = "big_run_smoke" if args.smoke else "big_run"
-    if not args.smoke and args.points != 100:
+    if not args.smoke and args.points is not None and args.points != 100:
         stem += f"_{args.points}pts"
     if not args.smoke and args.eval_every:
         stem += "_eval"
     if not args.smoke and args.prefetch:
         stem += "_prefetch"
     if not args.skip_sdze:
-        res = sdze_run(args.dim, args.steps, args.max_minutes * 60, cfg,
+        res = sdze_run(args.dim, args.steps, args.max_minutes * 60, sdze_overrides,
                        eval_every=args.eval_every)
         rows = res.pop("rows")
         summary["sdze"] = res
@@ -243,9 +314,13 @@ def main(argv: list[str] | None = None) -> dict:
               f"{res['loss_first_tenth']:.4g} -> {res['loss_last_tenth']:.4g}", flush=True)
     if args.baselines:
         if args.smoke:
-            summary["baselines"] = [baseline_worker(m, args.dim, cfg) for m in BASELINES[:1]]
+            summary["baselines"] = [
+                dict(baseline_worker(
+                    m, run_overrides(m, args.dim, *overrides_for_method(m, overrides))),
+                    dim=args.dim)
+                for m in BASELINES[:1]]
         else:
-            summary["baselines"] = run_baselines(args.dim, cfg, args.baseline_mem_gb,
+            summary["baselines"] = run_baselines(args.dim, overrides, args.baseline_mem_gb,
                                                  args.baseline_timeout,
                                                  tuple(args.baseline_methods))
     path = args.out / f"{stem}.json"
@@ -254,7 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("sdze", "baselines"):
             if key not in summary and key in old:
                 summary[key] = old[key]
-    path.write_text(json.dumps(summary, indent=2))
+                summary.setdefault("kept_from_earlier_run", []).append(
+                    {"part": key, "date": old.get("date"), "commit": old.get("commit"),
+                     "command": old.get("command")})
+    path.write_text(json.dumps(finish_provenance(summary), indent=2))
     return summary
 
 

@@ -10,10 +10,21 @@ estimator's random directions:
 * CRNS off: independent seeds (the noise difference is divided by ``2 eps``).
 
 Expected: ``Var_off / Var_on`` grows like ``1 / eps^2`` and exceeds 100 at
-``eps = 1e-3``. Problem: two-body Allen-Cahn (unit ball, hard constraint),
-MLP tanh. Results: ``results/crns_variance.{csv,json,png}``.
+``eps = 1e-3``.
 
-    python benchmarks/crns_variance.py            # d=100, MLP 4x128, 100 points, 100 draws
+Every measurement is built from the packaged configs (``_common.build_run``): two-body
+Allen-Cahn (``pde=allen_cahn_twobody``) with the packaged network, points and SDZE, the
+estimator of ``--estimators`` (``fd``: ``estimator=fd estimator.distribution=rademacher``;
+``taylor``: ``estimator=taylor``, coordinate directions), ``method.eps`` of ``--eps`` and
+``trainer.precision`` of ``--dtypes``; the model is the one ``sdze-train`` takes its first
+step from (cast to the precision, then ``on_fit_start``'s output fit). CRNS off is the same
+build with ``method.crns=false``. Positional arguments are further overrides for every row
+(e.g. ``pde.dim=1000``). Each row records its overrides (CRNS on) and ``sdze-train``
+command (``sdze_train_command``); the results file records the run's provenance (date,
+commit, machine, load at start and end, threads, the command line). Results:
+``results/crns_variance.{csv,json,png}``.
+
+    python benchmarks/crns_variance.py            # d = 100, 100 draws
     python benchmarks/crns_variance.py --smoke    # seconds
 """
 
@@ -21,38 +32,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
 import torch
-from _common import write_csv
+from _common import (
+    SMOKE_OVERRIDES,
+    build_run,
+    cast_run,
+    finish_provenance,
+    merge_overrides,
+    script_provenance,
+    write_csv,
+)
 
-from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
-from sdze_lightning.estimators.taylor import TaylorEstimator
-from sdze_lightning.methods import SDZE
-from sdze_lightning.nn import MLP
-from sdze_lightning.problems import TwoBody
 from sdze_lightning.seeding import Stream
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def estimators(k: int, names: list[str]) -> dict[str, object]:
-    """The randomized forward-only estimators compared."""
-    make = {
-        "fd": lambda: FiniteDifferenceEstimator(k, distribution="rademacher"),
-        "taylor": lambda: TaylorEstimator(k, distribution="coordinate"),
-    }
-    labels = {"fd": f"fd-rademacher-{k}", "taylor": f"taylor-coordinate-{k}"}
-    return {labels[n]: make[n]() for n in names}
+#: The estimator overrides of ``--estimators``.
+ESTIMATORS: dict[str, list[str]] = {
+    "fd": ["estimator=fd", "estimator.distribution=rademacher"],
+    "taylor": ["estimator=taylor"],
+}
+#: ``trainer.precision`` of ``--dtypes``.
+PRECISIONS: dict[str, str] = {"float64": "64-true", "float32": "32-true"}
 
 
-def scalar_draws(
-    problem: TwoBody, eps: float, crns: bool, draws: int, rank: int, seed: int
-) -> torch.Tensor:
-    """Projected-gradient scalars of one fixed direction over ``draws`` estimator seeds."""
+def row_overrides(dtype: str, estimator: str, eps: float, extra: list[str]) -> list[str]:
+    """The ``sdze-train`` overrides of one row (CRNS on): SDZE on two-body Allen-Cahn."""
+    return merge_overrides(
+        ["pde=allen_cahn_twobody", "method=sdze", *ESTIMATORS[estimator],
+         f"method.eps={eps}", f"trainer.precision={PRECISIONS[dtype]}"], extra)
+
+
+def scalar_draws(overrides: list[str], crns: bool, draws: int) -> tuple[torch.Tensor, str, int]:
+    """Projected-gradient scalars of one fixed direction over ``draws`` estimator seeds.
+
+    The run of ``overrides`` (plus ``method.crns=false`` without CRNS) at its first step:
+    its optimizer's first direction, its step-0 batch, estimator seeds ``0 .. draws-1``.
+
+    Returns:
+        The scalars, the estimator's label (name, distribution, directions) and ``d``.
+
+    """
+    run = build_run(overrides + ([] if crns else ["method.crns=false"]))
+    cast_run(run)
+    run.fit_output()
+    problem, opt = run.problem, run.optimizer
     x = problem.points(0, 0)  # fixed batch
-    opt = SDZE(problem.net, rank=rank, eps=eps, queries=1, crns=crns, seed=seed)
     out = []
     for s in range(draws):
 
@@ -62,64 +91,64 @@ def scalar_draws(
             return r.square().mean()
 
         out.append(opt.scalars(opt.estimate(closure))[0])
-    return torch.stack(out)
+    est = problem.estimator
+    label = f"{est.name}-{getattr(est, 'distribution', '')}-{est.num_directions}"
+    opt.close()
+    return torch.stack(out), label, problem.dim
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; returns the rows written to the CSV."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--dim", type=int, default=100)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--points", type=int, default=100)
-    ap.add_argument("--directions", type=int, default=16)
+    ap.add_argument("overrides", nargs="*", help="further overrides for every row")
     ap.add_argument("--draws", type=int, default=100)
-    ap.add_argument("--estimators", nargs="+", default=["fd"], choices=["fd", "taylor"])
-    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--estimators", nargs="+", default=["fd"], choices=list(ESTIMATORS))
     ap.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
-    ap.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (small tensors)")
+    ap.add_argument("--dtypes", nargs="+", default=["float64", "float32"],
+                    choices=list(PRECISIONS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     args = ap.parse_args(argv)
+    record = script_provenance(__file__, argv)
+    extra = list(args.overrides)
     if args.smoke:
-        args.dim, args.width, args.depth, args.points, args.draws = 8, 16, 2, 16, 10
-        args.directions, args.dtypes = 4, ["float64"]
+        extra = merge_overrides(["pde.dim=8", *SMOKE_OVERRIDES], extra)
+        args.draws, args.dtypes = 10, ["float64"]
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     rows = []
     t0 = time.perf_counter()
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for est_name, est in estimators(args.directions, args.estimators).items():
-            net = MLP(args.dim, width=args.width, depth=args.depth, seed=args.seed)
-            problem = TwoBody(
-                dim=args.dim, operator="allen_cahn", net=net, estimator=est,
-                n_interior=args.points, n_eval=0, seed=args.seed,
-            ).to(dtype)
-            for eps in args.eps:
-                var = {}
-                for crns in (True, False):
-                    s = scalar_draws(problem, eps, crns, args.draws, args.rank, args.seed)
-                    var[crns] = float(s.to(torch.float64).var())
-                row = dict(
-                    dtype=dtype_name, estimator=est_name, eps=eps, var_crns_on=var[True],
-                    var_crns_off=var[False], ratio=var[False] / var[True],
-                    draws=args.draws, dim=args.dim,
-                )
-                rows.append(row)
-                print(
-                    f"[{time.perf_counter() - t0:6.1f}s] {dtype_name} {est_name:22s} eps={eps:.0e} "
-                    f"var_on={row['var_crns_on']:.3e} var_off={row['var_crns_off']:.3e} "
-                    f"ratio={row['ratio']:.3e}",
-                    flush=True,
-                )
+    try:
+        for dtype_name in args.dtypes:
+            for est in args.estimators:
+                for eps in args.eps:
+                    overrides = row_overrides(dtype_name, est, eps, extra)
+                    var = {}
+                    for crns in (True, False):
+                        s, label, dim = scalar_draws(overrides, crns, args.draws)
+                        var[crns] = float(s.to(torch.float64).var())
+                    row = dict(
+                        dtype=dtype_name, estimator=label, eps=eps, var_crns_on=var[True],
+                        var_crns_off=var[False], ratio=var[False] / var[True],
+                        draws=args.draws, dim=dim, overrides=overrides,
+                        sdze_train_command=shlex.join(["sdze-train", *overrides]),
+                    )
+                    rows.append(row)
+                    print(
+                        f"[{time.perf_counter() - t0:6.1f}s] {dtype_name} {label:22s} "
+                        f"eps={eps:.0e} var_on={row['var_crns_on']:.3e} "
+                        f"var_off={row['var_crns_off']:.3e} ratio={row['ratio']:.3e}",
+                        flush=True,
+                    )
+    finally:
+        torch.set_num_threads(threads)  # build_run applied the runs' threads=
     stem = "crns_variance_smoke" if args.smoke else "crns_variance"
     write_csv(args.out / f"{stem}.csv", rows)
-    (args.out / f"{stem}.json").write_text(json.dumps({"args": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-    }, "rows": rows}, indent=2))
+    (args.out / f"{stem}.json").write_text(json.dumps(finish_provenance({
+        **record, "args": {k: (str(v) if isinstance(v, Path) else v)
+                           for k, v in vars(args).items()},
+        "crns_off": "each row's overrides plus method.crns=false", "rows": rows,
+    }), indent=2))
     try:
         import matplotlib
 

@@ -7,6 +7,14 @@ starts the two workers itself and collects their result. Every collective issued
 (:class:`~sdze_lightning.distributed.CommunicationCounter`); DDP's gradient all-reduce is made
 visible through the Python ``allreduce_hook`` (the same communication as DDP's default).
 
+Each row is built from the packaged configs: its problem as ``sdze-train`` builds it
+(:func:`row_overrides`: ``pde``, ``model``, ``estimator`` and ``method`` overrides) and its
+``Trainer`` from the ``trainer`` group (``trainer=ddp`` on two ranks, without logger,
+callbacks, checkpoints or progress bar). A row records its overrides and the ``sdze-train``
+command that runs the same configuration (``sdze_train_command``); the results file's
+``meta`` records the run's provenance (date, commit, machine, load at start and end,
+threads, the command line).
+
 Expected: SDZE sends ``2 q`` float64 loss values per step (``16 q`` bytes) whatever the
 parameter count; Adam sends the gradients (``P`` numbers per step); fused_adafactor sends
 the points' back-propagated signals at the input layer (``N x width``), the directions'
@@ -14,7 +22,7 @@ the points' back-propagated signals at the input layer (``N x width``), the dire
 
 For fused_adafactor each row also splits a rank's step into the closure (forward and
 backward over its share) and the rest (the exchange and the input layer's update over the
-whole batch, which every rank repeats).
+whole batch, which every rank repeats), timed through the optimizer's step hooks.
 
     python benchmarks/ddp_bytes.py            # two-body Allen-Cahn, widths 16..1024, d=100 to 1e6
     python benchmarks/ddp_bytes.py --methods fused_adafactor   # those rows only
@@ -24,9 +32,9 @@ whole batch, which every rank repeats).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -35,18 +43,25 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 
+from sdze_lightning.builders import build_problem
 from sdze_lightning.distributed import CommunicationCounter
-from sdze_lightning.estimators.taylor import TaylorEstimator
-from sdze_lightning.methods import SDZE, FusedAdafactor
-from sdze_lightning.nn import MLP
-from sdze_lightning.problems import Poisson2D, TwoBody
+from sdze_lightning.validation import validation_cadence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
-from _common import git_commit, load_average, machine, write_csv  # noqa: E402
+from _common import (  # noqa: E402
+    compose_overrides,
+    finish_provenance,
+    script_provenance,
+    write_csv,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORLD = 2
+#: The Lightning extras every row turns off (no files, no console output).
+QUIET = ["logger=none", "callbacks=none", "+trainer.enable_checkpointing=false",
+         "+trainer.enable_progress_bar=false"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,57 +103,54 @@ def key(cfg: dict) -> str:
     return name + (f"-{cfg['directions']}" if "directions" in cfg else "")
 
 
-def method_factory(method: str, queries: int):
-    if method == "sdze":
-        return functools.partial(SDZE, lr=1e-2, rank=2, period=4, queries=queries)
-    if method == "fused_adafactor":
-        return functools.partial(TimedFusedAdafactor, lr=1e-2)
-    return functools.partial(torch.optim.Adam, lr=1e-2)
+def method_overrides(cfg: dict) -> list[str]:
+    """The ``method`` overrides of a row (learning rate 1e-2; SDZE at rank 2, period 4)."""
+    if cfg["method"] == "sdze":
+        return ["method=sdze", "method.lr=1e-2", "method.rank=2", "method.period=4",
+                f"method.queries={cfg['queries']}"]
+    return [f"method={cfg['method']}", "method.lr=1e-2"]
 
 
-def make_problem(cfg: dict, **kwargs):
-    """The problem of a row (``kwargs``: more problem arguments, e.g. ``prefetch``); the
-    smoke rows are the ones tests/test_ddp.py checks."""
-    est = TaylorEstimator(num_directions=2, distribution=cfg.get("directions", "rademacher"))
-    net = MLP(cfg["dim"], width=cfg["width"], depth=cfg["depth"], seed=0)
-    method = method_factory(cfg["method"], cfg["queries"])
+def row_overrides(cfg: dict) -> list[str]:
+    """The problem's ``sdze-train`` overrides of a row: ``pde``, ``model``, ``estimator``
+    (Taylor jets on 2 directions) and ``method``.
+
+    Poisson 2D gets 33 interior and 7 boundary points (shares of unequal size, 17/16 and
+    4/3, on 2 ranks); two-body Allen-Cahn the row's ``n_interior`` (64 by default).
+    """
     if cfg["problem"] == "poisson2d":
-        # 33 interior / 7 boundary points: shares of unequal size (17/16, 4/3) on 2 ranks
-        return Poisson2D(net=net, n_interior=33, n_boundary=7, n_eval=64, estimator=est,
-                         method=method, **kwargs)
-    return TwoBody(dim=cfg["dim"], operator="allen_cahn", net=net,
-                   n_interior=cfg.get("n_interior", 64), n_eval=0, estimator=est, method=method,
-                   **kwargs)
+        pde = ["pde=poisson2d", "pde.n_interior=33", "pde.n_boundary=7"]
+    else:
+        pde = ["pde=allen_cahn_twobody", f"pde.dim={cfg['dim']}",
+               f"pde.n_interior={cfg.get('n_interior', 64)}"]
+    return [*pde, f"model.width={cfg['width']}", f"model.depth={cfg['depth']}",
+            "estimator=taylor", "estimator.num_directions=2",
+            f"estimator.distribution={cfg.get('directions', 'rademacher')}",
+            *method_overrides(cfg)]
+
+
+def trainer_overrides(devices: int, steps: int, precision: str) -> list[str]:
+    """The ``trainer`` overrides of a fit on ``devices`` CPU processes (``trainer=ddp`` on
+    more than one), with the :data:`QUIET` extras."""
+    ddp = [] if devices == 1 else ["trainer=ddp"] + (
+        [] if devices == WORLD else [f"trainer.devices={devices}"])
+    return [*ddp, "trainer.accelerator=cpu", f"trainer.max_steps={steps}",
+            f"trainer.precision={precision}", *QUIET]
+
+
+def make_problem(cfg: dict, *extra: str):
+    """The problem of a row, as ``sdze-train`` builds it from :func:`row_overrides` (and
+    ``extra`` overrides, e.g. ``prefetch=true``); the smoke rows are the ones
+    tests/integration/test_ddp.py checks."""
+    return build_problem(compose_overrides([*row_overrides(cfg), *extra]))
 
 
 def trainer(devices: int, steps: int, precision: str, callbacks=()) -> L.Trainer:
-    return L.Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
-        devices=devices, precision=precision, callbacks=list(callbacks),
-        strategy="ddp" if devices > 1 else "auto",
-    )
-
-
-class TimedFusedAdafactor(FusedAdafactor):
-    """:class:`FusedAdafactor` that records, per step, the closure's and the whole step's time."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.closure_seconds: list[float] = []
-        self.step_seconds: list[float] = []
-
-    def step(self, closure=None, shard=None):
-        def timed():
-            start = time.perf_counter()
-            out = closure()
-            self.closure_seconds.append(time.perf_counter() - start)
-            return out
-
-        start = time.perf_counter()
-        out = super().step(timed, shard)
-        self.step_seconds.append(time.perf_counter() - start)
-        return out
+    """The ``Trainer`` of :func:`trainer_overrides`, from the packaged ``trainer`` group
+    with ``sdze-train``'s validation cadence; ``callbacks`` are its only callbacks."""
+    cfg = compose_overrides(trainer_overrides(devices, steps, precision))
+    return instantiate(cfg.trainer, logger=False, callbacks=list(callbacks),
+                       **validation_cadence(cfg.trainer))
 
 
 def median(values: list[float]) -> float:
@@ -146,14 +158,22 @@ def median(values: list[float]) -> float:
 
 
 class StepBytes(L.Callback):
-    """Payload bytes and calls of the collectives issued during each training step."""
+    """Payload bytes and calls of the collectives issued during each training step.
 
-    def __init__(self, counter: CommunicationCounter, hook: bool) -> None:
+    With ``time_optimizer``, the optimizer's step hooks also record the seconds of each
+    ``optimizer.step`` and of the closure it runs (``closure_seconds``, ``step_seconds``).
+    """
+
+    def __init__(self, counter: CommunicationCounter, hook: bool,
+                 time_optimizer: bool = False) -> None:
         self.counter = counter
         self.hook = hook
+        self.time_optimizer = time_optimizer
         self.bytes: list[int] = []
         self.calls: list[int] = []
         self.seconds: list[float] = []
+        self.closure_seconds: list[float] = []
+        self.step_seconds: list[float] = []
         self.shard: tuple[int, int] = (0, 1)
 
     def on_fit_start(self, trainer, pl_module):
@@ -161,6 +181,28 @@ class StepBytes(L.Callback):
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
             trainer.strategy.model.register_comm_hook(None, allreduce_hook)
+        if self.time_optimizer:
+            opt = trainer.optimizers[0]
+            opt.register_step_pre_hook(self._before_step)
+            opt.register_step_post_hook(self._after_step)
+
+    def _before_step(self, optimizer, args, kwargs):
+        """Start the step's clock; hand the step a closure that times itself."""
+        self._step_start = time.perf_counter()
+        closure = kwargs.get("closure")
+        if closure is None:
+            return None
+
+        def timed():
+            start = time.perf_counter()
+            out = closure()
+            self.closure_seconds.append(time.perf_counter() - start)
+            return out
+
+        return args, {**kwargs, "closure": timed}
+
+    def _after_step(self, optimizer, args, kwargs):
+        self.step_seconds.append(time.perf_counter() - self._step_start)
 
     def on_train_batch_start(self, *args):
         self._start = self.counter.snapshot()
@@ -177,22 +219,32 @@ class StepBytes(L.Callback):
 def measure(cfg: dict, steps: int, precision: str) -> tuple[dict, list[torch.Tensor]]:
     """One DDP fit (inside the worker processes): the row and the final parameters."""
     problem = make_problem(cfg)
+    fused = cfg["method"] == "fused_adafactor"
+    overrides = [*row_overrides(cfg), *trainer_overrides(WORLD, steps, precision)]
     with CommunicationCounter() as counter:
-        cb = StepBytes(counter, hook=cfg["method"] in ("adam", "fused_adafactor"))
+        cb = StepBytes(counter, hook=cfg["method"] in ("adam", "fused_adafactor"),
+                       time_optimizer=fused)
         trainer(WORLD, steps, precision, [cb]).fit(problem)
     params = sum(p.numel() for p in problem.net.parameters())
     row = dict(cfg, params=params, precision=precision, steps=steps,
                bytes_per_step=cb.bytes, calls_per_step=cb.calls,
                bytes_per_param=round(max(cb.bytes) / params, 6),
                seconds_per_step=round(median(cb.seconds), 5),
-               shard=list(cb.shard))
-    opt = problem.trainer.optimizers[0]
-    if isinstance(opt, TimedFusedAdafactor):  # the first step also fits the row statistic
-        closure, total = opt.closure_seconds[1:], opt.step_seconds[1:]
+               shard=list(cb.shard), overrides=overrides,
+               sdze_train_command=shlex.join(["sdze-train", *overrides]))
+    if fused:  # the first step also fits the row statistic
+        closure, total = cb.closure_seconds[1:], cb.step_seconds[1:]
         row["closure_seconds"] = round(median(closure), 5)
         row["update_seconds"] = round(median([t - c for t, c in zip(total, closure,
                                                                       strict=True)]), 5)
     return row, [p.detach().clone() for p in problem.net.parameters()]
+
+
+def script_argv(args: argparse.Namespace) -> list[str]:
+    """The options of this run, as typed after ``python benchmarks/ddp_bytes.py``."""
+    return ((["--smoke"] if args.smoke else [])
+            + (["--methods", args.methods] if args.methods else [])
+            + (["--steps", str(args.steps)] if args.steps else []))
 
 
 def worker(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[torch.Tensor]]]:
@@ -201,7 +253,7 @@ def worker(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[torch.T
     steps = args.steps or (6 if args.smoke else 5)
     precision = "64-true" if args.smoke else "32-true"
     rows, params = [], {}
-    load_start = load_average()
+    meta = script_provenance(__file__, script_argv(args))
     wanted = None if args.methods is None else set(args.methods.split(","))
     for cfg in configs(args.smoke):
         if wanted is not None and cfg["method"] not in wanted:
@@ -217,14 +269,8 @@ def worker(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[torch.T
                   f"bytes/step={max(row['bytes_per_step']):10d} "
                   f"calls/step={max(row['calls_per_step'])}{split}", flush=True)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        meta = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), commit=git_commit(),
-                    machine=machine(), load_start=load_start, load_end=load_average(),
-                    threads=torch.get_num_threads(), world_size=WORLD,
-                    command="python benchmarks/ddp_bytes.py " + " ".join(
-                        a for a in (["--smoke"] if args.smoke else [])
-                        + ([f"--methods {args.methods}"] if args.methods else [])
-                        + ([f"--steps {args.steps}"] if args.steps else [])))
-        write(rows, meta, args)
+        meta.update(threads=torch.get_num_threads(), world_size=WORLD)
+        write(rows, finish_provenance(meta), args)
     return rows, params
 
 
@@ -242,7 +288,9 @@ def write(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
             "bytes_per_param", "seconds_per_step", "closure_seconds", "update_seconds"]
     write_csv(args.out / f"{stem(args)}.csv",
               [{**{k: r.get(k, "") for k in keys}, "bytes_per_step": max(r["bytes_per_step"]),
-                "calls_per_step": max(r["calls_per_step"])} for r in rows])
+                "calls_per_step": max(r["calls_per_step"]),
+                "sdze_train_command": r["sdze_train_command"]}
+               for r in rows])
 
 
 def free_port() -> int:

@@ -7,12 +7,21 @@ for coordinate directions (``W e_j`` is a column lookup) and grows like
 ``K * d`` (not ``K * N * d``) for dense directions (``W v`` once per direction).
 The ratio ``time(estimate) / time(forward)`` should therefore not grow with d.
 
-Measured under ``torch.no_grad()`` (the zeroth-order setting), float32, MLP
-tanh, one intra-op thread by default (stabler on a shared CPU), median of
-``--reps`` interleaved repetitions after one warm-up call.
-Estimators: ``fd`` and ``taylor`` with coordinate directions, ``fd`` with
-Rademacher directions, ``stein`` (antithetic, Gaussian directions, necessarily
-dense). Results: ``results/first_layer_scaling.{csv,json}``.
+Measured under ``torch.no_grad()`` (the zeroth-order setting), float32, one intra-op thread
+by default (``threads=1``: stabler on a shared CPU), median of ``--reps`` interleaved
+repetitions after one warm-up call.
+
+Built from the packaged configs: per d, the network and the batch (the step-0 interior
+points) of ``_common.build_run`` on two-body Allen-Cahn (``pde=allen_cahn_twobody
+pde.dim=<d>``), and each estimator instantiated from the composed ``estimator`` group:
+``fd`` and ``taylor`` (coordinate directions), ``fd`` with
+``estimator.distribution=rademacher``, ``stein`` (antithetic, Gaussian directions,
+necessarily dense); N and K are the configs' ``pde.n_interior`` and
+``estimator.num_directions``. Positional arguments are further overrides for every row
+(e.g. ``model.width=64``). Each row records its overrides and ``sdze-train`` command
+(``sdze_train_command``); the results file's ``meta`` records the run's provenance (date,
+commit, machine, load at start and end, threads, the command line). Results:
+``results/first_layer_scaling.{csv,json}``.
 
     python benchmarks/first_layer_scaling.py           # d = 1e3, 1e4, 1e5, 1e6
     python benchmarks/first_layer_scaling.py --smoke   # seconds
@@ -22,48 +31,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from _common import write_csv
+from _common import (
+    SMOKE_OVERRIDES,
+    build_run,
+    compose_overrides,
+    finish_provenance,
+    merge_overrides,
+    script_provenance,
+    write_csv,
+)
+from hydra.utils import instantiate
 
-from sdze_lightning.estimators.base import Estimator
-from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
-from sdze_lightning.estimators.stein import SteinEstimator
-from sdze_lightning.estimators.taylor import TaylorEstimator
 from sdze_lightning.model_fn import ModelFunction
-from sdze_lightning.nn import MLP
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+#: The estimators compared, by (name, distribution): their ``estimator`` overrides.
+ESTIMATORS: dict[tuple[str, str], list[str]] = {
+    ("fd", "coordinate"): ["estimator=fd"],
+    ("taylor", "coordinate"): ["estimator=taylor"],
+    ("fd", "rademacher"): ["estimator=fd", "estimator.distribution=rademacher"],
+    ("stein", "gaussian"): ["estimator=stein"],
+}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("overrides", nargs="*", help="further overrides for every row")
     p.add_argument("--dims", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
-    p.add_argument("--points", type=int, default=64, help="batch N")
-    p.add_argument("--directions", type=int, default=16, help="K")
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--depth", type=int, default=3)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", type=str, default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    p.add_argument("--threads", default="1", help="threads= (a count or auto)")
     p.add_argument("--out", type=str, default=str(RESULTS))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     args = p.parse_args(argv)
+    args.extra = merge_overrides([f"threads={args.threads}"], args.overrides)
     if args.smoke:
-        args.dims, args.points, args.directions, args.width, args.reps = [100, 1000], 8, 4, 16, 2
+        args.extra = merge_overrides(args.extra, SMOKE_OVERRIDES)
+        args.dims, args.reps = [100, 1000], 2
     return args
-
-
-def estimators(k: int) -> dict[tuple[str, str], Estimator]:
-    return {
-        ("fd", "coordinate"): FiniteDifferenceEstimator(k, "coordinate"),
-        ("taylor", "coordinate"): TaylorEstimator(k, "coordinate"),
-        ("fd", "rademacher"): FiniteDifferenceEstimator(k, "rademacher"),
-        ("stein", "gaussian"): SteinEstimator(k, sigma=0.1, variant="antithetic"),
-    }
 
 
 def timed(fn, device: torch.device) -> float:
@@ -76,21 +88,30 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def row_overrides(d: int, estimator: tuple[str, str], extra: list[str]) -> list[str]:
+    """The ``sdze-train`` overrides of one row: two-body Allen-Cahn at ``d``, the estimator."""
+    return merge_overrides(["pde=allen_cahn_twobody", f"pde.dim={d}", *ESTIMATORS[estimator]],
+                           extra)
+
+
 @torch.no_grad()
 def measure(d: int, args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
-    net = MLP(d, width=args.width, depth=args.depth, seed=0).to(device)
-    model = ModelFunction(net)
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(args.points, d, generator=gen, device=device) / d**0.5
-    ests = estimators(args.directions)
+    first = next(iter(ESTIMATORS))
+    run = build_run(row_overrides(d, first, args.extra), device=args.device)
+    model = ModelFunction(run.problem.net)
+    x = run.problem.points(0, 0)
+    n = x.shape[0]
     ops = ("laplacian",)
 
     def forward() -> None:
         model(x)
 
     calls = {("forward", "-"): forward}
-    for key, est in ests.items():
+    overrides, ests = {}, {}
+    for key in ESTIMATORS:
+        overrides[key] = row_overrides(d, key, args.extra)
+        ests[key] = est = instantiate(compose_overrides(overrides[key]).estimator)
         calls[key] = lambda est=est: est.estimate(
             model, x, ops, torch.Generator(device=device).manual_seed(1), d
         )
@@ -111,11 +132,14 @@ def measure(d: int, args: argparse.Namespace) -> list[dict]:
                 "d": d,
                 "estimator": name,
                 "distribution": dist,
-                "K": args.directions,
-                "N": args.points,
+                "K": ests[(name, dist)].num_directions,
+                "N": n,
                 "forward_ms": 1e3 * t_fwd,
                 "estimate_ms": 1e3 * t,
                 "ratio": t / t_fwd,
+                "threads": run.threads,
+                "overrides": overrides[(name, dist)],
+                "sdze_train_command": shlex.join(["sdze-train", *overrides[(name, dist)]]),
             }
         )
         print(
@@ -128,15 +152,19 @@ def measure(d: int, args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
-    torch.set_num_threads(args.threads)
+    record = script_provenance(__file__, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     rows = []
-    for d in args.dims:
-        rows.extend(measure(d, args))
+    try:
+        for d in args.dims:
+            rows.extend(measure(d, args))
+    finally:
+        torch.set_num_threads(threads)  # build_run applied the runs' threads=
     stem = "first_layer_scaling_smoke" if args.smoke else "first_layer_scaling"
     write_csv(out / f"{stem}.csv", rows)
-    meta = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    meta = finish_provenance({**record, "args": vars(args), "torch": torch.__version__})
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 

@@ -16,6 +16,14 @@ is classed by its input shapes:
 The table of the top operators by self CPU time goes to stdout and
 ``results/profile_sdze_d<d>.txt``, the class totals to ``results/profile_sdze.json``.
 
+Each run is built from the packaged configs (``_common.build_run``) with
+``run_overrides("sdze", d, ...)``: ``--threads`` becomes ``threads=``, ``--smoke`` adds the
+tiny ``SMOKE_OVERRIDES``, everything else is the configs' default; ``on_fit_start``'s output
+fit runs before the warm-up step, as in ``sdze-train``. Every row records its overrides and
+the ``sdze-train`` command that builds the same run (``sdze_train_command``); the results file
+starts with the run's provenance (date, commit, machine, load at start and end, threads, the
+command line).
+
     python benchmarks/profile_sdze.py                 # d = 1e5, 1e6
     python benchmarks/profile_sdze.py --dims 100000 --steps 3
     python benchmarks/profile_sdze.py --smoke
@@ -30,19 +38,18 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    MACHINE,
     RESULTS,
-    SMOKE,
-    BenchConfig,
-    build,
+    SMOKE_OVERRIDES,
+    build_run,
+    finish_provenance,
     forward_pass,
-    train_step,
+    provenance,
+    run_overrides,
     warm_fused_kernels,
 )
 
@@ -75,17 +82,22 @@ def classify(events, dim: int) -> dict:
                 d_dependent_ops=dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:15]))
 
 
-def profile_dim(dim: int, cfg: BenchConfig, steps: int, out: Path) -> dict:
-    """Profile ``steps`` SDZE steps at ``dim``; return the class totals."""
-    torch.set_num_threads(cfg.threads)
-    problem, opt = build("sdze", dim, cfg)
+def profile_dim(dim: int, overrides: list[str], steps: int, out: Path) -> dict:
+    """Profile ``steps`` SDZE steps of ``build_run(run_overrides("sdze", dim, *overrides))``.
+
+    Returns the class totals, with the run's overrides and ``sdze-train`` command.
+    """
+    run = build_run(run_overrides("sdze", dim, *overrides))
+    problem = run.problem
+    run.fit_output()
     warm_fused_kernels()
-    train_step(problem, opt, 0)
+    run.step(0)
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for k in range(1, steps + 1):
-            train_step(problem, opt, k)
+            run.step(k)
     wall = (time.perf_counter() - t0) / steps
+    problem.stop_prefetch()  # no background build during the forward timing below
     sample_s, forward_s = forward_pass(problem, 1000)
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40,
@@ -93,7 +105,8 @@ def profile_dim(dim: int, cfg: BenchConfig, steps: int, out: Path) -> dict:
     (out / f"profile_sdze_d{dim}.txt").write_text(table)
     print(f"=== d = {dim}: {wall:.3f} s/step (under the profiler)\n{table}", flush=True)
     res = classify(prof.key_averages(group_by_input_shape=True), dim)
-    res.update(dim=dim, steps=steps, s_per_step_profiled=wall, sample_s=sample_s,
+    res.update(dim=dim, overrides=run.overrides, sdze_train_command=run.command,
+               threads=run.threads, steps=steps, s_per_step_profiled=wall, sample_s=sample_s,
                forward_s=forward_s)
     tot = res["totals"]
     per = {k: v / steps for k, v in tot.items()}
@@ -111,20 +124,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[100000, 1000000])
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1", help="threads= (a count or auto)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=args.threads)
+    record = provenance(None if argv is None else [f"benchmarks/{Path(__file__).name}", *argv])
+    overrides = [f"threads={args.threads}"]
     if args.smoke:
-        cfg = SMOKE
+        overrides = list(SMOKE_OVERRIDES)
         args.dims, args.steps = [300], 1
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [profile_dim(d, cfg, args.steps, args.out) for d in args.dims]
+    rows = [profile_dim(d, overrides, args.steps, args.out) for d in args.dims]
     stem = "profile_sdze_smoke" if args.smoke else "profile_sdze"
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(), "rows": rows},
-        indent=2))
+        finish_provenance(dict(record, overrides=overrides, rows=rows)), indent=2))
     return rows
 
 

@@ -35,9 +35,18 @@ includes; ``prefetch_share`` is the share of source rows left to the background 
 (``torch.cuda.max_memory_allocated``) above what was allocated before the build,
 no address-space cap is set (CUDA maps far more virtual memory than it uses), and
 running out of GPU memory becomes an ``OOM (CUDA)`` row; results go to
-``scaling_cuda.*``. ``--threads`` still sets the CPU threads of the host side;
-``--prefetch`` is refused there (the prefetch thread's kernels share the step's
-CUDA stream, so per-step times would mix the two).
+``scaling_cuda.*``. ``--threads`` (``threads=``) leaves the host's threads alone there,
+as ``sdze-train`` does off the CPU; ``--prefetch`` is refused there (the prefetch
+thread's kernels share the step's CUDA stream, so per-step times would mix the two).
+
+Every run is built from the packaged configs (``_common.build_run``) with
+``run_overrides(method, d, ...)``: ``--threads`` becomes ``threads=``, ``--prefetch``
+``prefetch=true``, ``--smoke`` adds the tiny ``SMOKE_OVERRIDES``; everything else, the
+learning rates included, is the configs' default, and ``on_fit_start``'s output fit runs
+before the first step, as in ``sdze-train``. A worker receives its override list; every row
+records its overrides and the ``sdze-train`` command that builds the same run
+(``sdze_train_command``), and the results file starts with the run's provenance (date,
+commit, machine, load at start and end, threads, the command line).
 
 Slopes: least-squares slope of log(time) and log(peak) against log(d) over
 d >= 1e3 (at smaller d the dimension-free remainder dominates).
@@ -53,10 +62,10 @@ Results: ``results/scaling.{csv,json,png}``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -71,19 +80,21 @@ from _common import (  # noqa: E402
     MACHINE,
     METHODS,
     RESULTS,
-    SMOKE,
-    BenchConfig,
+    SMOKE_OVERRIDES,
     add_prefetch_flag,
-    build,
+    build_run,
+    finish_provenance,
     forward_pass,
     limit_memory,
     load_average,
     machine,
+    overrides_for_method,
     peak,
+    provenance,
     reset_peak,
     rss,
+    run_overrides,
     sync,
-    train_step,
     warm_fused_kernels,
     write_csv,
 )
@@ -91,83 +102,104 @@ from _common import (  # noqa: E402
 MiB = 2**20
 
 
-def _on_cuda(cfg: BenchConfig) -> bool:
-    return cfg.device.startswith("cuda")
+def _on_cuda(device: str) -> bool:
+    return device.startswith("cuda")
 
 
-def _reset_peak(cfg: BenchConfig) -> int:
-    """Reset the peak counter of ``cfg.device``; returns the memory in use now (bytes)."""
-    if _on_cuda(cfg):
-        sync(cfg.device)
-        torch.cuda.reset_peak_memory_stats(cfg.device)
-        return torch.cuda.memory_allocated(cfg.device)
+def _reset_peak(device: str) -> int:
+    """Reset the peak counter of ``device``; returns the memory in use now (bytes)."""
+    if _on_cuda(device):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
     reset_peak()
     return rss()
 
 
-def _peak(cfg: BenchConfig) -> int:
-    """Peak memory of ``cfg.device`` since :func:`_reset_peak` (CUDA allocated, or RSS)."""
-    if _on_cuda(cfg):
-        sync(cfg.device)
-        return torch.cuda.max_memory_allocated(cfg.device)
+def _peak(device: str) -> int:
+    """Peak memory of ``device`` since :func:`_reset_peak` (CUDA allocated, or RSS)."""
+    if _on_cuda(device):
+        sync(device)
+        return torch.cuda.max_memory_allocated(device)
     return peak()
 
 
-def _timed_step(problem, opt, k: int, device: str) -> tuple[float, float]:
-    """``(loss, seconds)`` of one training step, the device's queue drained at both ends."""
+def _timed_step(run, k: int, device: str) -> tuple[float, float]:
+    """``(loss, seconds)`` of training step ``k`` of ``run``, the device's queue drained at
+    both ends."""
     sync(device)
     t0 = time.perf_counter()
-    loss = train_step(problem, opt, k)  # float(loss) also waits for the device
+    loss = run.step(k)  # float(loss) also waits for the device
     sync(device)
     return loss, time.perf_counter() - t0
 
 
-def measure(method: str, dim: int, cfg: BenchConfig, cap: float, reps: int) -> dict:
-    """Peak memory and interleaved step times of ``method`` vs SDZE at ``dim`` (this process)."""
-    torch.set_num_threads(cfg.threads)
+def method_run_overrides(method: str, dim: int, overrides: list[str]) -> list[str]:
+    """``run_overrides(method, dim, ...)`` with the shared ``overrides`` that ``method``'s
+    estimator takes (``adam+exact`` has no ``estimator.num_directions``)."""
+    return run_overrides(method, dim, *overrides_for_method(method, overrides))
+
+
+def train_command(overrides: list[str]) -> str:
+    """The ``sdze-train`` command line of ``overrides`` (``Run.command`` without a run)."""
+    return shlex.join(["sdze-train", *overrides])
+
+
+def measure(method: str, dim: int, overrides: list[str], device: str, cap: float,
+            reps: int) -> dict:
+    """Peak memory and interleaved step times of ``method`` vs SDZE at ``dim`` (this process).
+
+    Every run is ``build_run(method_run_overrides(m, d, overrides), device=device)``.
+    """
     for m in {method, "sdze"}:
-        problem, opt = build(m, 64, cfg)
+        warm = build_run(method_run_overrides(m, 64, overrides), device=device)
+        warm.fit_output()
         for k in range(2):
-            train_step(problem, opt, k)
-        problem.stop_prefetch()
-        del problem, opt
-    warm_fused_kernels(cfg.device)
-    base = _reset_peak(cfg)
-    row = dict(method=method, dim=dim, status="ok", load=load_average(), prefetch=cfg.prefetch,
-               device=cfg.device, memory=("CUDA peak allocated" if _on_cuda(cfg)
-                                          else "peak RSS"))
-    problem, opt = build(method, dim, cfg)
+            warm.step(k)
+        warm.problem.stop_prefetch()
+        del warm
+    warm_fused_kernels(device)
+    base = _reset_peak(device)
+    run = build_run(method_run_overrides(method, dim, overrides), device=device)
+    problem = run.problem
+    row = dict(method=method, dim=dim, status="ok", load=load_average(),
+               prefetch=bool(problem.prefetch), device=device, threads=run.threads,
+               overrides=run.overrides, sdze_train_command=run.command,
+               memory=("CUDA peak allocated" if _on_cuda(device) else "peak RSS"))
+    run.fit_output()  # on_fit_start's, before the first step (the peak below is the step's)
     row["params"] = sum(p.numel() for p in problem.net.parameters())
     row["param_bytes"] = row["params"] * 4
-    row["batch_bytes"] = cfg.points * dim * 4
-    _reset_peak(cfg)
-    row["first_loss"], row["first_step_s"] = _timed_step(problem, opt, 0, cfg.device)
-    row["peak_bytes"] = _peak(cfg) - base
+    row["batch_bytes"] = problem.n_interior * dim * 4
+    _reset_peak(device)
+    row["first_loss"], row["first_step_s"] = _timed_step(run, 0, device)
+    row["peak_bytes"] = _peak(device) - base
     row["peak_ratio_params_batch"] = row["peak_bytes"] / (row["param_bytes"] + row["batch_bytes"])
 
     ref = None
     if method != "sdze":
-        ref = build("sdze", dim, cfg)
-        train_step(*ref, 0)
+        ref = build_run(method_run_overrides("sdze", dim, overrides), device=device)
+        ref.fit_output()
+        ref.step(0)
     times, ref_times = [], []
     t_start = time.perf_counter()
     for k in range(1, reps + 1):
-        row["last_loss"], seconds = _timed_step(problem, opt, k, cfg.device)
+        row["last_loss"], seconds = _timed_step(run, k, device)
         times.append(seconds)
         if ref is not None:
-            ref_times.append(_timed_step(*ref, k, cfg.device)[1])
+            ref_times.append(_timed_step(ref, k, device)[1])
         if time.perf_counter() - t_start > cap:
             break
     row["s_per_step"] = statistics.median(times)
     row["sdze_s_per_step"] = statistics.median(ref_times) if ref_times else row["s_per_step"]
     row["ratio_to_sdze"] = row["s_per_step"] / row["sdze_s_per_step"]
     row["steps_timed"] = len(times)
+    row["skipped_steps"] = problem.skipped_steps  # non-finite steps (evaluated, not applied)
     # share of the source's rows the prefetch thread prepared at the end (PreparePlacement)
-    row["prefetch_share"] = problem.collocation.placement.share if cfg.prefetch else None
+    row["prefetch_share"] = problem.collocation.placement.share if problem.prefetch else None
     problem.stop_prefetch()  # no background build during the forward timing below
     if ref is not None:
-        ref[0].stop_prefetch()
-    fp = ref[0] if ref is not None else problem
+        ref.problem.stop_prefetch()
+    fp = ref.problem if ref is not None else problem
     fwd = [forward_pass(fp, 100 + i) for i in range(2)]
     row["sample_s"] = min(f[0] for f in fwd)
     row["forward_s"] = min(f[1] for f in fwd)
@@ -184,7 +216,9 @@ def run_worker(job: dict, mem_cap: int, cap: float, reps: int, timeout: float,
                huge_pages: bool = False) -> dict:
     """Run :func:`measure` in a fresh subprocess; OOM / timeout become status rows.
 
-    ``mem_cap`` (an address-space cap) applies to CPU jobs only.
+    ``job``: ``method``, ``dim``, ``overrides`` (the shared ones, without the method and
+    the dimension) and ``device``. ``mem_cap`` (an address-space cap) applies to CPU jobs
+    only.
     """
     job = dict(job, mem_cap=mem_cap, cap=cap, reps=reps)
     env = dict(os.environ, **HUGE_PAGES_ENV) if huge_pages else None
@@ -202,6 +236,11 @@ def run_worker(job: dict, mem_cap: int, cap: float, reps: int, timeout: float,
         status = "OOM (CUDA)"
     elif "MemoryError" in err or "DefaultCPUAllocator" in err or "not enough memory" in err:
         status = f"OOM (RLIMIT_AS {mem_cap / 2**30:.0f} GiB)"
+    elif "memory is available" in err:
+        status = "OOM (pre-flight)"
+    elif "ValueError" in err:
+        status = "refused (pre-flight)"
+        print(err[-2000:], file=sys.stderr)
     else:
         status = f"error rc={proc.returncode}"
         print(err[-2000:], file=sys.stderr)
@@ -281,8 +320,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--cap", type=float, default=60.0, help="seconds per step before skipping")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per configuration (max)")
     ap.add_argument("--mem-cap-gb", type=float, default=16.0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="1: on a shared 2-core machine 2 threads spin and slow down 10x")
+    ap.add_argument("--threads", default="1",
+                    help="threads= (a count or auto); 1: on a shared 2-core machine 2 threads "
+                         "spin and slow down 10x")
     add_prefetch_flag(ap)
     ap.add_argument("--huge-pages", action="store_true",
                     help="workers with THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
@@ -294,22 +334,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="keep the other rows of an earlier results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    on_cuda = args.device.startswith("cuda")
+    on_cuda = _on_cuda(args.device)
     if on_cuda and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
     if on_cuda and args.prefetch:
         ap.error("--prefetch with --device cuda: the prefetch thread queues its kernels on the "
                  "step's CUDA stream, so the per-step times would mix the two; measure without")
-    cfg = BenchConfig(threads=args.threads, prefetch=args.prefetch, device=args.device)
     if args.worker:
         job = json.loads(args.worker)
-        cfg = BenchConfig(**job["cfg"])
-        if not _on_cuda(cfg):
+        if not _on_cuda(job["device"]):
             limit_memory(int(job["mem_cap"]))
-        print(json.dumps(measure(job["method"], job["dim"], cfg, job["cap"], job["reps"])))
+        print(json.dumps(measure(job["method"], job["dim"], job["overrides"], job["device"],
+                                 job["cap"], job["reps"])))
         return []
+    record = provenance(None if argv is None else [f"benchmarks/{Path(__file__).name}", *argv])
+    record["machine"] = machine(args.device)
+    overrides = list(SMOKE_OVERRIDES) if args.smoke else [f"threads={args.threads}"]
+    if args.prefetch:
+        overrides.append("prefetch=true")
     if args.smoke:
-        cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch, device=args.device)
         args.dims, args.sdze_dims, args.reps = [40, 80], [], 1
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [(m, d) for d in args.dims for m in args.methods]
@@ -325,11 +368,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             pred = prev["s_per_step"] * dim / prev["dim"]
             row = dict(method=method, dim=dim, status=f"past cap (predicted {pred:.0f} s/step)")
         elif args.smoke:
-            row = measure(method, dim, cfg, args.cap, args.reps)
+            row = measure(method, dim, overrides, args.device, args.cap, args.reps)
         else:
-            job = dict(method=method, dim=dim, cfg=cfg.dict())
+            job = dict(method=method, dim=dim, overrides=overrides, device=args.device)
             row = run_worker(job, int(args.mem_cap_gb * 2**30), args.cap, args.reps,
                              timeout=4 * args.cap + 120, huge_pages=args.huge_pages)
+        # rows that did not run (skipped, OOM, timeout) record the run they stand for too
+        row.setdefault("overrides", method_run_overrides(method, dim, overrides))
+        row.setdefault("sdze_train_command", train_command(row["overrides"]))
         rows.append(row)
         last[method] = row
         if row["status"] == "ok":
@@ -349,19 +395,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"slope vs d (d >= 1e3) {m:12s} time {s['time']}  memory {s['memory']}")
     # GPU runs get their own files (never merged with, or written over, the CPU ones)
     stem = ("scaling_smoke" if args.smoke else "scaling") + ("_cuda" if on_cuda else "")
+    merged_from = None
     if args.merge and (args.out / f"{stem}.json").exists():
         done = {(r["method"], r["dim"]) for r in rows}
-        old = json.loads((args.out / f"{stem}.json").read_text())["rows"]
-        rows = [r for r in old if (r["method"], r["dim"]) not in done
+        old_file = json.loads((args.out / f"{stem}.json").read_text())
+        merged_from = {k: old_file.get(k) for k in ("date", "commit", "command")}
+        rows = [r for r in old_file["rows"] if (r["method"], r["dim"]) not in done
                 and r.get("device", "cpu") == args.device] + rows
         slopes = {m: dict(time=fit_slope([r for r in rows if r["method"] == m], "s_per_step"),
                           memory=fit_slope([r for r in rows if r["method"] == m], "peak_bytes"))
                   for m in METHODS}
-    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("method", "dim"), k))
+    fields = sorted({k for r in rows for k in r if k != "overrides"},
+                    key=lambda k: (k not in ("method", "dim"), k))
     write_csv(args.out / f"{stem}.csv", rows, fields)
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"cfg": cfg.dict(), "machine": machine(args.device), "date": time.strftime("%Y-%m-%d"),
-         "cap_s": args.cap, "huge_pages": args.huge_pages, "rows": rows, "slopes": slopes},
+    (args.out / f"{stem}.json").write_text(json.dumps(finish_provenance(dict(
+        record, overrides=overrides, device=args.device, cap_s=args.cap,
+        huge_pages=args.huge_pages, merged_rows_from=merged_from, rows=rows, slopes=slopes)),
         indent=2))
     plot(rows, args.out / f"{stem}.png", machine(args.device))
     print(markdown_table(rows))

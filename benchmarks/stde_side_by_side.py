@@ -6,7 +6,7 @@ ball, ``u = (1 - |x|^2) sum_{i<d} c_i sin(x_i + cos x_{i+1} + x_{i+1} cos x_i)``
 the hard constraint ``(1 - |x|^2) n(x)``, points ``r g / |g|`` with ``r ~ U(0, 1)``,
 an MLP 4x128 tanh, 100 points per step. Its coefficients are an unseeded
 ``np.random.randn(1, d)`` per run, so it has no fixed instance of its own; this
-script feeds it ours: the coefficients of ``TwoBody(dim, coeff_seed=0)`` and the
+script feeds it ours: the coefficients of ``TwoBody(dim, coeff_seed=<--coeff-seed>)`` and the
 held-out points of our run with ``--seed``, on which both sides' final networks
 are evaluated (STDE's own error on ``--n-stde-points`` points of its sampler is
 reported beside it).
@@ -24,8 +24,12 @@ Run one after the other, each for ``--budget-s`` seconds of training:
   measured training time as it is.
   One XLA thread (``--xla-threads``);
 * ``fused_adafactor`` and ``adam+taylor`` of ``time_to_accuracy.py`` with
-  ``--lr-decay linear`` (to 0 over the wall-time budget), one torch thread, each in
-  its own subprocess.
+  ``--lr-decay linear`` (to 0 over the wall-time budget), each in its own subprocess,
+  built from the packaged configs (``method=fused_adafactor`` / ``method=adam`` over
+  ``estimator=taylor`` on ``pde=allen_cahn_twobody``, their packaged learning rates) with
+  the overrides ``seed=<--seed>``, ``pde.n_eval=<--n-eval>`` and ``threads=1``
+  (:func:`our_overrides`); each row records its overrides and ``sdze-train`` command.
+  The held-out points handed to STDE are those of the same overrides (:func:`held_out`).
 
 Reference lines (``floors`` of ``time_to_accuracy.py``): the best constant and best
 affine ``n(x)`` on the shared held-out points, for our instance and for an
@@ -35,20 +39,21 @@ STDE-style draw (``np.random.RandomState(seed).randn(1, d)``, its first ``d - 1`
         --stde-python /tmp/stde-venv/bin/python
     python benchmarks/stde_side_by_side.py --smoke      # our side only, tiny, no STDE needed
 
-Result: ``results/stde_side_by_side.json`` (``stde_side_by_side_smoke.json``).
+Result: ``results/stde_side_by_side.json`` (``stde_side_by_side_smoke.json``), with the
+run's provenance (date, commit, machine, loads, threads, command); an STDE run records its
+driver's command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +62,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import time_to_accuracy as tta  # noqa: E402
-from _common import MACHINE, RESULTS, SMOKE, BenchConfig, load_average  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    SMOKE_OVERRIDES,
+    build_run,
+    finish_provenance,
+    load_average,
+    script_provenance,
+)
 
 HERE = Path(__file__).resolve().parent
 #: Our methods run beside STDE: the best first-order paths.
 OURS = ("fused_adafactor", "adam+taylor")
+#: Torch threads of our runs (``threads=``), as STDE runs on ``--xla-threads`` (one).
+THREADS = 1
 
 
-def held_out(dim: int, seed: int, n_eval: int, cfg: BenchConfig):
-    """The problem of our runs (``time_to_accuracy.make_problem``) and its held-out points."""
-    problem = tta.make_problem("twobody", dim, seed, cfg, n_eval=n_eval)
+def our_overrides(method: str, dim: int, seed: int, n_eval: int, smoke: bool = False,
+                  coeff_seed: int | None = None) -> list[str]:
+    """The ``sdze-train`` overrides of our run of ``method`` (a key of :data:`OURS`).
+
+    ``time_to_accuracy.study_overrides`` on the two-body problem with :data:`THREADS`
+    torch threads; ``smoke``: the tiny sizes of every script's smoke mode;
+    ``coeff_seed``: ``pde.coeff_seed`` (``None``: the packaged draw).
+    """
+    extra = [*(SMOKE_OVERRIDES if smoke else ()),
+             *(() if coeff_seed is None else (f"pde.coeff_seed={coeff_seed}",))]
+    return tta.study_overrides(method, "twobody", dim, seed, *extra, n_eval=n_eval,
+                               threads=THREADS)
+
+
+def held_out(overrides: list[str]):
+    """The problem of ``overrides`` (built as our runs build it) and its held-out points."""
+    problem = build_run(overrides).problem
+    problem.fit_threads.restore()  # no training here: this process keeps its thread count
     xs, refs = zip(*problem.eval_batches(), strict=True)
     return problem, torch.cat(xs).double().numpy(), torch.cat(refs).double().numpy()
 
@@ -105,7 +134,7 @@ def run_stde(args, instance: Path, epochs: int) -> dict:
                          cwd=instance.parent, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("STDE "):
-            return {**json.loads(line[5:]), "load": load_average()}
+            return {**json.loads(line[5:]), "load": load_average(), "command": shlex.join(cmd)}
     raise RuntimeError(f"STDE run ({epochs} steps) failed:\n{out.stderr[-3000:]}")
 
 
@@ -129,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stde-python", help="python of an environment with STDE's requirements")
     ap.add_argument("--dim", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--coeff-seed", type=int, default=None,
+                    help="pde.coeff_seed of the instance (default: the packaged draw)")
     ap.add_argument("--budget-s", type=float, default=216.0, help="training seconds per method")
     ap.add_argument("--calibration-steps", type=int, default=300,
                     help="steps of the STDE run that measures its time per step")
@@ -147,19 +178,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="our side only, tiny; no STDE needed")
     args = ap.parse_args(argv)
-    cfg = BenchConfig(threads=1)
     if args.smoke:
-        cfg = dataclasses.replace(SMOKE)
         args.dim, args.budget_s, args.n_eval, args.eval_every = 50, 1.0, 64, 5
     elif "stde" in args.methods and not (args.stde_path and args.stde_python):
         ap.error("--stde-path and --stde-python are required (or --smoke)")
     elif "stde" in args.methods and not (args.stde_path / "stde" / "train.py").is_file():
         ap.error(f"--stde-path {args.stde_path} has no stde/train.py")
-    problem, x_eval, u_eval = held_out(args.dim, args.seed, args.n_eval, cfg)
-    result = {"machine": MACHINE, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "dim": args.dim, "seed": args.seed, "budget_s": args.budget_s,
-              "n_eval": args.n_eval, "load_start": load_average(),
-              "floors": instance_floors(problem, args.affine_max_dim, cfg.threads), "rows": []}
+    record = script_provenance(__file__, argv)
+    overrides = {m: our_overrides(m, args.dim, args.seed, args.n_eval, args.smoke,
+                               args.coeff_seed) for m in OURS}
+    problem, x_eval, u_eval = held_out(overrides[OURS[0]])
+    result = {**record, "dim": args.dim, "seed": args.seed, "coeff_seed": args.coeff_seed,
+              "budget_s": args.budget_s,
+              "n_eval": args.n_eval,
+              "floors": instance_floors(problem, args.affine_max_dim, THREADS),
+              "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.smoke and "stde" in args.methods:
             instance = Path(tmp) / "instance.npz"
@@ -170,20 +203,20 @@ def main(argv: list[str] | None = None) -> dict:
             result["rows"].append({"method": "stde", **result["stde_runs"][-1]})
             write(args, result)
     for method in (m for m in OURS if m in args.methods):
-        job = dict(method=method, dim=args.dim, seed=args.seed, budget_s=args.budget_s,
-                   every=args.eval_every, n_eval=args.n_eval, problem_name="twobody",
-                   affine_max_dim=args.affine_max_dim, lr_decay="linear", cfg=cfg.dict())
+        job = dict(method=method, overrides=overrides[method], budget_s=args.budget_s,
+                   every=args.eval_every, problem_name="twobody",
+                   affine_max_dim=args.affine_max_dim, lr_decay="linear")
         row = tta.run_isolated(job)
         if not same_points(row["floors"], result["floors"]["ours"]):
             raise RuntimeError(f"{method} ran on other held-out points than STDE's evaluation")
         result["rows"].append({k: row[k] for k in (
             "method", "status", "steps", "train_s", "s_per_step", "final_rel_l2", "lr",
-            "peak_rss_bytes", "load", "curve")})
+            "peak_rss_bytes", "load", "threads", "overrides", "command", "not_in_command",
+            "curve")})
         write(args, result)  # each finished run is on disk at once
         print(f"{method}: {row['steps']} steps, {row['train_s']:.0f} s, final rel L2 "
               f"{row['final_rel_l2']:.3e}", flush=True)
-    result["load_end"] = load_average()
-    write(args, result)
+    write(args, finish_provenance(result))
     return result
 
 

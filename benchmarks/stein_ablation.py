@@ -1,7 +1,7 @@
 """He et al. (2023) Figure 4 ablation: error of Stein estimators against K.
 
 A fixed random MLP ``f`` (5 linear layers, width 100, tanh; Xavier init, seed 0)
-with ``d = 1000`` inputs, points uniform in ``[0, 1]^d``, ``sigma = 0.1``. For
+with ``d = 1000`` inputs, points uniform in ``[0, 1]^d``, ``sigma = 0.1``, float64. For
 K = 8, 16, ..., K_max directions we report the L1 error of the gradient (mean
 over points and coordinates of ``|g_hat - g|``) and of the Laplacian (mean over
 points of ``|lap_hat - lap|``), averaged over up to ``--blocks`` disjoint blocks
@@ -22,6 +22,17 @@ Estimators and their targets:
 * ``taylor-coordinate``: K coordinates without replacement, scaled ``d / K``
   (K <= d; at K = d it is exact).
 
+The network is the packaged ``model`` group's, as ``_common.build_run`` builds it for
+``pde=allen_cahn_twobody pde.dim=1000 model.width=100 trainer.precision=64-true`` (He et
+al.'s width; the packaged depth, 4 hidden layers), at its initialisation (no output fit:
+the points are the paper's, not the problem's); ``sigma`` is the packaged
+``estimator=stein``'s, the seeds are the config's ``seed``. Positional arguments are
+further overrides (e.g. ``seed=1``, ``estimator.sigma=0.05``). Each row records the
+overrides of the estimator it measures (``estimator=stein estimator.variant=<v>
+estimator.num_directions=<K>``, ...) and their ``sdze-train`` command
+(``sdze_train_command``); the results file's ``meta`` records the run's provenance (date,
+commit, machine, load at start and end, threads, the command line).
+
 Results: ``results/stein_ablation.{csv,json,png}``.
 
     python benchmarks/stein_ablation.py            # d=1000, 32 points, K up to 32768
@@ -33,42 +44,70 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
 import torch
-from _common import write_csv
+from _common import (
+    SMOKE_OVERRIDES,
+    build_run,
+    cast_run,
+    finish_provenance,
+    merge_overrides,
+    script_provenance,
+    write_csv,
+)
 
 from sdze_lightning.directions import Directions
 from sdze_lightning.estimators.fd import central_differences, default_step
 from sdze_lightning.estimators.stein import VARIANTS, stein_samples, stein_terms
 from sdze_lightning.model_fn import ModelFunction
-from sdze_lightning.nn import MLP
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+#: The network's overrides: He et al.'s d and width, float64.
+NETWORK: list[str] = ["pde=allen_cahn_twobody", "pde.dim=1000", "model.width=100",
+                      "estimator=stein", "trainer.precision=64-true"]
+
+
+def estimator_overrides(name: str, k: int) -> list[str]:
+    """The ``estimator`` overrides of the estimator a row measures, with ``k`` directions."""
+    if name.startswith("stein-"):
+        return ["estimator=stein", f"estimator.variant={name.removeprefix('stein-')}",
+                f"estimator.num_directions={k}"]
+    est, dist = name.split("-")
+    return [f"estimator={est}", *([] if dist == "coordinate" else
+                                  [f"estimator.distribution={dist}"]),
+            f"estimator.num_directions={k}"]
+
+
+def row_overrides(network: list[str], name: str, k: int) -> list[str]:
+    """The overrides of a row: the network's, with the estimator the row measures (a Stein
+    row keeps the network's ``estimator.*`` settings, e.g. ``estimator.sigma``)."""
+    base = [o for o in network if not o.startswith("estimator")]
+    stein = [o for o in network if o.startswith("estimator.")] if name.startswith("stein-") else []
+    return merge_overrides(base, stein, estimator_overrides(name, k))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=1000)
-    p.add_argument("--width", type=int, default=100)
-    p.add_argument("--depth", type=int, default=4, help="hidden layers (linear layers = depth + 1)")
+    p.add_argument("overrides", nargs="*", help="further overrides (network, seed, sigma)")
     p.add_argument("--points", type=int, default=32)
-    p.add_argument("--sigma", type=float, default=0.1)
     p.add_argument("--kmax", type=int, default=32768)
     p.add_argument("--blocks", type=int, default=16, help="max disjoint blocks averaged per K")
     p.add_argument("--chunk", type=int, default=1024, help="directions per forward chunk")
     p.add_argument("--ref-samples", type=int, default=256, help="antithetic pairs (reference)")
     p.add_argument("--ref-probes", type=int, default=16, help="Hutchinson probes per batch")
     p.add_argument("--ref-batch", type=int, default=16, help="antithetic pairs per batch")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=str, default=str(RESULTS))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     args = p.parse_args(argv)
+    args.network = merge_overrides(NETWORK, args.overrides)
     if args.smoke:
-        args.dim, args.width, args.depth, args.points = 50, 16, 2, 4
-        args.kmax, args.blocks, args.chunk, args.ref_samples, args.ref_probes = 64, 2, 32, 16, 4
-        args.ref_batch = 4
+        args.network = merge_overrides(args.network, ["pde.dim=50", *SMOKE_OVERRIDES])
+        args.points, args.kmax, args.blocks, args.chunk = 4, 64, 2, 32
+        args.ref_samples, args.ref_probes, args.ref_batch = 16, 4, 4
     return args
 
 
@@ -210,10 +249,28 @@ def coordinate_errors(
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
+    record = script_provenance(__file__, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.float64
-    net = MLP(args.dim, width=args.width, depth=args.depth, seed=args.seed).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        return ablation(args, record, out)
+    finally:
+        torch.set_num_threads(threads)  # build_run applied the run's threads=
+
+
+def ablation(args: argparse.Namespace, record: dict, out: Path) -> list[dict]:
+    """Measure with parsed ``args`` and write the results; returns the rows.
+
+    Sets ``args.dim``, ``args.sigma`` and ``args.seed`` from the built run (the network's
+    inputs, the packaged Stein noise level, the problem's ``pde.seed``: the top-level
+    ``seed``), which seed the points, the reference and the directions.
+    """
+    run = build_run(args.network)
+    dtype = cast_run(run)  # only the network is used (the packaged method=adam: no hooks)
+    net = run.problem.net
+    problem = run.problem
+    args.dim, args.sigma, args.seed = problem.dim, problem.estimator.sigma, problem.seed
     for p in net.parameters():
         p.requires_grad_(False)
     model = ModelFunction(net)
@@ -257,7 +314,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         smooth = r["estimator"].startswith("stein")
         r["grad_rel"] = r["grad_l1"] / scale["grad_smoothed" if smooth else "grad_plain"]
         r["lap_rel"] = r["lap_l1"] / scale["lap_smoothed" if smooth else "lap_plain"]
+    for r in rows:
+        r["overrides"] = row_overrides(args.network, r["estimator"], r["K"])
+        r["sdze_train_command"] = shlex.join(["sdze-train", *r["overrides"]])
     meta = {
+        **record,
         "args": vars(args),
         "torch": torch.__version__,
         "scale_mean_abs": scale,
@@ -269,7 +330,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     stem = "stein_ablation_smoke" if args.smoke else "stein_ablation"
     write_csv(out / f"{stem}.csv", rows)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{stem}.json").write_text(
+        json.dumps({"meta": finish_provenance(meta), "rows": rows}, indent=1))
     print(json.dumps(meta, indent=1, default=str))
     print(f"{'estimator':18s} {'K':>6s} {'grad L1':>10s} {'lap L1':>10s} {'lap rel':>9s}")
     for r in rows:

@@ -20,6 +20,18 @@ Freed heap memory is handed back (``malloc_trim``) before each baseline, so the
 figures are peaks of live memory, not of glibc's cache. Timings are not the
 point here (and are noisy on a shared machine).
 
+Every configuration is built from the packaged configs (``_common.build_run``):
+``adam-hte`` is ``method=adam estimator=hte``, ``sdze`` and ``mezo`` use ``estimator=taylor``
+(:data:`STUDY_METHODS`); the flags become ``sdze-train`` overrides (``--points``:
+``pde.n_interior=``, ``--directions``: ``estimator.num_directions=``, ``--width`` /
+``--depth``: ``model.width=`` / ``model.depth=``, ``--rank``: SDZE's ``method.rank=``,
+``--threads``: ``threads=``; ``--smoke``: the tiny ``SMOKE_OVERRIDES``), everything else,
+the learning rates included, is the configs' default, and ``on_fit_start``'s output fit runs
+before the measured steps, as in ``sdze-train``. Every row records its overrides and the
+``sdze-train`` command that builds the same run (``sdze_train_command``); the results file
+starts with the run's provenance (date, commit, machine, load at start and end, threads,
+the command line).
+
 Target: SDZE peak <= 1.3 x (parameter bytes + batch input bytes),
 and >= 5x below Adam+HTE at d = 1e5. Results: ``results/step_memory.{csv,json}``.
 
@@ -37,66 +49,68 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path
 
-from _common import RESULTS, peak, reset_peak, rss, train_step, warm_fused_kernels, write_csv  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    SMOKE_OVERRIDES,
+    build_run,
+    finish_provenance,
+    peak,
+    provenance,
+    reset_peak,
+    rss,
+    run_overrides,
+    warm_fused_kernels,
+    write_csv,
+)
 
-METHODS = ("sdze", "mezo", "adam-hte")
-
-
-def build(method: str, dim: int, cfg: dict):
-    """Problem and optimizer of one configuration."""
-    from sdze_lightning.estimators.hte import HutchinsonEstimator
-    from sdze_lightning.estimators.taylor import TaylorEstimator
-    from sdze_lightning.methods import SDZE, MeZO
-    from sdze_lightning.nn import MLP
-    from sdze_lightning.problems import TwoBody
-
-    k = cfg["directions"]
-    if method == "adam-hte":
-        est = HutchinsonEstimator(k, distribution="rademacher")
-    else:
-        est = TaylorEstimator(k, distribution="coordinate")
-    net = MLP(dim, width=cfg["width"], depth=cfg["depth"], seed=0)
-    problem = TwoBody(dim=dim, operator="allen_cahn", net=net, estimator=est,
-                      n_interior=cfg["points"], n_eval=0)
-    if method == "sdze":
-        opt = SDZE(net, lr=1e-3, rank=cfg["rank"], period=100)
-    elif method == "mezo":
-        opt = MeZO(net, lr=1e-4, normalize=False)
-    else:
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    return problem, opt
+#: The study's method names and the ``_common.METHODS`` key each is built from.
+STUDY_METHODS: dict[str, str] = {"sdze": "sdze", "mezo": "mezo", "adam-hte": "adam+hte"}
+METHODS = tuple(STUDY_METHODS)
 
 
-def measure(method: str, dim: int, cfg: dict) -> dict:
+def method_run_overrides(method: str, dim: int, overrides: list[str],
+                         rank: int | None = None) -> list[str]:
+    """The ``sdze-train`` overrides of ``method`` (a :data:`METHODS` name) at ``dim``.
+
+    ``rank`` (``method.rank=``) applies to SDZE only; ``None`` keeps the config's.
+    """
+    extra = list(overrides)
+    if method == "sdze" and rank is not None:
+        extra.append(f"method.rank={rank}")
+    return run_overrides(STUDY_METHODS[method], dim, *extra)
+
+
+def measure(method: str, dim: int, overrides: list[str], rank: int | None = None) -> dict:
     """Peak-RSS measurement of one configuration in the current process."""
     from sdze_lightning.seeding import Stream
 
-    torch.set_num_threads(cfg["threads"])
-    problem, opt = build(method, 64, cfg)
+    warm = build_run(method_run_overrides(method, 64, overrides, rank))
+    warm.fit_output()
     for k in range(2):
-        train_step(problem, opt, k)
-    del problem, opt
+        warm.step(k)
+    del warm
     warm_fused_kernels()
     reset_peak()
     base = rss()
 
-    problem, opt = build(method, dim, cfg)
+    run = build_run(method_run_overrides(method, dim, overrides, rank))
+    problem, opt = run.problem, run.optimizer
+    run.fit_output()  # on_fit_start's, before the first step (its transients not counted)
     param_bytes = sum(p.numel() * p.element_size() for p in problem.net.parameters())
-    batch_bytes = cfg["points"] * dim * 4
+    points = problem.n_interior
+    batch_bytes = points * dim * 4
     reset_peak()
     t0 = time.perf_counter()
-    losses = [train_step(problem, opt, k) for k in range(2)]
+    losses = [run.step(k) for k in range(2)]
     seconds = (time.perf_counter() - t0) / 2
     step_peak = peak() - base
 
     gen = problem.generator(7, 0, stream=Stream.INTERIOR)
     reset_peak()
     before = rss()
-    x = problem.sample_interior(cfg["points"], gen)
+    x = problem.sample_interior(points, gen)
     sampling = peak() - before
     reset_peak()
     before = rss()
@@ -107,7 +121,7 @@ def measure(method: str, dim: int, cfg: dict) -> dict:
     problem.collocation.points = lambda step, key: x
     problem.source = lambda pts: f
     reset_peak()
-    train_step(problem, opt, 2)
+    run.step(2)
     method_only = peak() - base
     fold = getattr(opt, "fold", None)
     fold_transient = 0
@@ -117,15 +131,28 @@ def measure(method: str, dim: int, cfg: dict) -> dict:
         fold()
         fold_transient = peak() - before
     return dict(
-        method=method, dim=dim, param_bytes=param_bytes, batch_bytes=batch_bytes,
+        method=method, dim=dim, overrides=run.overrides, sdze_train_command=run.command,
+        threads=run.threads, param_bytes=param_bytes, batch_bytes=batch_bytes,
         peak_bytes=step_peak, ratio_to_params_batch=step_peak / (param_bytes + batch_bytes),
         sampling_transient_bytes=sampling, source_transient_bytes=source,
         method_only_peak_bytes=method_only,
         method_only_ratio=method_only / (param_bytes + batch_bytes),
         fold_transient_bytes=fold_transient,
         state_elements=getattr(opt, "state_size", lambda: None)(),
-        seconds_per_step=seconds, losses=losses,
+        seconds_per_step=seconds, skipped_steps=problem.skipped_steps, losses=losses,
     )
+
+
+def shared_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides of every configuration (the flags, or the smoke setup), ``--rank`` aside."""
+    if args.smoke:
+        return list(SMOKE_OVERRIDES)
+    out = [f"threads={args.threads}"]
+    for flag, key in (("points", "pde.n_interior"), ("directions", "estimator.num_directions"),
+                      ("width", "model.width"), ("depth", "model.depth")):
+        if getattr(args, flag) is not None:
+            out.append(f"{key}={getattr(args, flag)}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -133,34 +160,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--points", type=int, default=100)
-    ap.add_argument("--directions", type=int, default=16)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--points", type=int, default=None,
+                    help="pde.n_interior= (default: the packaged config's, 100)")
+    ap.add_argument("--directions", type=int, default=None,
+                    help="estimator.num_directions= (default: the config's, 16)")
+    ap.add_argument("--width", type=int, default=None, help="model.width= (default: 128)")
+    ap.add_argument("--depth", type=int, default=None, help="model.depth= (default: 4)")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="SDZE's method.rank= (default: the config's, 4)")
+    ap.add_argument("--threads", default="2", help="threads= (a count or auto)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="in-process, d=200 (numbers meaningless)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cfg = dict(points=args.points, directions=args.directions, width=args.width,
-               depth=args.depth, rank=args.rank, threads=args.threads)
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(measure(job["method"], job["dim"], job["cfg"])))
+        print(json.dumps(measure(job["method"], job["dim"], job["overrides"], job["rank"])))
         return []
+    record = provenance(None if argv is None else [f"benchmarks/{Path(__file__).name}", *argv])
+    overrides = shared_overrides(args)
     if args.smoke:
         args.dims = [200]
-        cfg.update(points=8, width=16, depth=2, directions=4, threads=1)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     t0 = time.perf_counter()
     for dim in args.dims:
         for method in args.methods:
             if args.smoke:
-                row = measure(method, dim, cfg)
+                row = measure(method, dim, overrides, args.rank)
             else:
-                job = json.dumps(dict(method=method, dim=dim, cfg=cfg))
+                job = json.dumps(dict(method=method, dim=dim, overrides=overrides,
+                                      rank=args.rank))
                 proc = subprocess.run(
                     [sys.executable, __file__, "--worker", job], capture_output=True, text=True,
                     check=False,
@@ -188,9 +218,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"d={dim}: Adam+HTE / SDZE peak = "
                   f"{by['adam-hte']['peak_bytes'] / max(by['sdze']['peak_bytes'], 1):.2f}")
     stem = "step_memory_smoke" if args.smoke else "step_memory"
-    fields = [k for k in rows[0] if k != "losses"]
+    fields = [k for k in rows[0] if k not in ("losses", "overrides")]
     write_csv(args.out / f"{stem}.csv", rows, fields)
-    (args.out / f"{stem}.json").write_text(json.dumps({"cfg": cfg, "rows": rows}, indent=2))
+    (args.out / f"{stem}.json").write_text(json.dumps(finish_provenance(
+        dict(record, overrides=overrides, rank=args.rank, rows=rows)), indent=2))
     return rows
 
 

@@ -21,9 +21,21 @@ row, so its ``A`` is ``[+-1]`` and its bias (and an ``r``-dimensional slice of
 its weights) is always inside the subspace; ``captured`` is therefore far above
 ``D / P`` when the gradient is concentrated there.
 
+Every estimate is built from the packaged configs: the problem, network, points and
+estimator of ``_common.build_run`` (two-body Allen-Cahn, ``estimator=fd
+estimator.distribution=rademacher``, ``trainer.precision=64-true``; the model is the one
+``sdze-train`` takes its first step from: cast, then ``on_fit_start``'s output fit), each
+method instantiated from the composed ``method`` group (``method=sdze method.rank=<r>``
+with ``method.seed`` 1000 seed + window, ``method=mezo``), both with ``method.eps=1e-5``
+(in float64 the difference quotient is then the directional derivative up to rounding, as
+the reference assumes) and ``method.queries`` single-query estimates. Positional arguments
+are further overrides for every row (e.g. ``pde.dim=1000``). Each row records its
+overrides and ``sdze-train`` command (``sdze_train_command``); the results file records the
+run's provenance (date, commit, machine, load at start and end, threads, the command line).
+
 Results: ``results/subspace_variance.{csv,json}``.
 
-    python benchmarks/subspace_variance.py           # two-body AC d=100, MLP 4x128, r=1,4,16,64
+    python benchmarks/subspace_variance.py           # two-body AC d=100, r=1,4,16,64
     python benchmarks/subspace_variance.py --smoke
 """
 
@@ -32,16 +44,25 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shlex
 import time
 from pathlib import Path
 
 import torch
-from _common import write_csv
+from _common import (
+    SMOKE_OVERRIDES,
+    build_run,
+    cast_run,
+    compose_overrides,
+    finish_provenance,
+    merge_overrides,
+    script_provenance,
+    write_csv,
+)
+from hydra.utils import instantiate
 
-from sdze_lightning.estimators.fd import FiniteDifferenceEstimator
-from sdze_lightning.methods import SDZE, MeZO
-from sdze_lightning.nn import MLP
-from sdze_lightning.problems import TwoBody
+from sdze_lightning.methods import SDZE
+from sdze_lightning.methods.base import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,36 +78,54 @@ def projected(opt: SDZE, grads: dict[int, torch.Tensor]) -> torch.Tensor:
     return torch.cat(out)
 
 
+def method_of(overrides: list[str], net: torch.nn.Module) -> torch.optim.Optimizer:
+    """The composed config's ``method`` group, built on ``net`` as ``configure_optimizers``
+    builds it."""
+    return build_optimizer(instantiate(compose_overrides(overrides).method), net)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; returns the rows written to the CSV."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--dim", type=int, default=100)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--points", type=int, default=100)
-    ap.add_argument("--directions", type=int, default=16)
+    ap.add_argument("overrides", nargs="*", help="further overrides for every row")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--windows", type=int, default=4, help="fresh subspaces per rank")
     ap.add_argument("--queries", type=int, default=25, help="single-query estimates per window")
     ap.add_argument("--eps", type=float, default=1e-5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (small tensors)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     args = ap.parse_args(argv)
+    record = script_provenance(__file__, argv)
+    extra = list(args.overrides)
     if args.smoke:
-        args.dim, args.width, args.depth, args.points, args.directions = 6, 16, 2, 16, 4
+        extra = merge_overrides(["pde.dim=6", *SMOKE_OVERRIDES], extra)
         args.ranks, args.windows, args.queries = [1, 4], 2, 10
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    try:
+        rows = measure(args, extra)
+    finally:
+        torch.set_num_threads(threads)  # build_run applied the run's threads=
+    stem = "subspace_variance_smoke" if args.smoke else "subspace_variance"
+    write_csv(args.out / f"{stem}.csv", rows)
+    (args.out / f"{stem}.json").write_text(json.dumps(finish_provenance({
+        **record, "args": {k: (str(v) if isinstance(v, Path) else v)
+                           for k, v in vars(args).items()}, "rows": rows,
+    }), indent=2))
+    return rows
 
-    net = MLP(args.dim, width=args.width, depth=args.depth, seed=args.seed)
-    problem = TwoBody(
-        dim=args.dim, operator="allen_cahn", net=net, n_interior=args.points, n_eval=0,
-        estimator=FiniteDifferenceEstimator(args.directions, distribution="rademacher"),
-        seed=args.seed,
-    ).double()
+
+def measure(args: argparse.Namespace, extra: list[str]) -> list[dict]:
+    """The rows: one per rank, then the full space."""
+    t0 = time.perf_counter()
+    base = merge_overrides(
+        ["pde=allen_cahn_twobody", "estimator=fd", "estimator.distribution=rademacher",
+         "trainer.precision=64-true", "method=sdze", f"method.eps={args.eps}"], extra)
+    run = build_run(base)
+    cast_run(run)
+    run.fit_output()
+    run.optimizer.close()  # the run's own SDZE: only its problem is used
+    problem, seed = run.problem, int(compose_overrides(base).seed)
     params = list(problem.net.parameters())
     n_params = sum(p.numel() for p in params)
     with torch.enable_grad():
@@ -99,10 +138,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for r in args.ranks:
+        overrides = merge_overrides(base, [f"method.rank={r}", f"method.queries={args.queries}"])
+        seeds = [1000 * seed + w for w in range(args.windows)]
         rel, capt, cosines, size = [], [], [], 0
-        for w in range(args.windows):
-            opt = SDZE(problem.net, rank=r, eps=args.eps, queries=args.queries, crns=True,
-                       seed=1000 * args.seed + w)
+        for window_seed in seeds:
+            opt = method_of([*overrides, f"method.seed={window_seed}"], problem.net)
             s = opt.scalars(opt.estimate(loss_at))
             p = projected(opt, grads)
             size = p.numel()
@@ -112,15 +152,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 gh = float(s[j]) * torch.cat(opt._directions[j])
                 rel.append(float((gh - p).square().sum()) / p2)
                 cosines.append(float(gh @ p) / (float(gh.norm()) * g2**0.5))
+            opt.close()
         row = dict(method=f"sdze r={r}", coords=size, params=n_params,
                    rel_var=sum(rel) / len(rel), theory_rel_var=size + 1,
                    captured=sum(capt) / len(capt), cosine=sum(cosines) / len(cosines),
-                   samples=len(rel))
+                   samples=len(rel), overrides=overrides, method_seeds=seeds,
+                   sdze_train_command=shlex.join(["sdze-train", *overrides]))
         rows.append(row)
         print(f"[{time.perf_counter() - t0:6.1f}s] {row}", flush=True)
 
     n = args.windows * args.queries
-    opt = MeZO(problem.net, lr=0.0, eps=args.eps, queries=n, crns=True, seed=args.seed)
+    overrides = merge_overrides(base, ["method=mezo", f"method.queries={n}"])
+    opt = method_of(overrides, problem.net)
     s = opt.scalars(opt.estimate(loss_at))
     rel, cosines = [], []
     for j in range(n):
@@ -130,15 +173,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cosines.append(float(gh @ g_full) / (float(gh.norm()) * g2**0.5))
     row = dict(method="full space (MeZO)", coords=n_params, params=n_params,
                rel_var=sum(rel) / n, theory_rel_var=n_params + 1, captured=1.0,
-               cosine=sum(cosines) / n, samples=n)
+               cosine=sum(cosines) / n, samples=n, overrides=overrides, method_seeds=[seed],
+               sdze_train_command=shlex.join(["sdze-train", *overrides]))
     rows.append(row)
     print(f"[{time.perf_counter() - t0:6.1f}s] {row}", flush=True)
-
-    stem = "subspace_variance_smoke" if args.smoke else "subspace_variance"
-    write_csv(args.out / f"{stem}.csv", rows)
-    (args.out / f"{stem}.json").write_text(json.dumps({"args": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-    }, "rows": rows}, indent=2))
     return rows
 
 

@@ -1,25 +1,36 @@
 """Relative L2 error against wall time, and accuracy against peak memory, for every method.
 
-Two-body Allen-Cahn on the unit ball (``--problem twobody``, hard constraint) or
-Allen-Cahn on the cube with a boundary loss (``--problem cube``, ``pde=allen_cahn_cube``),
-shared setup (MLP 4x128 tanh, 100 fresh points per step, 16 directions), trained
-through ``lightning.Trainer.fit`` as users run it:
+Two-body Allen-Cahn on the unit ball (``--problem twobody``, ``pde=allen_cahn_twobody``,
+hard constraint) or Allen-Cahn on the cube with a boundary loss (``--problem cube``,
+``pde=allen_cahn_cube``), trained through ``lightning.Trainer.fit`` as users run it. Every
+run is built from the packaged configs as ``sdze-train <overrides>`` builds it
+(``_common.build_run``): the packaged network, batch, estimator and method settings, with
+the study's settings as overrides (:func:`study_overrides`): ``seed=<s>``, ``pde.n_eval``
+(``--n-eval``), ``threads`` (``--threads``), ``prefetch=true`` (``--prefetch``),
+``model.init`` (``--init``), on the cube ``pde.n_interior=100 pde.n_boundary=100`` (the
+two-body problem's 100 interior points per step), and per method (:func:`method_overrides`):
 
-* ``sdze``: the shipped SDZE (rank 4, period 100, Adam in the subspace; lr ``--sdze-lr``),
-  ``taylor`` on coordinate directions;
-* ``mezo``: full-space two-point SPSA as shipped (normalised, lr 3e-3), ``taylor``;
-* ``adam+taylor``, ``adam+hte``: Adam (lr ``--adam-lr``; the input layer's
-  ``--adam-input-lr``, default the same) over ``taylor`` (coordinate directions) and
-  ``hte`` (Rademacher directions);
-* ``fused_adafactor``: exact gradients of the ``taylor`` loss, the input layer updated in
-  place from the factors of its gradient (lr ``--fused-lr``; the input layer's
-  ``--fused-input-lr``, default the same).
+* ``sdze``: ``method=sdze estimator=taylor``; ``method.lr`` from ``--sdze-lr``,
+  ``method.rank`` / ``method.period`` / ``method.queries`` from ``--sdze-rank`` /
+  ``--sdze-period`` / ``--sdze-queries``, a cosine ``scheduler`` from
+  ``--sdze-cosine-steps``;
+* ``mezo``: ``method=mezo estimator=taylor`` (``--mezo-lr``);
+* ``adam+taylor``, ``adam+hte``: ``method=adam`` over ``estimator=taylor`` and
+  ``estimator=hte`` (``--adam-lr``, the input layer's ``--adam-input-lr``);
+* ``fused_adafactor``: ``method=fused_adafactor estimator=taylor`` (``--fused-lr``, the
+  input layer's ``--fused-input-lr``).
+
+A flag left out adds no override: the run takes the packaged default. Each row records
+its overrides, its ``sdze-train`` command and the learning rates that ran (``lr``,
+``input_lr``); ``not_in_command`` says what the command does not reproduce (the
+wall-time budget, the evaluation callback, a wall-time learning-rate decay).
 
 Each run gets the same training wall-time budget (``--budget-s``; the evaluations
 are not counted); every ``--eval-every`` steps a callback records the training wall
-time and the relative L2 error on ``--n-eval`` held-out points. ``--lr-decay linear``
+time and the relative L2 error on the held-out points. ``--lr-decay linear``
 decays every method's learning rate linearly to 0 over the budget's wall time (the
-schedule of the JAX STDE code, which decays over its step count). By default every
+schedule of the JAX STDE code, which decays over its step count; a scheduler set on the
+built optimizer, as no config can follow a wall clock). By default every
 run is a fresh subprocess whose peak RSS (``VmHWM``: parameters, optimizer state,
 batch, evaluation, the torch runtime; not ``ru_maxrss``, which Linux carries over from
 the launching process; counted from after the floors, which are not part of the run) is
@@ -38,7 +49,8 @@ learned the mean of the solution and nothing that depends on ``x``.
     python benchmarks/time_to_accuracy.py --table results/time_to_accuracy*.json  # Markdown
     python benchmarks/time_to_accuracy.py --smoke
 
-Results: ``results/time_to_accuracy[_cube][_<dims>][_<tag>].{csv,json,png}``; from the
+Results: ``results/time_to_accuracy[_cube][_<dims>][_<tag>].{csv,json,png}`` (the JSON
+with the run's provenance: date, commit, machine, loads, threads, command); from the
 JSONs of several runs, ``--frontier`` draws ``frontier.png`` (final error against peak
 RSS) and ``error_vs_time_<problem>.png`` (a panel per d).
 """
@@ -47,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import itertools
 import json
 import os
@@ -64,14 +75,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     MACHINE,
+    PDES,
     RESULTS,
-    SMOKE,
-    BenchConfig,
+    SMOKE_OVERRIDES,
     add_prefetch_flag,
+    build_run,
+    finish_provenance,
+    fit_run,
     load_average,
-    make_estimator,
+    merge_overrides,
     peak,
     reset_peak,
+    script_provenance,
     write_csv,
 )
 
@@ -79,10 +94,14 @@ from sdze_lightning.nn.mlp import INITS  # noqa: E402
 
 #: Methods: optimizer + spatial estimator.
 METHODS = ("sdze", "mezo", "adam+taylor", "adam+hte", "fused_adafactor")
+#: ``method=`` and ``estimator=`` of each method.
+PAIRS = {"sdze": ("sdze", "taylor"), "mezo": ("mezo", "taylor"), "adam+taylor": ("adam", "taylor"),
+         "adam+hte": ("adam", "hte"), "fused_adafactor": ("fused_adafactor", "taylor")}
 #: Plot colours of the methods, and (in turn) of the runs with their own input-layer lr.
 COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
 INPUT_LR_COLORS = ("C5", "C6", "C7", "C8", "C9", "black", "tab:olive", "tab:cyan")
-#: The learning-rate keys (``lrs``) of each method and of its input layer.
+#: The keys of ``lrs`` (:func:`method_overrides`) of each method's rate and of its input
+#: layer's (``None``: the method has no input-layer rate).
 LR_KEYS = {"sdze": ("sdze", None), "mezo": ("mezo", None), "adam+taylor": ("adam", "adam_input"),
            "adam+hte": ("adam", "adam_input"),
            "fused_adafactor": ("fused_adafactor", "fused_adafactor_input")}
@@ -152,18 +171,68 @@ class WallClockEval(L.Callback):
 PROBLEMS = ("twobody", "cube")
 #: Plot titles of the problems.
 TITLES = {"twobody": "two-body Allen-Cahn", "cube": "Allen-Cahn on the cube"}
+#: The study's points per step on the cube (interior and boundary each): the two-body
+#: problem's 100 interior points, where ``pde=allen_cahn_cube`` packages 200 + 200.
+CUBE_POINTS = 100
 
 
-def make_problem(problem: str, dim: int, seed: int, cfg: BenchConfig, **kwargs):
-    """The problem of ``--problem`` at ``dim`` (``kwargs``: network, estimator, method, ...)."""
-    from sdze_lightning.problems import HardCube, TwoBody
+def study_overrides(method: str, problem: str, dim: int, seed: int, *extra: str, n_eval: int = 1000,
+              threads: int | str = 1) -> list[str]:
+    """The ``sdze-train`` overrides of one run of the study.
 
-    if problem == "twobody":
-        return TwoBody(dim=dim, operator="allen_cahn", n_interior=cfg.points, seed=seed,
-                       prefetch=cfg.prefetch, threads=cfg.threads, **kwargs)
-    return HardCube(dim=dim, operator="allen_cahn", n_interior=cfg.points,
-                    n_boundary=cfg.points, seed=seed, prefetch=cfg.prefetch,
-                    threads=cfg.threads, **kwargs)
+    ``pde=`` of ``problem`` at ``dim``, ``method=`` and ``estimator=`` of ``method``
+    (:data:`PAIRS`), ``seed`` (the points, the network and the method's directions),
+    ``n_eval`` held-out points, ``threads`` torch threads and on the cube
+    :data:`CUBE_POINTS` interior and boundary points per step; everything else is the
+    packaged default.
+
+    Args:
+        method: A key of :data:`PAIRS`.
+        problem: A key of :data:`PROBLEMS`.
+        dim: Spatial dimension.
+        seed: ``seed=``.
+        *extra: Further overrides (:func:`method_overrides`, a smoke mode's sizes); a key
+            given here replaces the study's value in place.
+        n_eval: ``pde.n_eval``.
+        threads: ``threads``.
+
+    """
+    opt, est = PAIRS[method]
+    base = [f"pde={PDES[problem]}", f"pde.dim={dim}"]
+    if problem == "cube":
+        base += [f"pde.n_interior={CUBE_POINTS}", f"pde.n_boundary={CUBE_POINTS}"]
+    base += [f"method={opt}", f"estimator={est}", f"seed={seed}", f"pde.n_eval={n_eval}",
+             f"threads={threads}"]
+    return merge_overrides(base, extra)
+
+
+def method_overrides(method: str, lrs: dict[str, float | None] | None = None,
+                     sdze: dict[str, int | None] | None = None) -> list[str]:
+    """The learning-rate (and SDZE) overrides of ``method``; ``None`` values add none.
+
+    Args:
+        method: A key of :data:`LR_KEYS`.
+        lrs: Learning rate per key of :data:`LR_KEYS` (``method.lr``, and
+            ``method.input_lr`` for the input-layer keys).
+        sdze: SDZE's ``rank``, ``period``, ``queries`` (``method.<key>``) and
+            ``cosine_steps`` (a ``CosineAnnealingLR`` ``scheduler`` over that many steps);
+            applied to ``sdze`` only.
+
+    """
+    lrs, out = lrs or {}, []
+    rate, input_rate = LR_KEYS[method]
+    if lrs.get(rate) is not None:
+        out.append(f"method.lr={lrs[rate]!r}")
+    if input_rate is not None and lrs.get(input_rate) is not None:
+        out.append(f"method.input_lr={lrs[input_rate]!r}")
+    if method == "sdze":
+        sdze = sdze or {}
+        out += [f"method.{key}={sdze[key]}" for key in ("rank", "period", "queries")
+                if sdze.get(key) is not None]
+        if sdze.get("cosine_steps"):
+            out.append("scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,"
+                       f"_partial_:true,T_max:{sdze['cosine_steps']}}}")
+    return out
 
 
 @torch.no_grad()
@@ -216,53 +285,38 @@ def mean_floors(items: list[dict]) -> dict:
             for k in keys}
 
 
-def make_method(method: str, seed: int, cfg: BenchConfig, lrs: dict[str, float],
-                sdze_queries: int = 1):
-    """``(estimator, optimizer partial)`` of ``method``; ``lrs``: learning rate per method."""
-    import functools
+def run(method: str, overrides: list[str], budget_s: float, every: int, *,
+        problem_name: str = "twobody", affine_max_dim: int = 2000,
+        lr_decay: str = "constant") -> dict:
+    """One training run through ``Trainer.fit``; returns the curve and the final error.
 
-    from sdze_lightning.methods import SDZE, Adam, FusedAdafactor, MeZO
+    Args:
+        method: The row's method (a key of :data:`PAIRS`), its label.
+        overrides: The run's ``sdze-train`` overrides (:func:`study_overrides`).
+        budget_s: Training wall time after which training stops.
+        every: Steps between evaluations.
+        problem_name: The row's problem (a key of :data:`PROBLEMS`), its label.
+        affine_max_dim: Largest d of the best-affine floor.
+        lr_decay: ``linear``: the learning rate decays to 0 over ``budget_s`` of training
+            wall time (a ``LambdaLR`` on the built optimizer); ``constant``: the
+            configured schedule (none unless the overrides set one).
 
-    if method == "sdze":
-        return make_estimator("taylor", cfg.directions), functools.partial(
-            SDZE, lr=lrs["sdze"], rank=cfg.rank, period=cfg.period, queries=sdze_queries,
-            seed=seed)
-    if method == "mezo":
-        return make_estimator("taylor", cfg.directions), functools.partial(
-            MeZO, lr=lrs["mezo"], normalize=True, seed=seed)  # configs/method/mezo.yaml
-    if method == "fused_adafactor":
-        return make_estimator("taylor", cfg.directions), functools.partial(
-            FusedAdafactor, lr=lrs["fused_adafactor"], input_lr=lrs["fused_adafactor_input"])
-    estimator = {"adam+taylor": "taylor", "adam+hte": "hte"}[method]
-    return make_estimator(estimator, cfg.directions), functools.partial(
-        Adam, lr=lrs["adam"], input_lr=lrs["adam_input"])
-
-
-def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: int,
-        cfg: BenchConfig, *, problem_name: str = "twobody", lrs: dict[str, float] | None = None,
-        sdze_queries: int = 1, affine_max_dim: int = 2000, sdze_cosine_steps: int = 0,
-        lr_decay: str = "constant", init: str = "xavier_normal") -> dict:
-    """One training run through ``Trainer.fit``; returns the curve and the final error."""
-    import functools
-
+    """
     from sdze_lightning.divergence import NonFiniteLossError
-    from sdze_lightning.nn import MLP
 
-    torch.set_num_threads(cfg.threads)
-    lrs = {**DEFAULT_LRS, **(lrs or {})}
-    est, opt = make_method(method, seed, cfg, lrs, sdze_queries)
+    built = build_run(overrides)
+    problem = built.problem
     cb = WallClockEval(budget_s, every)
-    scheduler = None
+    not_in_command = [f"training stops after {budget_s:g} s of training wall time, the "
+                      f"error is recorded every {every} steps (a callback); a Trainer "
+                      "without logger, checkpoints or validation"]
     if lr_decay == "linear":  # to 0 over the training wall-time budget
-        scheduler = functools.partial(
-            torch.optim.lr_scheduler.LambdaLR,
-            lr_lambda=lambda _: max(0.0, 1.0 - cb._train_s / budget_s))
-    elif method == "sdze" and sdze_cosine_steps:
-        scheduler = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR,
-                                      T_max=sdze_cosine_steps)
-    net = MLP(dim, width=cfg.width, depth=cfg.depth, seed=seed, init=init)
-    problem = make_problem(problem_name, dim, seed, cfg, net=net, estimator=est, method=opt,
-                           n_eval=n_eval, scheduler=scheduler)
+        if built.scheduler is not None:
+            raise ValueError("lr_decay='linear' and a configured scheduler: choose one")
+        built.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            built.optimizer, lr_lambda=lambda _: max(0.0, 1.0 - cb._train_s / budget_s))
+        not_in_command.append("the learning rate decays linearly to 0 over the training "
+                              "wall time (a LambdaLR on the built optimizer)")
     floor = floors(problem, affine_max_dim)  # the held-out points depend on the seed
     reset_peak()  # the float64 floors are not part of the run: peak RSS counts from here
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10**9, logger=False,
@@ -271,36 +325,33 @@ def run(method: str, dim: int, seed: int, budget_s: float, every: int, n_eval: i
                         num_sanity_val_steps=0, callbacks=[cb])
     status = "completed"
     try:
-        trainer.fit(problem)
+        fit_run(built, trainer)
     except NonFiniteLossError as err:  # the weights stay those of the last finite step
         status = f"diverged at step {err.step}"
     final = problem.relative_l2_error()
-    return dict(problem=problem_name, method=method, dim=dim, seed=seed, status=status,
-                steps=trainer.global_step,
+    settings = problem.method.keywords  # the method's configured arguments
+    return dict(problem=problem_name, method=method, dim=problem.dim, seed=problem.seed,
+                status=status, steps=trainer.global_step,
                 train_s=cb._train_s, final_rel_l2=final,
                 s_per_step=cb._train_s / max(trainer.global_step, 1), curve=cb.curve,
-                floors=floor, lr=lrs[LR_KEYS[method][0]],
-                input_lr=lrs.get(LR_KEYS[method][1]),
-                lr_decay=lr_decay, init=init,
+                floors=floor, lr=settings["lr"], input_lr=settings.get("input_lr"),
+                lr_decay=lr_decay, init=problem.net.init_args["init"],
                 peak_rss_bytes=peak(),  # VmHWM: this process's own peak
-                load=load_average(),
-                pid=os.getpid())
-
-
-#: Learning rates: the shipped configs' (SDZE, MeZO, Adam), and Adam's for the fused method.
-DEFAULT_LRS = {"sdze": 1e-2, "mezo": 3e-3, "adam": 1e-3, "fused_adafactor": 1e-3,
-               "fused_adafactor_input": None,  # None: the input layer takes the method's lr
-               "adam_input": None}
+                load=load_average(), pid=os.getpid(), threads=built.threads,
+                overrides=built.overrides, command=built.command,
+                not_in_command=not_in_command)
 
 
 def run_isolated(job: dict) -> dict:
-    """:func:`run` in a fresh subprocess, so that its peak RSS is its own."""
+    """:func:`run` of ``job`` (its keyword arguments, the overrides among them) in a fresh
+    subprocess, so that its peak RSS is its own."""
     out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)],
                          capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("ROW "):
             return json.loads(line[4:])
-    raise RuntimeError(f"worker {job['method']} d={job['dim']} failed:\n{out.stderr[-3000:]}")
+    raise RuntimeError(f"worker {job['method']} ({' '.join(job['overrides'])}) failed:\n"
+                       f"{out.stderr[-3000:]}")
 
 
 def frontier_rows(saved: list[dict]) -> list[dict]:
@@ -433,29 +484,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=216.0, help="training seconds per run")
     ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--n-eval", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n-eval", type=int, default=1000, help="held-out points (pde.n_eval)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (threads=)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at once, each in its own subprocess (give each a core: "
                          "jobs x threads <= cores, or the runs slow each other down)")
-    ap.add_argument("--sdze-lr", type=float, default=DEFAULT_LRS["sdze"],
-                    help="SDZE learning rate; 1e-2 is the best of a sweep on two-body Allen-Cahn "
-                         "d = 1e3 (benchmarks/README.md); 0.1 was better at d = 1e4")
-    ap.add_argument("--adam-lr", type=float, default=DEFAULT_LRS["adam"])
-    ap.add_argument("--fused-lr", type=float, default=DEFAULT_LRS["fused_adafactor"])
+    ap.add_argument("--sdze-lr", type=float, default=None,
+                    help="SDZE's method.lr (default: the packaged one); 0.1 was better at "
+                         "d = 1e4 (benchmarks/README.md)")
+    ap.add_argument("--mezo-lr", type=float, default=None,
+                    help="MeZO's method.lr (default: the packaged one)")
+    ap.add_argument("--adam-lr", type=float, default=None,
+                    help="Adam's method.lr, adam+taylor and adam+hte (default: the packaged one)")
+    ap.add_argument("--fused-lr", type=float, default=None,
+                    help="the fused method's method.lr (default: the packaged one)")
     ap.add_argument("--fused-input-lr", type=float, default=None,
-                    help="the fused method's input-layer lr (default: --fused-lr)")
+                    help="the fused method's method.input_lr (default: the packaged one)")
     ap.add_argument("--adam-input-lr", type=float, default=None,
-                    help="Adam's input-layer lr, adam+taylor and adam+hte (default: --adam-lr)")
+                    help="Adam's method.input_lr, adam+taylor and adam+hte (default: the "
+                         "packaged one)")
     ap.add_argument("--lr-decay", choices=("constant", "linear"), default="constant",
                     help="linear: every method's lr decays to 0 over the wall-time budget")
-    ap.add_argument("--init", choices=list(INITS), default="xavier_normal",
-                    help="the MLP's initialisation (model.init)")
-    ap.add_argument("--sdze-rank", type=int, default=BenchConfig.rank)
-    ap.add_argument("--sdze-period", type=int, default=BenchConfig.period)
-    ap.add_argument("--sdze-queries", type=int, default=1)
+    ap.add_argument("--init", choices=list(INITS), default=None,
+                    help="the MLP's initialisation, model.init (default: the packaged one)")
+    ap.add_argument("--sdze-rank", type=int, default=None, help="SDZE's method.rank")
+    ap.add_argument("--sdze-period", type=int, default=None, help="SDZE's method.period")
+    ap.add_argument("--sdze-queries", type=int, default=None, help="SDZE's method.queries")
     ap.add_argument("--sdze-cosine-steps", type=int, default=0,
-                    help="cosine decay of SDZE's lr to 0 over this many steps (0: constant lr)")
+                    help="cosine decay of SDZE's lr to 0 over this many steps (a scheduler "
+                         "override; 0: none)")
     ap.add_argument("--affine-max-dim", type=int, default=2000,
                     help="largest d for the best-affine reference line")
     ap.add_argument("--in-process", action="store_true",
@@ -474,8 +531,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        job = json.loads(args.worker)
-        row = run(**{k: v for k, v in job.items() if k != "cfg"}, cfg=BenchConfig(**job["cfg"]))
+        row = run(**json.loads(args.worker))
         print("ROW " + json.dumps(row), flush=True)
         return [row]
     if args.table:
@@ -492,38 +548,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      for d, f in s["floors"].items()}
             plot(rows, args.out / f"error_vs_time_{name}.png", TITLES[name], floor, colors)
         return []
-    cfg = BenchConfig(threads=args.threads, rank=args.sdze_rank, period=args.sdze_period,
-                      prefetch=args.prefetch)
-    if args.smoke:
-        cfg = dataclasses.replace(SMOKE, prefetch=args.prefetch)
-        args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
-    lrs = {"sdze": args.sdze_lr, "mezo": DEFAULT_LRS["mezo"], "adam": args.adam_lr,
-           "fused_adafactor": args.fused_lr, "fused_adafactor_input": args.fused_input_lr,
-           "adam_input": args.adam_input_lr}
-    args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [dict(method=method, dim=dim, seed=seed, budget_s=args.budget_s,
-                 every=args.eval_every, n_eval=args.n_eval, problem_name=args.problem,
-                 lrs=lrs, sdze_queries=args.sdze_queries, affine_max_dim=args.affine_max_dim,
-                 lr_decay=args.lr_decay, sdze_cosine_steps=args.sdze_cosine_steps,
-                 init=args.init)
-            for dim in args.dims for method in args.methods for seed in range(args.seeds)]
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.in_process and args.jobs > 1:
         ap.error("--in-process runs one configuration at a time; drop --jobs")
+    if args.lr_decay == "linear" and args.sdze_cosine_steps:
+        ap.error("--lr-decay linear and --sdze-cosine-steps both set SDZE's schedule; choose one")
+    record = script_provenance(__file__, argv)
+    extra: list[str] = []
+    if args.smoke:
+        args.dims, args.seeds, args.budget_s, args.eval_every, args.n_eval = [50], 1, 1.0, 5, 64
+        extra = [*SMOKE_OVERRIDES, *(["pde.n_boundary=8"] if args.problem == "cube" else [])]
+    if args.prefetch:
+        extra.append("prefetch=true")
+    if args.init is not None:
+        extra.append(f"model.init={args.init}")
+    lrs = {"sdze": args.sdze_lr, "mezo": args.mezo_lr, "adam": args.adam_lr,
+           "fused_adafactor": args.fused_lr, "fused_adafactor_input": args.fused_input_lr,
+           "adam_input": args.adam_input_lr}
+    sdze = {"rank": args.sdze_rank, "period": args.sdze_period, "queries": args.sdze_queries,
+            "cosine_steps": args.sdze_cosine_steps}
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = [dict(method=method, problem_name=args.problem, budget_s=args.budget_s,
+                 every=args.eval_every, affine_max_dim=args.affine_max_dim,
+                 lr_decay=args.lr_decay,
+                 overrides=study_overrides(method, args.problem, dim, seed,
+                                           *method_overrides(method, lrs, sdze), *extra,
+                                           n_eval=args.n_eval, threads=args.threads))
+            for dim in args.dims for method in args.methods for seed in range(args.seeds)]
 
     def report(r: dict) -> dict:
         print(f"d={r['dim']:>6} {r['method']:15s} seed {r['seed']}: {r['steps']} steps in "
               f"{r['train_s']:.0f} s ({r['s_per_step'] * 1e3:.1f} ms/step), final rel L2 "
               f"{r['final_rel_l2']:.3e}, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB "
-              f"({r['status']})", flush=True)
+              f"({r['status']}): {r['command']}", flush=True)
         return r
 
     if args.in_process:
-        rows = [report(run(**job, cfg=cfg)) for job in jobs]
+        rows = [report(run(**job)) for job in jobs]
     else:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run_isolated, {**job, "cfg": cfg.dict()}) for job in jobs]
+            futures = [pool.submit(run_isolated, job) for job in jobs]
             rows = [report(f.result()) for f in futures]  # in job order
     floor: dict[int, dict] = {}
     for dim in args.dims:
@@ -546,11 +611,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                for r in rows for step, t, e in r["curve"]],
               ["method", "dim", "seed", "step", "train_s", "rel_l2"])  # a header also when empty
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "cfg": cfg.dict(),
-         "budget_s": args.budget_s, "lrs": lrs, "lr_decay": args.lr_decay, "init": args.init,
-         "sdze_queries": args.sdze_queries, "sdze_cosine_steps": args.sdze_cosine_steps,
-         "sdze_rank": cfg.rank, "sdze_period": cfg.period,
-         "problem": args.problem, "floors": floor, "rows": rows}, indent=2))
+        {**finish_provenance(record), "problem": args.problem, "budget_s": args.budget_s,
+         "eval_every": args.eval_every, "n_eval": args.n_eval, "lr_decay": args.lr_decay,
+         "lrs": lrs, "init": args.init, "sdze_settings": sdze, "floors": floor, "rows": rows},
+        indent=2))
     plot(rows, args.out / f"{stem}.png", TITLES[args.problem], floor)
     return rows
 

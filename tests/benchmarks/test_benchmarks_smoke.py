@@ -11,24 +11,43 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 
 import pytest
 from conftest import load_benchmark
 
 
+def assert_timing_provenance(saved: dict, script: str) -> None:
+    """A results file of big_run / profile_sdze / scaling / step_memory starts with its
+    provenance: date, commit, machine, load at start and end, threads and the command."""
+    for key in ("date", "commit", "machine", "load_start", "load_end", "torch_threads_at_start"):
+        assert saved[key] not in (None, ""), key
+    assert "omp_num_threads_env" in saved
+    assert f"benchmarks/{script}" in saved["command"] and "--smoke" in saved["command"]
+
+
 @pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
 def test_scaling_smoke(tmp_path):
     mod = load_benchmark("scaling")
-    rows = mod.main(["--smoke", "--methods", "sdze", "adam+hte", "--out", str(tmp_path)])
+    rows = mod.main(["--smoke", "--methods", "sdze", "adam+hte", "adam+exact",
+                     "--out", str(tmp_path)])
     assert {(r["method"], r["dim"]) for r in rows} == {
-        (m, d) for m in ("sdze", "adam+hte") for d in (40, 80)
+        (m, d) for m in ("sdze", "adam+hte", "adam+exact") for d in (40, 80)
     }
     for r in rows:
         assert r["status"] == "ok" and r["s_per_step"] > 0 and math.isfinite(r["first_loss"])
         if r["method"] == "sdze":
             assert r["ratio_to_sdze"] == 1.0  # its own reference
+        # each row names the sdze-train run it measured: its method, d and the smoke setup
+        assert r["overrides"][:4] == mod.run_overrides(r["method"], r["dim"])
+        assert r["sdze_train_command"] == shlex.join(["sdze-train", *r["overrides"]])
+        assert set(mod.overrides_for_method(r["method"], mod.SMOKE_OVERRIDES)) <= set(
+            r["overrides"])
     for ext in ("csv", "json", "png"):
         assert (tmp_path / f"scaling_smoke.{ext}").exists()
+    saved = json.loads((tmp_path / "scaling_smoke.json").read_text())
+    assert_timing_provenance(saved, "scaling.py")
+    assert saved["overrides"] == mod.SMOKE_OVERRIDES
 
 
 def test_scaling_smoke_with_prefetch_gives_the_same_losses(tmp_path):
@@ -37,7 +56,9 @@ def test_scaling_smoke_with_prefetch_gives_the_same_losses(tmp_path):
     plain = mod.main(["--smoke", "--methods", "sdze", "--out", str(tmp_path / "plain")])
     ahead = mod.main(["--smoke", "--methods", "sdze", "--prefetch", "--out", str(tmp_path)])
     assert [r["last_loss"] for r in ahead] == [r["last_loss"] for r in plain]
-    assert json.loads((tmp_path / "scaling_smoke.json").read_text())["cfg"]["prefetch"] is True
+    assert all(r["prefetch"] and "prefetch=true" in r["overrides"] for r in ahead)
+    assert not any(r["prefetch"] or "prefetch=true" in r["overrides"] for r in plain)
+    assert "prefetch=true" in json.loads((tmp_path / "scaling_smoke.json").read_text())["overrides"]
 
 
 def test_scaling_rejects_cuda_without_a_gpu(tmp_path, capsys):
@@ -69,7 +90,7 @@ def test_scaling_smoke_on_cuda(tmp_path):
         # parameters and the batch are on the GPU during the step, so the peak covers them
         assert r["peak_bytes"] >= r["param_bytes"] + r["batch_bytes"]
     saved = json.loads((tmp_path / "scaling_smoke_cuda.json").read_text())
-    assert saved["cfg"]["device"] == "cuda" and torch.cuda.get_device_name() in saved["machine"]
+    assert saved["device"] == "cuda" and torch.cuda.get_device_name() in saved["machine"]
     assert not (tmp_path / "scaling_smoke.json").exists()  # the CPU results stay untouched
 
 
@@ -82,13 +103,16 @@ def test_scaling_worker_environment(monkeypatch, huge_pages):
     seen = {}
 
     def fake_run(cmd, **kwargs):
-        seen["env"] = kwargs.get("env")
+        seen["cmd"], seen["env"] = cmd, kwargs.get("env")
         return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
 
     monkeypatch.setattr(mod.subprocess, "run", fake_run)
-    row = mod.run_worker(dict(method="sdze", dim=10, cfg={}), 1 << 30, 1.0, 1, 10.0,
-                         huge_pages=huge_pages)
+    job = dict(method="sdze", dim=10, overrides=["threads=1"], device="cpu")
+    row = mod.run_worker(job, 1 << 30, 1.0, 1, 10.0, huge_pages=huge_pages)
     assert row["huge_pages"] is huge_pages
+    # the worker gets the override list it builds from, not a config object
+    sent = json.loads(seen["cmd"][seen["cmd"].index("--worker") + 1])
+    assert sent["overrides"] == ["threads=1"] and sent["device"] == "cpu"
     if huge_pages:
         assert seen["env"]["THP_MEM_ALLOC_ENABLE"] == "1"
     else:
@@ -107,18 +131,42 @@ def test_big_run_smoke(tmp_path):
     summary = mod.main(["--smoke", "--baselines", "--out", str(tmp_path)])
     sd = summary["sdze"]
     assert sd["steps_done"] == 6 and sd["params"] > 0 and sd["peak_rss_bytes"] > 0
-    assert summary["baselines"][0]["status"] == "ok"
+    assert sd["overrides"] == mod.run_overrides("sdze", 300, *mod.SMOKE_OVERRIDES)
+    assert sd["sdze_train_command"] == shlex.join(["sdze-train", *sd["overrides"]])
+    (base,) = summary["baselines"]
+    assert base["status"] == "ok" and base["method"] == "adam+hte"
+    assert base["overrides"] == mod.run_overrides("adam+hte", 300, *mod.SMOKE_OVERRIDES)
+    assert "method=adam estimator=hte" in base["sdze_train_command"]
     saved = json.loads((tmp_path / "big_run_smoke.json").read_text())
     assert saved["sdze"]["dim"] == 300
+    assert_timing_provenance(saved, "big_run.py")
 
 
 def test_big_run_smoke_with_prefetch_gives_the_same_losses(tmp_path):
     mod = load_benchmark("big_run")
     plain = mod.main(["--smoke", "--out", str(tmp_path / "plain")])["sdze"]
     ahead = mod.main(["--smoke", "--prefetch", "--out", str(tmp_path)])
-    assert ahead["cfg"]["prefetch"] is True
+    assert "prefetch=true" in ahead["sdze"]["overrides"] and ahead["sdze"]["prefetch"] is True
+    assert "prefetch=true" not in plain["overrides"] and plain["prefetch"] is False
     assert ahead["sdze"]["fixed_batch_losses"] == plain["fixed_batch_losses"]
     assert ahead["sdze"]["loss_last_tenth"] == plain["loss_last_tenth"]
+
+
+def test_big_run_baseline_records_a_preflight_refusal(monkeypatch):
+    """A baseline that sdze-train's pre-flight refuses is a status row, not a crash."""
+    import sdze_lightning.memory_budget as budget
+
+    mod = load_benchmark("big_run")
+    # estimator=exact past max_reverse_passes: refused before the network is allocated
+    smoke = mod.overrides_for_method("adam+exact", mod.SMOKE_OVERRIDES)
+    assert not any(o.startswith("estimator.num_directions=") for o in smoke)  # exact has none
+    row = mod.baseline_worker("adam+exact", mod.run_overrides("adam+exact", 30000, *smoke))
+    assert row["status"] == "refused at build" and "max_reverse_passes" in row["error"]
+    assert "pde.dim=30000" in row["overrides"]
+    # not enough memory for the run: the memory pre-flight's refusal counts as out of memory
+    monkeypatch.setattr(budget, "available_bytes", lambda device="cpu": 1)
+    row = mod.baseline_worker("adam+hte", mod.run_overrides("adam+hte", 50, *mod.SMOKE_OVERRIDES))
+    assert row["status"] == "OOM at build (pre-flight)" and "memory is available" in row["error"]
 
 
 def test_profile_smoke(tmp_path):
@@ -128,6 +176,11 @@ def test_profile_smoke(tmp_path):
     # the batch product x W^T is a d-dependent matrix product: it must be classed as input pass
     assert totals.get("input_pass", 0) > 0 and totals.get("dimension_free", 0) > 0
     assert (tmp_path / "profile_sdze_d300.txt").exists()
+    assert row["overrides"] == mod.run_overrides("sdze", 300, *mod.SMOKE_OVERRIDES)
+    assert row["sdze_train_command"] == shlex.join(["sdze-train", *row["overrides"]])
+    saved = json.loads((tmp_path / "profile_sdze_smoke.json").read_text())
+    assert_timing_provenance(saved, "profile_sdze.py")
+    assert saved["rows"][0]["sdze_train_command"] == row["sdze_train_command"]
 
 
 @pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)
@@ -153,8 +206,17 @@ def test_time_to_accuracy_smoke(tmp_path):
         floor = r["floors"]
         assert 0 < floor["constant"] <= 1
         assert floor["affine"] is not None and floor["affine"] < 0.5 * floor["constant"]
+        # built from the packaged configs: the row's overrides and sdze-train command
+        opt, est = mod.PAIRS[r["method"]]
+        assert r["overrides"][:4] == ["pde=allen_cahn_twobody", "pde.dim=50", f"method={opt}",
+                                      f"estimator={est}"]
+        assert {"seed=0", "pde.n_eval=64", "threads=1", "model.width=16"} <= set(r["overrides"])
+        assert r["command"] == "sdze-train " + " ".join(r["overrides"]) and r["threads"] == 1
+        assert r["not_in_command"] and r["init"] == "xavier_normal"
     assert (tmp_path / "time_to_accuracy_smoke.png").exists()
     saved = json.loads((tmp_path / "time_to_accuracy_smoke.json").read_text())
+    assert {"date", "commit", "machine", "load_start", "load_end", "command"} <= set(saved)
+    assert "benchmarks/time_to_accuracy.py --smoke --jobs 2" in saved["command"]
     assert set(saved["floors"]["50"]) == {"constant", "affine"}
     mod.main(["--frontier", str(tmp_path / "time_to_accuracy_smoke.json"), "--out",
               str(tmp_path)])
@@ -171,23 +233,48 @@ def test_time_to_accuracy_smoke(tmp_path):
 
 
 def test_time_to_accuracy_adam_input_lr(tmp_path):
-    """``--adam-input-lr`` reaches Adam's input layer and labels the row as its own variant."""
+    """``--adam-input-lr`` reaches Adam's input layer as ``method.input_lr`` (the rate left
+    unset is the packaged one) and labels the row as its own variant."""
     mod = load_benchmark("time_to_accuracy")
     (row,) = mod.main(["--smoke", "--methods", "adam+taylor", "--adam-input-lr", "1e-4",
                        "--in-process", "--out", str(tmp_path)])
-    assert row["input_lr"] == 1e-4 and row["lr"] == mod.DEFAULT_LRS["adam"]
+    assert row["input_lr"] == 1e-4 and row["lr"] == 1e-3  # configs/method/adam.yaml's lr
+    assert "method.input_lr=0.0001" in row["overrides"]
+    assert not any(o.startswith("method.lr=") for o in row["overrides"])
     assert mod.variant(row) == "adam+taylor, input lr 1e-04"
     plain = {**row, "input_lr": None}
     other = {**row, "input_lr": 3e-5}
     colors = mod.palette([row, plain, other])  # each variant its own colour
     assert len(set(colors.values())) == 3 and colors["adam+taylor"] == mod.COLORS["adam+taylor"]
-    from sdze_lightning.methods import build_optimizer
-    from sdze_lightning.nn import MLP
+    from _common import build_run
 
-    lrs = {**mod.DEFAULT_LRS, "adam_input": 1e-4}
-    _, factory = mod.make_method("adam+hte", 0, mod.SMOKE, lrs)
-    opt = build_optimizer(factory, MLP(6, width=4, depth=1))
-    assert [g["lr"] for g in opt.param_groups] == [1e-4, lrs["adam"]]
+    # the overrides of a run with both rates set: the optimizer of the built run has them
+    lrs = {"adam": 3e-3, "adam_input": 1e-4}
+    overrides = mod.study_overrides("adam+hte", "twobody", 6, 0,
+                                    *mod.method_overrides("adam+hte", lrs), n_eval=8)
+    assert overrides[:4] == ["pde=allen_cahn_twobody", "pde.dim=6", "method=adam", "estimator=hte"]
+    run = build_run(overrides)
+    run.problem.fit_threads.restore()
+    assert [g["lr"] for g in run.optimizer.param_groups] == [1e-4, 3e-3]
+
+
+def test_time_to_accuracy_overrides():
+    """The study's overrides: a flag left out adds none, a smoke size replaces the study's
+    value in place, the cube takes the study's 100 + 100 points, SDZE's settings reach SDZE
+    only."""
+    mod = load_benchmark("time_to_accuracy")
+    sdze = {"rank": 16, "period": None, "queries": 4, "cosine_steps": 2500}
+    assert mod.method_overrides("sdze", {}, sdze) == [
+        "method.rank=16", "method.queries=4",
+        "scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,_partial_:true,"
+        "T_max:2500}"]
+    assert mod.method_overrides("mezo", {"mezo": 1e-3, "sdze": 0.1}, sdze) == ["method.lr=0.001"]
+    assert mod.method_overrides("fused_adafactor", {}) == []
+    cube = mod.study_overrides("fused_adafactor", "cube", 1000, 2, "pde.n_boundary=8",
+                               n_eval=500, threads=2)
+    assert cube == ["pde=allen_cahn_cube", "pde.dim=1000", "pde.n_interior=100",
+                    "pde.n_boundary=8", "method=fused_adafactor", "estimator=taylor", "seed=2",
+                    "pde.n_eval=500", "threads=2"]
 
 
 @pytest.mark.parametrize("bad", [["--jobs", "0"], ["--jobs", "2", "--in-process"]])
@@ -253,9 +340,13 @@ def test_fused_scaling_smoke(tmp_path):
         assert r["steps"] == 3 and r["s_per_step"] > 0
         assert r["peak_bytes"] >= r["param_bytes"] + r["batch_bytes"]
         assert r["last_loss"] < r["first_loss"]  # both learn something in three steps
+        assert r["command"] == "sdze-train " + " ".join(r["overrides"])
+        assert f"method={r['method']}" in r["overrides"] and "pde.n_eval=0" in r["overrides"]
     fused = rows[1]
     assert fused["ratio_to_sdze"] == fused["s_per_step"] / rows[0]["s_per_step"]
-    assert json.loads((tmp_path / "fused_scaling_smoke.json").read_text())["rows"] == rows
+    saved = json.loads((tmp_path / "fused_scaling_smoke.json").read_text())
+    assert saved["rows"] == rows
+    assert {"date", "commit", "machine", "load_start", "load_end", "command"} <= set(saved)
 
 
 @pytest.mark.slow  # a benchmark script's smoke mode (`pytest -m slow`)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import load_benchmark
 
-from sdze_lightning.methods.subspace import orthonormal_basis
+from sdze_lightning.methods.sdze import orthonormal_basis
 from sdze_lightning.nn import MLP
 from sdze_lightning.seeding import Stream
 
@@ -97,6 +97,31 @@ def test_bad_settings_are_refused(kwargs):
         span.BatchSpanSDZE(MLP(30, width=16, depth=2, seed=0), batch_points=_batches, **kwargs)
 
 
+def test_config_built_span_optimizer_takes_its_basis_from_the_problems_batches():
+    """The variant built from the packaged config (``method._target_`` override) and bound to
+    the problem's batches draws the first layer's ``B`` from each step's points."""
+    from _common import SMOKE_OVERRIDES, build_run
+
+    overrides = span.study_overrides("sdze", "twobody", 30, 0, *SMOKE_OVERRIDES,
+                                     *span.variant_overrides("span_p1"), n_eval=16)
+    assert f"method._target_={span.TARGET}" in overrides and "method.period=1" in overrides
+    run = build_run(overrides)
+    run.problem.fit_threads.restore()
+    assert type(run.optimizer).__name__ == "BatchSpanSDZE" and run.optimizer.period == 1
+    with pytest.raises(RuntimeError, match="needs the step's batch"):
+        run.step(0)  # not bound: refused before anything moves
+    assert span.bind_batches(run.optimizer, run.problem)
+    for step in range(2):
+        run.step(step)
+        x = run.problem.points(step, 0)
+        torch.testing.assert_close(run.optimizer.subspaces()[0].B,
+                                   span.batch_span_basis(x, 4, 0, step))
+    plain = build_run(span.study_overrides("sdze", "twobody", 30, 0, *SMOKE_OVERRIDES,
+                                           *span.variant_overrides("sdze", period=3), n_eval=16))
+    plain.problem.fit_threads.restore()
+    assert not span.bind_batches(plain.optimizer, plain.problem) and plain.optimizer.period == 3
+
+
 def test_smoke_run_trains(tmp_path):
     rows = span.main(["--smoke", "--variants", "span_p1", "span_rms", "--out", str(tmp_path)])
     assert [r["variant"] for r in rows] == ["span_p1", "span_rms"]
@@ -116,3 +141,13 @@ def test_smoke_run_trains(tmp_path):
             assert share["span_basis"] > 2 * share["random_basis"]
     saved = json.loads((tmp_path / "sdze_batch_span_smoke.json").read_text())
     assert [r["variant"] for r in saved["rows"]] == ["span_p1", "span_rms"]
+    # provenance of the file; each row's overrides, command and what the command leaves out
+    assert {"date", "commit", "machine", "load_start", "load_end", "command"} <= set(saved)
+    assert "benchmarks/sdze_batch_span.py --smoke" in saved["command"]
+    for r in saved["rows"]:
+        assert r["command"] == "sdze-train " + " ".join(r["overrides"])
+        assert f"method._target_={span.TARGET}" in r["overrides"]
+        assert any("batch_points" in note for note in r["not_in_command"])
+    assert "method.period=1" in saved["rows"][0]["overrides"] and saved["rows"][0]["period"] == 1
+    rms = saved["rows"][1]
+    assert "+method.first_layer_rms=true" in rms["overrides"] and rms["period"] == 3  # smoke

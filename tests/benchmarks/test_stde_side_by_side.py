@@ -32,11 +32,20 @@ def test_smoke_runs_both_of_our_methods_and_writes_the_floors(bench, tmp_path):
         assert 0 < floors["affine"] <= floors["constant"] + 1e-9
     written = json.loads((tmp_path / "stde_side_by_side_smoke.json").read_text())
     assert written["floors"] == result["floors"] and "load_start" in written
+    # provenance of the file, and each row built from the packaged configs by its overrides
+    assert {"date", "commit", "machine", "load_end", "command"} <= set(written)
+    assert "benchmarks/stde_side_by_side.py --smoke" in written["command"]
+    for method, row in zip(bench.OURS, written["rows"], strict=True):
+        assert row["overrides"] == bench.our_overrides(method, 50, 0, 64, smoke=True)
+        assert row["command"] == "sdze-train " + " ".join(row["overrides"])
+        assert "seed=0" in row["overrides"] and "threads=1" in row["overrides"]
+        assert row["threads"] == 1
+        assert any("decays linearly" in note for note in row["not_in_command"])
 
 
 def test_exported_values_are_the_two_body_solution_at_the_exported_points(bench):
     """What STDE is fed: ``(1 - |x|^2) sum_i c_i sin(x_i + cos x_{i+1} + x_{i+1} cos x_i)``."""
-    problem, x, u = bench.held_out(30, 0, 64, bench.SMOKE)
+    problem, x, u = bench.held_out(bench.our_overrides("adam+taylor", 30, 0, 64, smoke=True))
     c = problem.coeffs.double().numpy()
     a, b = x[:, :-1], x[:, 1:]
     by_hand = (1 - (x**2).sum(1)) * (np.sin(a + np.cos(b) + b * np.cos(a)) @ c)
@@ -45,7 +54,7 @@ def test_exported_values_are_the_two_body_solution_at_the_exported_points(bench)
 
 
 def test_stde_style_floors_leave_our_instance_untouched(bench):
-    problem, _, _ = bench.held_out(30, 0, 64, bench.SMOKE)
+    problem, _, _ = bench.held_out(bench.our_overrides("adam+taylor", 30, 0, 64, smoke=True))
     before = problem.coeffs.clone()
     floors = bench.instance_floors(problem, 100)
     assert (problem.coeffs == before).all()
@@ -59,7 +68,8 @@ def test_stde_style_floors_leave_our_instance_untouched(bench):
 def test_other_held_out_points_than_the_runs_are_refused(bench, tmp_path, monkeypatch):
     """The check that our runs were evaluated on the points handed to STDE can fail."""
     real = bench.held_out
-    monkeypatch.setattr(bench, "held_out", lambda dim, seed, n, cfg: real(dim, seed + 1, n, cfg))
+    monkeypatch.setattr(bench, "held_out", lambda overrides: real(
+        [o for o in overrides if not o.startswith("seed=")] + ["seed=1"]))
     with pytest.raises(RuntimeError, match="other held-out points"):
         bench.main(["--smoke", "--out", str(tmp_path)])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 from types import SimpleNamespace
 
@@ -641,3 +642,14 @@ def test_benchmark_smoke_mode(tmp_path):
     assert [r["callbacks"] for r in result["overhead"]] == ["none", "default", "diagnostics"]
     assert all(r["seconds"] > 0 for r in result["probe_cost"])
     assert (tmp_path / "callbacks_cost_smoke.json").exists()
+    # every run is sdze-train on the packaged config with the set's overrides
+    for row in result["overhead"]:
+        assert f"callbacks={row['callbacks']}" in row["overrides"]
+        assert row["sdze_train_command"].startswith("sdze-train pde=poisson2d method=adam")
+        assert row["s_per_step"] > 0 and row["hook_time_share"]
+    assert {r["method"] for r in result["probe_cost"]} == {"adam", "sdze"}
+    assert all(f"method={r['method']}" in r["overrides"] for r in result["probe_cost"])
+    # the file records its provenance
+    saved = json.loads((tmp_path / "callbacks_cost_smoke.json").read_text())
+    assert saved["commit"] and saved["machine"] and saved["load_end"] is not None
+    assert saved["command"].endswith(f"benchmarks/callbacks_cost.py --smoke --out {tmp_path}")

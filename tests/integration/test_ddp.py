@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -71,7 +73,7 @@ def worker(out: Path) -> None:
     trainer.fit(problem)
     skip = {"params": [p.detach().clone() for p in problem.net.parameters()],
             "global_step": trainer.global_step, "skipped": problem.skipped_steps}
-    ahead = ddp_bytes.make_problem(smoke_rows("sdze")[0], prefetch=True)
+    ahead = ddp_bytes.make_problem(smoke_rows("sdze")[0], "prefetch=true")
     sizes: list[int] = []
     begin_step = ahead.collocation.begin_step
 
@@ -164,8 +166,20 @@ def test_sdze_bytes_per_step_do_not_depend_on_parameter_count(ddp_results):
     # one all-reduce of the 2q float64 loss values per step, nothing else
     assert small["bytes_per_step"] == large["bytes_per_step"] == [2 * QUERIES * 8] * STEPS
     assert small["calls_per_step"] == [1] * STEPS
-    # the benchmark's smoke mode wrote its results
+    # the benchmark's smoke mode wrote its results: its provenance, and per row the
+    # overrides of the packaged configs it was built from and their sdze-train command
     assert (out / "ddp_bytes_smoke.json").exists() and (out / "ddp_bytes_smoke.csv").exists()
+    written = json.loads((out / "ddp_bytes_smoke.json").read_text())
+    meta = written["meta"]
+    assert meta["command"] == "python benchmarks/ddp_bytes.py --smoke"
+    assert meta["world_size"] == 2 and meta["threads"] == 1
+    assert all(meta[k] is not None for k in ("date", "commit", "machine", "load_start",
+                                             "load_end"))
+    row = next(r for r in written["rows"] if key(r) == key(smoke_rows("sdze")[0]))
+    assert row["overrides"][0] == "pde=poisson2d"
+    assert {"method=sdze", f"method.queries={QUERIES}", "trainer=ddp",
+            f"trainer.max_steps={STEPS}", "trainer.precision=64-true"} <= set(row["overrides"])
+    assert row["sdze_train_command"] == shlex.join(["sdze-train", *row["overrides"]])
 
 
 def test_first_order_keeps_lightning_ddp(ddp_results):

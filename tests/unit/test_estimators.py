@@ -15,6 +15,7 @@ max row norm of the gradient), so that a bias of half its size would be caught.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -526,9 +527,25 @@ def test_benchmark_smoke_modes(tmp_path):
     rows = load_benchmark("stein_ablation").main(["--smoke", "--out", str(tmp_path)])
     assert {r["estimator"] for r in rows} >= {"stein-vanilla", "stein-cv", "stein-antithetic"}
     assert all(math.isfinite(r["lap_l1"]) for r in rows)
+    # each row names the packaged estimator config it measures, on the packaged network
+    row = next(r for r in rows if r["estimator"] == "stein-cv" and r["K"] == 16)
+    assert {"estimator=stein", "estimator.variant=cv", "estimator.num_directions=16",
+            "pde.dim=50", "trainer.precision=64-true"} <= set(row["overrides"])
+    assert row["sdze_train_command"] == "sdze-train " + " ".join(row["overrides"])
+    meta = json.loads((tmp_path / "stein_ablation_smoke.json").read_text())["meta"]
+    assert meta["commit"] and meta["load_end"] is not None
+    assert meta["command"].startswith("python benchmarks/stein_ablation.py --smoke")
     rows = load_benchmark("first_layer_scaling").main(["--smoke", "--out", str(tmp_path)])
     assert {r["estimator"] for r in rows} == {"fd", "stein", "taylor"}
     assert all(r["ratio"] > 0 for r in rows)
+    # N and K are the smoke configs' pde.n_interior and estimator.num_directions
+    assert {(r["N"], r["K"], r["threads"]) for r in rows} == {(8, 4, 1)}
+    dense = next(r for r in rows if r["distribution"] == "rademacher" and r["d"] == 1000)
+    assert dense["sdze_train_command"].startswith(
+        "sdze-train pde=allen_cahn_twobody pde.dim=1000 estimator=fd "
+        "estimator.distribution=rademacher")
+    meta = json.loads((tmp_path / "first_layer_scaling_smoke.json").read_text())["meta"]
+    assert meta["commit"] and meta["load_end"] is not None
     torch.set_num_threads(threads)
 
 

@@ -725,9 +725,33 @@ def test_benchmark_smoke_modes(tmp_path):
     rows = load_benchmark("crns_variance").main(["--smoke", "--out", str(tmp_path)])
     assert {r["eps"] for r in rows} == {1e-2, 1e-3, 1e-4}
     assert all(r["ratio"] > 1 for r in rows)
+    # each row is SDZE from the packaged configs at its eps (CRNS on), float64
+    for r in rows:
+        assert {"method=sdze", "estimator=fd", "estimator.distribution=rademacher",
+                f"method.eps={r['eps']}", "trainer.precision=64-true"} <= set(r["overrides"])
+        assert r["sdze_train_command"] == "sdze-train " + " ".join(r["overrides"])
+    assert rows[0]["estimator"] == "fd-rademacher-4" and rows[0]["dim"] == 8
     rows = load_benchmark("subspace_variance").main(["--smoke", "--out", str(tmp_path)])
     assert rows[-1]["method"].startswith("full space")
+    assert [r["coords"] < r["params"] for r in rows] == [True, True, False]
+    assert "method=mezo" in rows[-1]["overrides"] and "method.rank=4" in rows[1]["overrides"]
+    import json
+
+    for name in ("crns_variance_smoke", "subspace_variance_smoke"):
+        saved = json.loads((tmp_path / f"{name}.json").read_text())
+        assert saved["commit"] and saved["load_end"] is not None
+        assert saved["command"].startswith(f"python benchmarks/{name[:-6]}.py --smoke")
     rows = load_benchmark("step_memory").main(["--smoke", "--out", str(tmp_path)])
     assert {r["method"] for r in rows} == {"sdze", "mezo", "adam-hte"}
     assert (tmp_path / "step_memory_smoke.csv").exists()
+    # each row built from the packaged configs; the file records its provenance
+    by = {r["method"]: r for r in rows}
+    assert by["adam-hte"]["sdze_train_command"].startswith(
+        "sdze-train pde=allen_cahn_twobody pde.dim=200 method=adam estimator=hte")
+    assert all("model.width=16" in r["overrides"] for r in rows)
+    import json
+
+    saved = json.loads((tmp_path / "step_memory_smoke.json").read_text())
+    assert saved["commit"] and saved["load_end"] is not None
+    assert "benchmarks/step_memory.py --smoke" in saved["command"]
     torch.set_num_threads(threads)

@@ -171,4 +171,12 @@ def test_replay_size_benchmark_smoke(tmp_path):
     assert row["bit_identical"] and row["records"] == row["steps"]
     assert row["log_bytes_per_step"] == 16 + 16 * row["queries"]
     assert row["checkpoint_bytes"] > 4 * row["params"]  # float32 weights, at least
-    assert (tmp_path / "replay_size_smoke.json").exists()
+    # the run is sdze-train with the replay log; the file records its provenance beside it
+    assert row["replayed_steps"] == row["steps"]
+    assert {"method=sdze", "replay_log=true", "pde.dim=1000", "trainer.max_steps=6"} <= set(
+        row["overrides"])
+    assert row["sdze_train_command"] == "sdze-train " + " ".join(row["overrides"])
+    saved = json.loads((tmp_path / "replay_size_smoke.json").read_text())
+    assert saved["log_bytes_per_step"] == row["log_bytes_per_step"]
+    assert saved["commit"] and saved["load_end"] is not None
+    assert saved["command"].startswith("python benchmarks/replay_size.py --smoke")

@@ -27,7 +27,8 @@ speed that ``train`` parses from tqdm's log after its loop may be unreadable
 ("?it/s") for very short runs, which is ignored once the last step has run. The
 package ``folx`` (imported by ``stde.operators``) is needed besides the listed ones.
 
-Prints one line ``STDE <json>``: steps, the training wall time, the final
+Prints one line ``STDE <json>``: steps, the training wall time (and the epoch times of the
+first and last step's hook, to line it up with another process), the final
 relative L2 error on the instance's points and on ``--n-test`` points drawn by
 STDE's own sampler.
 """
@@ -96,11 +97,13 @@ def main() -> None:
     np.random.seed(args.seed)
 
     seen: dict[int, float] = {}
+    seen_epoch: dict[int, float] = {}  # time.time(): comparable with another process's clock
     kept: dict = {}
 
     def keep(self, params, step: int) -> None:
         jax.block_until_ready(params)
         seen[step] = time.perf_counter()
+        seen_epoch[step] = time.time()
         kept["params"] = params
 
     Config.save_params = keep
@@ -136,6 +139,7 @@ def main() -> None:
     timed = (seen[last] - seen[first]) / max(last - first, 1)  # s per step after the first
     print("STDE " + json.dumps(dict(
         steps=args.epochs, s_per_step=timed, train_s=timed * args.epochs, total_s=total_s,
+        first_step_time=seen_epoch[first], last_step_time=seen_epoch[last],
         final_rel_l2=rel_l2(x_eval, data["u_eval"]),
         exact_solution_mismatch=mismatch,
         final_rel_l2_stde_points=rel_l2(np.asarray(x_own), u_own), n_stde_points=args.n_test,

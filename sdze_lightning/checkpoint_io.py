@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import os
 import sys
@@ -232,8 +233,13 @@ class StreamingCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
+@functools.cache
 def _madvise() -> Callable[[int, int, int], int] | None:
-    """The C library's ``madvise`` (Linux), else ``None``."""
+    """The C library's ``madvise`` (Linux), else ``None``.
+
+    Looked up once per process and kept out of the hook's state, so that a module holding
+    the hook stays picklable.
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -279,8 +285,10 @@ class PageByPageLoad:
     ``load_state_dict``. Does nothing where ``madvise`` or ``/proc/self/maps`` is missing.
     """
 
-    def __init__(self) -> None:
-        self.madvise = _madvise()
+    @property
+    def madvise(self) -> Callable[[int, int, int], int] | None:
+        """The C library's ``madvise``, or ``None`` where there is none."""
+        return _madvise()
 
     def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                  local_metadata: dict[str, Any], *args: Any) -> None:

@@ -410,3 +410,19 @@ def test_checkpoint_peak_benchmark_smoke(tmp_path):
 if __name__ == "__main__":
     torch.save = save_that_stops(kill=True)
     StreamingCheckpointIO().save_checkpoint(checkpoint(2.0), sys.argv[1])
+
+
+def test_a_module_with_the_page_by_page_hook_pickles_and_the_copy_loads_page_by_page():
+    # the hook holds no C function pointer (ddp_spawn pickles the module with its hooks)
+    import pickle
+
+    from sdze_lightning.checkpoint_io import PageByPageLoad, load_weights_page_by_page
+
+    net = torch.nn.Linear(3, 2)
+    load_weights_page_by_page(net)
+    copy = pickle.loads(pickle.dumps(net))
+    hooks = list(copy._load_state_dict_pre_hooks.values())
+    assert len(hooks) == 1 and isinstance(hooks[0].hook, PageByPageLoad)
+    assert hooks[0].hook.madvise is not None  # Linux: the C library's madvise, looked up again
+    copy.load_state_dict(net.state_dict())
+    assert torch.equal(copy.weight, net.weight)

@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from _common import MACHINE, RESULTS, load_average, median_time
+from _common import RESULTS, finish_provenance, load_average, median_time, script_provenance
 
 from sdze_lightning.problems.ball import coefficients
 from sdze_lightning.problems.twobody import two_body_terms
@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    record = script_provenance(__file__, argv)
     torch.set_num_threads(1)
     rows = []
     for dim in args.dims:
         rows.append(measure(dim, args.points, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
-    out = {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    out = finish_provenance({**record, "threads": 1, "rows": rows})
     path = f"{args.out}/fused_kernels.json"
     with open(path, "w") as f:
         json.dump(out, f, indent=1)

@@ -17,15 +17,13 @@ import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
+from _common import RESULTS, finish_provenance, script_provenance
 from hydra.utils import instantiate
 
 from sdze_lightning.cli import build_callbacks, build_loggers, build_problem, compose_config
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class _StepClock(L.Callback):
@@ -74,14 +72,15 @@ def plain_its(overrides: list[str], steps: int, warmup: int) -> float:
     return (steps - warmup) / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-interior", type=int, default=None)
     parser.add_argument("--smoke", action="store_true", help="a few steps, for the tests")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    record = script_provenance(__file__, argv)
     if args.smoke:
         args.steps, args.warmup, args.repeats = 12, 2, 1
     overrides = ["pde=poisson2d", "logger=csv", "callbacks=default"]
@@ -101,12 +100,14 @@ def main() -> None:
             flush=True,
         )
     ratios = sorted(r["ratio"] for r in rows)
-    result = {
+    result = finish_provenance({
+        **record,
+        "threads": torch.get_num_threads(),
         "overrides": overrides,
         "steps": args.steps,
         "rows": rows,
         "median_ratio": ratios[len(ratios) // 2],
-    }
+    })
     if not args.smoke:
         RESULTS.mkdir(exist_ok=True)
         name = f"overhead_n{args.n_interior or 'default'}.json"

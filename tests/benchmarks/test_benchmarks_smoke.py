@@ -366,7 +366,11 @@ def test_fused_kernels_smoke(tmp_path):
                        "--out", str(tmp_path)])
     assert row["eager_s"] > 0 and row["fused_s"] > 0
     assert row["max_rel_diff"] < 1e-4
-    assert json.loads((tmp_path / "fused_kernels.json").read_text())["rows"] == [row]
+    saved = json.loads((tmp_path / "fused_kernels.json").read_text())
+    assert saved["rows"] == [row]
+    assert saved["command"].endswith("benchmarks/fused_kernels.py --dims 9000 --points 4 "
+                                     f"--repeats 1 --out {tmp_path}")
+    assert saved["commit"] and saved["load_end"] is not None and saved["threads"] == 1
 
 
 @pytest.mark.slow  # two sdze-train processes: a benchmark's smoke, kept out of CI's budget

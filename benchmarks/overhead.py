@@ -24,6 +24,7 @@ from _common import RESULTS, finish_provenance, script_provenance
 from hydra.utils import instantiate
 
 from sdze_lightning.cli import build_callbacks, build_loggers, build_problem, compose_config
+from sdze_lightning.methods import build_optimizer
 
 
 class _StepClock(L.Callback):
@@ -59,7 +60,7 @@ def plain_its(overrides: list[str], steps: int, warmup: int) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose_config([*overrides, f"trainer.max_steps={steps}"], run_dir)
         problem = build_problem(cfg)
-    opt = problem.method(problem.net.parameters())
+    opt = build_optimizer(problem.method, problem.net)
     t0 = 0.0
     for step in range(steps):
         if step == warmup:
@@ -72,7 +73,7 @@ def plain_its(overrides: list[str], steps: int, warmup: int) -> float:
     return (steps - warmup) / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=20)
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         name = f"overhead_n{args.n_interior or 'default'}.json"
         (RESULTS / name).write_text(json.dumps(result, indent=2))
     print(json.dumps({"median_ratio": result["median_ratio"]}))
+    return result
 
 
 if __name__ == "__main__":

@@ -389,3 +389,13 @@ def test_scale_first_smoke(tmp_path):
     assert (tmp_path / "scale_first_output_fit_smoke.json").exists()
     assert "| allen_cahn_twobody | 4e+01 |" in mod.markdown(
         [tmp_path / "scale_first_output_fit_smoke.json"])
+
+
+@pytest.mark.slow  # two short fits: a benchmark's smoke, kept out of CI's budget
+def test_overhead_smoke_times_both_loops_on_the_packaged_config():
+    result = load_benchmark("overhead").main(["--smoke"])
+    (row,) = result["rows"]
+    assert row["plain_its"] > 0 and row["lightning_its"] > 0
+    assert row["ratio"] == row["lightning_its"] / row["plain_its"] == result["median_ratio"]
+    assert result["overrides"][0] == "pde=poisson2d"
+    assert "benchmarks/overhead.py --smoke" in result["command"] and result["commit"]

@@ -14,11 +14,11 @@ handed to STDE as ``benchmarks/stde_side_by_side.py`` hands them):
   of the steps that started after STDE's first step and ended before its last one
   (read from the driver's timestamps).
 
-Running both at once keeps the two at equal load; ``--rounds`` repeats the pair. The
+Running both at once keeps the two at equal load; ``--repeats`` repeats the pair. The
 ratio is SDZE's steps per second over STDE's.
 
     python benchmarks/sdze_vs_stde_speed.py --stde-path /tmp/stde \
-        --stde-python /tmp/stde-venv/bin/python --dims 10000 100000
+        --stde-python /tmp/stde-venv/bin/python --dims 10000 100000 --repeats 2
     python benchmarks/sdze_vs_stde_speed.py --smoke    # SDZE side only, tiny, no STDE
 
 Result: ``results/sdze_vs_stde_speed.json`` (``..._smoke.json``) with the run's
@@ -131,7 +131,7 @@ def measure_pair(args, dim: int, tmp: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Measure every ``--dims`` for ``--rounds`` rounds; write the JSON."""
+    """Measure every ``--dims`` ``--repeats`` times; write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--stde-path", type=Path, help="checkout of sail-sg/stde")
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stde-steps", type=json.loads,
                     default={"10000": 400, "100000": 120},
                     help='STDE steps per d, JSON, e.g. \'{"10000": 400}\'')
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--repeats", "--rounds", dest="repeats", type=int, default=2,
+                    help="pairs per d")
     ap.add_argument("--xla-threads", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=1800.0,
                     help="stop SDZE's side after this long whatever STDE does")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke-seconds", type=float, default=1.0)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.dims, args.rounds = [64], 1
+        args.dims, args.repeats = [64], 1
     elif not (args.stde_path and args.stde_python):
         ap.error("--stde-path and --stde-python are required (or --smoke)")
     elif any(str(d) not in args.stde_steps for d in args.dims):
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.out / f"sdze_vs_stde_speed{'_smoke' if args.smoke else ''}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for rnd in range(args.rounds):
+        for rnd in range(args.repeats):
             for dim in args.dims:
                 row = {"round": rnd, **measure_pair(args, dim, Path(tmp))}
                 result["rows"].append(row)

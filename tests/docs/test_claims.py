@@ -93,11 +93,11 @@ def test_the_readme_shows_unbacked_claims_as_such():
 
 def test_check_fails_on_a_figure_that_differs_from_its_file(tmp_path):
     text = (BENCHMARKS / "claims.yaml").read_text()
-    assert 'stated: "39.8"' in text
+    assert 'stated: "52.7"' in text
     registry = tmp_path / "claims.yaml"
-    registry.write_text(text.replace('stated: "39.8"', 'stated: "40.0"'))
+    registry.write_text(text.replace('stated: "52.7"', 'stated: "50.0"'))
     problems, _ = mc.check_registry(mc.load_registry(registry))
-    assert any("adam_hte_memory.ratio" in p and "'39.8'" in p for p in problems)
+    assert any("adam_hte_memory.ratio" in p and "'52.7'" in p for p in problems)
     assert mc.main(["--check", "--registry", str(registry)]) == 1
 
 
@@ -115,7 +115,7 @@ def test_check_fails_on_an_edited_readme_table(tmp_path):
     text = readme.read_text()
     table = mc.render_claims(REGISTRY)
     assert table in text
-    readme.write_text(text.replace("39.8x", "49.8x", 1))
+    readme.write_text(text.replace("52.7x", "62.7x", 1))
     assert mc.main(["--check", "--readme", str(readme)]) == 1
 
 

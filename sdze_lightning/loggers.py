@@ -21,13 +21,12 @@ the run's ``summary.json`` into the W&B run's summary.
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 import secrets
 import string
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,21 +67,31 @@ def _report(logger: Logger, name: str, err: BaseException) -> None:
     )
 
 
-def _guard(logger: Logger, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-    reported = False
+class _GuardedMethod:
+    """``logger.<name>`` that reports and swallows its exceptions (:func:`fail_safe`).
 
-    @functools.wraps(method)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        nonlocal reported
+    An object rather than a closure so that a guarded logger still pickles (``ddp_spawn``
+    sends the Trainer's loggers to its processes). The method itself is looked up on the
+    logger's class at each call, unless the logger had its own instance attribute.
+    """
+
+    def __init__(self, logger: Logger, name: str) -> None:
+        self.logger = logger
+        self.name = name
+        self.own = logger.__dict__.get(name)  # an instance attribute the guard replaced
+        self.reported = False
+        self.__doc__ = getattr(getattr(type(logger), name, None), "__doc__", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the method; on an exception, report it once and return ``None``."""
+        method = self.own or getattr(type(self.logger), self.name).__get__(self.logger)
         try:
             return method(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - the point is to survive any logger failure
-            if not reported:
-                _report(logger, name, err)
-                reported = True
+            if not self.reported:
+                _report(self.logger, self.name, err)
+                self.reported = True
             return None
-
-    return guarded
 
 
 def fail_safe(logger: Logger) -> Logger:
@@ -91,9 +100,8 @@ def fail_safe(logger: Logger) -> Logger:
         return logger
     logger._sdze_failures = []  # type: ignore[attr-defined]
     for name in GUARDED_METHODS:
-        method = getattr(logger, name, None)
-        if callable(method):
-            setattr(logger, name, _guard(logger, name, method))
+        if callable(getattr(logger, name, None)):
+            setattr(logger, name, _GuardedMethod(logger, name))
     logger._sdze_fail_safe = True  # type: ignore[attr-defined]
     return logger
 

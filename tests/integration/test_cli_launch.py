@@ -237,3 +237,12 @@ def test_hydra_full_error_keeps_the_traceback(tmp_path):
         env=dict(os.environ, HYDRA_FULL_ERROR="1"), capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "Traceback" in out.stderr
     assert "MissingConfigException" in out.stderr
+
+
+@pytest.mark.slow  # two spawned processes; the pickling it needs is unit-tested in CI
+def test_ddp_spawn_through_the_cli_pickles_the_problem_and_its_loggers(tmp_path):
+    out = sdze_train("pde=poisson_twobody", "+trainer.strategy=ddp_spawn", "trainer.devices=2",
+                     "trainer.max_steps=6", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 6

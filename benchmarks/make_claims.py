@@ -16,7 +16,8 @@ registry's ``tables`` are written the same way, each between
 
 Expressions are Python expressions over the loaded file (``J``; ``F[name]`` where a
 figure names several files) and the functions of ``NAMESPACE``: ``where(rows, k=v)``,
-``one(rows, k=v)``, ``col(rows, key)``, ``mean``, ``median``, ``span`` (the pair
+``one(rows, k=v)``, ``col(rows, key)``, ``rows(J)`` (a file's rows: the list itself, or its
+``"rows"``), ``mean``, ``median``, ``span`` (the pair
 ``(min, max)``), ``GiB``, ``MiB``. A CSV file loads as a list of rows (dicts, numbers
 converted).
 """
@@ -142,8 +143,13 @@ def lowest(run: dict) -> float:
     return min(point[2] for point in run["curve"])
 
 
+def rows(data: Any) -> list:
+    """A results file's rows: the file itself when it is a list, else its ``"rows"``."""
+    return data if isinstance(data, list) else data["rows"]
+
+
 NAMESPACE = {
-    "rel_l2_loss": rel_l2_loss, "lowest": lowest,
+    "rel_l2_loss": rel_l2_loss, "lowest": lowest, "rows": rows,
     "where": where, "one": one, "col": col, "span": span, "mean": mean, "median": median,
     "min": min, "max": max, "len": len, "sum": sum, "abs": abs, "all": all, "any": any,
     "round": round, "sorted": sorted, "set": set, "list": list, "zip": zip, "str": str,

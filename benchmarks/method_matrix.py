@@ -39,7 +39,10 @@ import torch
 from hydra.errors import InstantiationException
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import RESULTS, finish_provenance, script_provenance  # noqa: E402
+
 README = ROOT / "benchmarks" / "README.md"
 START, END = "<!-- method-matrix -->", "<!-- /method-matrix -->"
 #: Limits of a usable default (relative to Adam+exact's step, and peak RSS).
@@ -201,6 +204,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    record = script_provenance(__file__, None)
     if args.pair:
         print(json.dumps(measure(*args.pair, args.steps, args.smoke)), flush=True)
         return
@@ -218,7 +222,8 @@ def main() -> None:
         f" --steps {args.steps}" if args.steps != 4 else "") + (
         f" --timeout {args.timeout:g}" if args.timeout != 300 else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "method_matrix.json").write_text(json.dumps(rows, indent=1) + "\n")
+    data = finish_provenance({**record, "rows": rows})
+    (RESULTS / "method_matrix.json").write_text(json.dumps(data, indent=1) + "\n")
     table = markdown(rows, command)
     (RESULTS / "method_matrix.md").write_text(table + "\n")
     write_readme(table)

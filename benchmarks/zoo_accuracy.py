@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import write_csv
+from _common import finish_provenance, script_provenance, write_csv
 from hydra.utils import instantiate
 
 from sdze_lightning.cli import build_problem, compose_config
@@ -150,10 +150,18 @@ def run_one(
     }
 
 
-def write(records: list[dict], out: Path, stem: str) -> None:
-    """Write the records as CSV and JSON under ``out``."""
+def file_rows(path: Path) -> list[dict]:
+    """The records of a results file (a list, or a dict with ``"rows"``)."""
+    data = json.loads(path.read_text())
+    return data if isinstance(data, list) else data["rows"]
+
+
+def write(records: list[dict], out: Path, stem: str, record: dict) -> None:
+    """Write the records as CSV and JSON under ``out``, the JSON with the run's provenance
+    ``record`` (:func:`_common.provenance`; the load at the end as of this write)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    data = finish_provenance({**record, "rows": records})
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     write_csv(out / f"{stem}.csv", records)
 
 
@@ -186,6 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--threads", type=int, default=1, help="torch threads (1 suits a shared CPU)"
     )
     args = parser.parse_args(argv)
+    record = script_provenance(__file__, argv)
     args.runs_given = args.runs is not None
     args.runs = args.runs or ["adam:exact"]
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -193,11 +202,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     if args.merge is not None:
-        records = [r for path in args.merge for r in json.loads(path.read_text())]
-        write(records, args.out, args.stem or "zoo_table")
+        records = [r for path in args.merge for r in file_rows(path)]
+        write(records, args.out, args.stem or "zoo_table",
+              {**record, "merged_from": [str(p) for p in args.merge]})
         return records
     if args.render is not None:
-        print(render([r for path in args.render for r in json.loads(path.read_text())]))
+        print(render([r for path in args.render for r in file_rows(path)]))
         return []
     stem = args.stem or ("zoo_accuracy_smoke" if args.smoke else
                          "zoo_table" if args.table else "zoo_accuracy")
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"wall={rec['wall_s']:.1f}s cpu={rec['cpu_s']:.1f}s eval={rec['eval_s']:.1f}s",
                     flush=True,
                 )
-                write(records, args.out, stem)  # after every run: a partial sweep is kept
+                write(records, args.out, stem, record)  # after every run: a partial sweep is kept
     return records
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import math
 import os
 import re
@@ -456,6 +457,12 @@ def test_zoo_accuracy_smoke(tmp_path):
     assert {r["problem"] for r in records} == set(zoo_accuracy.PROBLEMS)
     assert all(r["steps"] == 3 and math.isfinite(r["rel_l2"]) for r in records)
     assert (tmp_path / "zoo_accuracy_smoke.csv").exists()
+    saved = json.loads((tmp_path / "zoo_accuracy_smoke.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(records))
+    assert "benchmarks/zoo_accuracy.py --smoke" in saved["command"] and saved["commit"]
+    merged = zoo_accuracy.main(["--merge", str(tmp_path / "zoo_accuracy_smoke.json"),
+                                "--out", str(tmp_path), "--stem", "merged"])
+    assert merged == saved["rows"]  # a file with provenance merges as its rows
     # the --table plan covers every shipped problem with Adam and SDZE, and renders
     assert set(zoo_accuracy.TABLE) == set(zoo_accuracy.PROBLEMS) == set(pde_configs())
     for runs in zoo_accuracy.TABLE.values():

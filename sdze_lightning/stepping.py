@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sdze_lightning.distributed import all_reduce_mean, all_true
 from sdze_lightning.divergence import MAX_CONSECUTIVE_SKIPS, NonFiniteLossError
-from sdze_lightning.methods.base import traits_of, withholds_nonfinite
+from sdze_lightning.methods.base import FirstOrderStep, traits_of, withholds_nonfinite
 from sdze_lightning.methods.zeroth_order import ZerothOrderOptimizer
 
 if TYPE_CHECKING:
@@ -272,14 +272,19 @@ class StepRunner:
             # checks the closure's value (pde_aware) withholds the step on every rank alike
             return torch.full_like(out["loss"].detach(), float("nan"))
 
-        kwargs: dict[str, Any] = {}
         traits = traits_of(inner)
-        if traits.needs_residuals:  # e.g. pde_aware: per-point residuals
-            kwargs["residuals"] = functools.partial(self.physics_loss.residual_batch, step)
-            kwargs["points"] = self.collocation.points(step, 0).shape[0]
-        if traits.reduces_input_layer and shard.active:  # fused_adafactor under DDP
-            kwargs["shard"] = shard
-        loss = optimizer.step(closure=closure, **kwargs)
+        if traits.needs_residuals or traits.reduces_input_layer:  # one request, as declared
+            request = FirstOrderStep(
+                closure, step, skip,
+                residuals=(functools.partial(self.physics_loss.residual_batch, step)
+                           if traits.needs_residuals else None),
+                points=(self.collocation.points(step, 0).shape[0]
+                        if traits.needs_residuals else None),
+                shard=shard if traits.reduces_input_layer and shard.active else None,
+            )
+            loss = optimizer.step(closure=closure, request=request)
+        else:  # torch's protocol
+            loss = optimizer.step(closure=closure)
         if bad:  # skipped (a non-finite loss without skip raised in the closure)
             if saved:
                 restore(inner, saved[0])

@@ -238,7 +238,7 @@ def optimizer_probe_variance(
     except (TypeError, ValueError):
         accepts = {}
     kwargs: dict[str, Any] = {}
-    shard = getattr(problem, "shard", None)
+    shard = getattr(getattr(problem, "collocation", None), "shard", None)  # this rank's share
     if shard is not None and shard.active and "reduce" in accepts:
         kwargs["reduce"] = all_reduce_mean  # every rank probes its share: average the values
     out = {"zo_grad": total_variance(optimizer.probe(loss_at, probes.count, **kwargs))}

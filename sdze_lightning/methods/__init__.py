@@ -10,21 +10,27 @@
 """
 
 from sdze_lightning.methods.adam import Adam
-from sdze_lightning.methods.base import build_optimizer, is_zeroth_order
+from sdze_lightning.methods.base import FirstOrderStep, build_optimizer, is_zeroth_order
 from sdze_lightning.methods.fused_adafactor import FusedAdafactor
 from sdze_lightning.methods.mezo import MeZO
 from sdze_lightning.methods.pde_aware import PDEAware
 from sdze_lightning.methods.sdze import SDZE
-from sdze_lightning.methods.zeroth_order import TwoPointOptimizer, ZerothOrderOptimizer
+from sdze_lightning.methods.zeroth_order import (
+    TwoPointOptimizer,
+    ZerothOrderOptimizer,
+    ZerothOrderStep,
+)
 
 __all__ = [
     "SDZE",
     "Adam",
+    "FirstOrderStep",
     "FusedAdafactor",
     "MeZO",
     "PDEAware",
     "TwoPointOptimizer",
     "ZerothOrderOptimizer",
+    "ZerothOrderStep",
     "build_optimizer",
     "is_zeroth_order",
 ]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,38 @@ class MethodTraits:
     needs_residuals: bool = False
     withholds_nonfinite_step: bool = False
     reduces_input_layer: bool = False
+
+
+@dataclass(frozen=True)
+class FirstOrderStep:
+    """What a first-order method that declares extra needs receives for one step.
+
+    The problem passes it as ``step(closure, request=...)`` to a method whose traits
+    declare ``needs_residuals`` or ``reduces_input_layer``; any other optimizer gets
+    ``step(closure)`` (torch's protocol). The zeroth-order counterpart is
+    :class:`~sdze_lightning.methods.zeroth_order.ZerothOrderStep`.
+
+    Attributes:
+        closure: Computes the loss and back-propagates it; returns the loss (NaN, nothing
+            back-propagated, at a non-finite step that is skipped).
+        step_index: Index of the training step.
+        skip_nonfinite: Whether a non-finite step is skipped rather than raised.
+        residuals: ``residuals(rows=None)``: the per-point interior residual ``(N,)`` and the
+            weighted boundary term (or ``None``), differentiable in the parameters
+            (``needs_residuals``); ``None`` otherwise.
+        points: ``N``, the step's interior points (with ``residuals``).
+        shard: This rank's share of the batch under data parallelism
+            (``reduces_input_layer``; :class:`~sdze_lightning.distributed.Shard`), or
+            ``None``: one process.
+
+    """
+
+    closure: Callable[[], Tensor]
+    step_index: int
+    skip_nonfinite: bool = False
+    residuals: Callable[..., tuple[Tensor, Tensor | None]] | None = None
+    points: int | None = None
+    shard: Any = None
 
 
 def _target(factory: Any) -> Any:

@@ -113,7 +113,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, positive_float_or_none, positive_int
-from sdze_lightning.methods.base import MethodTraits
+from sdze_lightning.methods.base import FirstOrderStep, MethodTraits
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
 from sdze_lightning.nn.protocol import first_layer_network
 
@@ -220,21 +220,26 @@ class FusedAdafactor(torch.optim.Adam):
 
     @torch.no_grad()
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Any] | None = None, shard: Any = None
+        self, closure: Callable[[], Any] | None = None, shard: Any = None, *,
+        request: FirstOrderStep | None = None,
     ) -> Any:
         """Run ``closure`` (forward + ``manual_backward``), then update every parameter.
 
         Args:
             closure: Computes the loss and back-propagates it.
             shard: This rank's :class:`~sdze_lightning.distributed.Shard` under data
-                parallelism (the problem passes it): the input layer's factors are then
-                exchanged with the other ranks first. ``None``: one process.
+                parallelism: the input layer's factors are then exchanged with the other
+                ranks first. ``None``: one process.
+            request: The step as the problem hands it over (its ``closure`` and ``shard``
+                replace the arguments above).
 
         Raises:
             ValueError: without a closure: the input layer's gradient exists only as
                 factors recorded while the closure back-propagates.
 
         """
+        if request is not None:
+            closure, shard = request.closure, request.shard
         if closure is None:
             raise ValueError(
                 "FusedAdafactor.step needs the closure that computes the loss and "

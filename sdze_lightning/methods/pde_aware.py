@@ -62,7 +62,8 @@ estimators that differentiate in ``x`` with ``torch.autograd.grad`` (``exact``,
 
 The optimizer needs the per-point residuals, not only the loss: it sets
 ``PDEAware.traits.needs_residuals``, and :class:`~sdze_lightning.PINNProblem`
-then calls ``step(closure, residuals=fn, points=N)`` with ``fn()`` returning the
+then calls ``step(closure, request=...)`` with a
+:class:`~sdze_lightning.methods.base.FirstOrderStep` whose ``residuals()`` returns the
 interior residual vector ``(N,)`` and the weighted boundary term (or ``None``),
 both differentiable in the parameters. Given ``points``, the default rule
 (``first_moment="loss"``) never builds the whole batch's residual graph: the
@@ -79,7 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, positive_int, positive_int_or_none
-from sdze_lightning.methods.base import MethodTraits
+from sdze_lightning.methods.base import FirstOrderStep, MethodTraits
 
 #: Values of ``first_moment``.
 FIRST_MOMENTS: tuple[str, ...] = ("residual", "loss")
@@ -146,7 +147,7 @@ class PDEAware(torch.optim.Optimizer):
 
     """
 
-    #: The problem passes ``residuals=`` to :meth:`step`; a closure's non-finite loss
+    #: The problem passes the residuals to :meth:`step`; a closure's non-finite loss
     #: applies nothing: ``divergence="skip"`` needs no copy of the parameters.
     traits: ClassVar[MethodTraits] = MethodTraits(needs_residuals=True,
                                                   withholds_nonfinite_step=True)
@@ -225,6 +226,8 @@ class PDEAware(torch.optim.Optimizer):
         closure: Callable[[], Tensor] | None = None,
         residuals: ResidualFn | None = None,
         points: int | None = None,
+        *,
+        request: FirstOrderStep | None = None,
     ) -> Tensor | None:
         """One update.
 
@@ -238,15 +241,19 @@ class PDEAware(torch.optim.Optimizer):
                 weighted boundary term (or ``None``), differentiable in the parameters.
             points: ``N``, if known: spares the whole-batch residual when only the
                 chunks need it (``first_moment="loss"`` with a ``rows`` argument).
+            request: The step as the problem hands it over (its ``closure``,
+                ``residuals`` and ``points`` replace the arguments above).
 
         Returns:
             The closure's loss, if a closure was given.
 
         """
+        if request is not None:
+            closure, residuals, points = request.closure, request.residuals, request.points
         if residuals is None:
             raise ValueError(
                 "pde_aware needs the per-point PDE residuals: train it through PINNProblem "
-                "(which passes `residuals=`) or call step(closure, residuals=fn)."
+                "(which passes them in its request) or call step(closure, residuals=fn)."
             )
         loss = None
         if closure is not None:

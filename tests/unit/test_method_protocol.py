@@ -3,7 +3,8 @@
 What the problem needs to know about a method's class is one :class:`MethodTraits`
 declared on the class; the zeroth-order protocol's abstract methods are enforced at
 construction; a zeroth-order step receives everything, the data-parallel reduction
-included, as one :class:`ZerothOrderStep` (nothing is set on the method from outside).
+included, as one :class:`ZerothOrderStep` (nothing is set on the method from outside); a
+first-order method that declares extra needs gets them as one :class:`FirstOrderStep`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import torch
 from torch import nn
 
 from sdze_lightning.methods import SDZE, Adam, FusedAdafactor, MeZO, PDEAware
-from sdze_lightning.methods.base import MethodTraits, traits_of, withholds_nonfinite
+from sdze_lightning.methods.base import (
+    FirstOrderStep,
+    MethodTraits,
+    traits_of,
+    withholds_nonfinite,
+)
 from sdze_lightning.methods.zeroth_order import (
     TwoPointOptimizer,
     ZerothOrderOptimizer,
@@ -109,3 +115,57 @@ def test_the_reduction_comes_with_the_step():
     assert len(seen) == 1 and torch.equal(seen[0], first)
     assert torch.equal(reduced.last_values, 2 * first)
     assert not hasattr(reduced, "reducer")
+
+
+def _pde_aware_step(use_request: bool) -> list[torch.Tensor]:
+    net = MLP(2, width=4, depth=1, seed=0).double()
+    x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    opt = PDEAware(net.parameters(), lr=1e-2)
+
+    def residuals(rows=None):
+        r = net(x if rows is None else x[rows]).squeeze(-1) - 1.0
+        return r, None
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = residuals()[0].square().mean()
+        loss.backward()
+        return loss
+
+    if use_request:
+        opt.step(closure, request=FirstOrderStep(closure, 0, residuals=residuals, points=6))
+    else:
+        opt.step(closure, residuals=residuals, points=6)
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_a_first_order_request_is_the_same_step_as_its_arguments():
+    """``pde_aware`` (and ``fused_adafactor``) read a :class:`FirstOrderStep` as the
+    arguments it carries: the same update bit for bit."""
+    before = [p.detach().clone() for p in MLP(2, width=4, depth=1, seed=0).double().parameters()]
+    by_request, by_arguments = _pde_aware_step(True), _pde_aware_step(False)
+    assert any(not torch.equal(a, b) for a, b in zip(by_request, before, strict=True))
+    for a, b in zip(by_request, by_arguments, strict=True):
+        assert torch.equal(a, b)
+    fused_by = []
+    for use_request in (True, False):
+        net = MLP(3, width=4, depth=1, seed=0).double()
+        x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        opt = FusedAdafactor(net, lr=1e-2)
+
+        def closure(net=net, x=x, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss = net(x).square().mean()
+            loss.backward()
+            return loss
+
+        with net.first_layer_cache():
+            if use_request:
+                opt.step(closure, request=FirstOrderStep(closure, 0))
+            else:
+                opt.step(closure)
+        fused_by.append([p.detach().clone() for p in net.parameters()])
+    start = [p.detach() for p in MLP(3, width=4, depth=1, seed=0).double().parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(fused_by[0], start, strict=True))
+    for a, b in zip(*fused_by, strict=True):
+        assert torch.equal(a, b)

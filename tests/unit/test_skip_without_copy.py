@@ -29,7 +29,9 @@ STEPS = 9
 class PDEAwareUnguarded(PDEAware):
     """PDEAware as it was: a non-finite closure loss does not stop its update."""
 
-    def step(self, closure=None, residuals=None, points=None):
+    def step(self, closure=None, residuals=None, points=None, *, request=None):
+        if request is not None:
+            closure, residuals, points = request.closure, request.residuals, request.points
         return super().step(lambda: torch.nan_to_num(closure(), nan=0.0), residuals, points)
 
 

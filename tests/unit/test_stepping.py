@@ -16,6 +16,7 @@ from conftest import DecayingSGD
 from torch import Tensor
 
 from sdze_lightning.divergence import NonFiniteLossError
+from sdze_lightning.methods.base import FirstOrderStep, MethodTraits
 from sdze_lightning.methods.zeroth_order import ZerothOrderOptimizer, ZerothOrderStep
 from sdze_lightning.nn import MLP
 from sdze_lightning.problems import Poisson2D
@@ -274,3 +275,44 @@ def test_no_trainer_no_optimizers():
     assert inner_optimizers(problem) == [] and zeroth_order_optimizers(problem) == []
     assert isinstance(problem.step_runner, StepRunner)
     assert problem.step_runner.physics_loss is problem.physics_loss
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records the keyword arguments of each step."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=1e-3)
+        self.seen: list[dict] = []
+
+    def step(self, closure=None, **kwargs):  # noqa: D102
+        self.seen.append({"closure": closure, **kwargs})
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("traits, residuals", [
+    (None, False),  # an undeclared optimizer: torch's step(closure), nothing else
+    (MethodTraits(needs_residuals=True), True),
+    (MethodTraits(reduces_input_layer=True), False),
+])
+def test_a_first_order_method_gets_one_request_as_its_traits_declare(traits, residuals):
+    problem = poisson()
+    cls = RecordingSGD if traits is None else type("Declared", (RecordingSGD,), {"traits": traits})
+    opt = cls(problem.net.parameters())
+    outcome = problem.run_step(opt, 3)
+    (kwargs,) = opt.seen
+    closure = kwargs.pop("closure")
+    if traits is None:
+        assert kwargs == {}
+        return
+    assert list(kwargs) == ["request"]
+    request = kwargs["request"]
+    assert isinstance(request, FirstOrderStep) and request.closure is closure
+    assert request.step_index == 3 and request.skip_nonfinite is False
+    assert request.shard is None  # one process
+    assert torch.isfinite(outcome.loss)
+    if residuals:
+        r, boundary = request.residuals()
+        assert request.points == problem.n_interior == r.shape[0]
+        assert torch.equal(r, problem.physics_loss.residual_batch(3)[0])
+    else:
+        assert request.residuals is None and request.points is None

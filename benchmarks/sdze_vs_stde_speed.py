@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ from _common import (  # noqa: E402
     run_overrides,
     script_provenance,
 )
+from stde_side_by_side import eval_points, stde_env  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,13 +66,6 @@ def stde_command(args, instance: Path, steps: int) -> list[str]:
     """The driver's command line for ``steps`` steps on ``instance``."""
     return [args.stde_python, str(HERE / "_stde_driver.py"), "--stde-path", str(args.stde_path),
             "--instance", str(instance), "--epochs", str(steps), "--n-test", "200"]
-
-
-def stde_env(xla_threads: int) -> dict[str, str]:
-    """Environment of the STDE process: CPU, ``xla_threads`` threads."""
-    return dict(os.environ, JAX_PLATFORMS="cpu",
-                XLA_FLAGS="--xla_cpu_multi_thread_eigen=false "
-                          f"intra_op_parallelism_threads={xla_threads}")
 
 
 def step_while(run, alive, limit_s: float) -> list[tuple[float, float]]:
@@ -102,9 +95,9 @@ def measure_pair(args, dim: int, tmp: Path) -> dict:
         stde = None
     else:
         instance = tmp / f"instance_{dim}.npz"
-        xs, refs = zip(*run.problem.eval_batches(), strict=True)
-        np.savez(instance, coeffs=run.problem.coeffs.double().numpy(),
-                 x_eval=torch.cat(xs).double().numpy(), u_eval=torch.cat(refs).double().numpy())
+        x_eval, u_eval = eval_points(run.problem)
+        np.savez(instance, coeffs=run.problem.coeffs.double().numpy(), x_eval=x_eval,
+                 u_eval=u_eval)
         cmd = stde_command(args, instance, args.stde_steps[str(dim)])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=tmp, env=stde_env(args.xla_threads))

@@ -96,8 +96,20 @@ def held_out(overrides: list[str]):
     """The problem of ``overrides`` (built as our runs build it) and its held-out points."""
     problem = build_run(overrides).problem
     problem.fit_threads.restore()  # no training here: this process keeps its thread count
+    return (problem, *eval_points(problem))
+
+
+def eval_points(problem) -> tuple[np.ndarray, np.ndarray]:
+    """``problem``'s held-out points and exact solution there (float64), as STDE gets them."""
     xs, refs = zip(*problem.eval_batches(), strict=True)
-    return problem, torch.cat(xs).double().numpy(), torch.cat(refs).double().numpy()
+    return torch.cat(xs).double().numpy(), torch.cat(refs).double().numpy()
+
+
+def stde_env(xla_threads: int) -> dict[str, str]:
+    """Environment of an STDE process: JAX on the CPU with ``xla_threads`` threads."""
+    return dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_cpu_multi_thread_eigen=false "
+                          f"intra_op_parallelism_threads={xla_threads}")
 
 
 def stde_style_coefficients(dim: int, seed: int) -> np.ndarray:
@@ -124,9 +136,7 @@ def instance_floors(problem, affine_max_dim: int, threads: int = 1) -> dict:
 
 def run_stde(args, instance: Path, epochs: int) -> dict:
     """STDE's ``train`` for ``epochs`` steps through the driver; the parsed result line."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_cpu_multi_thread_eigen=false "
-                         f"intra_op_parallelism_threads={args.xla_threads}")
+    env = stde_env(args.xla_threads)
     cmd = [args.stde_python, str(HERE / "_stde_driver.py"), "--stde-path", str(args.stde_path),
            "--instance", str(instance), "--epochs", str(epochs), "--seed", str(args.seed),
            "--rand-batch-size", str(args.rand_batch_size), "--n-test", str(args.n_stde_points)]

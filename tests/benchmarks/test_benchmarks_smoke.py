@@ -399,3 +399,14 @@ def test_overhead_smoke_times_both_loops_on_the_packaged_config():
     assert row["ratio"] == row["lightning_its"] / row["plain_its"] == result["median_ratio"]
     assert result["overrides"][0] == "pde=poisson2d"
     assert "benchmarks/overhead.py --smoke" in result["command"] and result["commit"]
+
+
+@pytest.mark.slow  # one sdze-train process: a benchmark's smoke, kept out of CI's budget
+def test_cli_runs_smoke_records_the_summary_and_the_child_peak():
+    result = load_benchmark("cli_runs").main(["--smoke"])
+    assert result["exit_code"] == 0 and result["summary"]["status"] == "completed"
+    assert result["summary"]["steps"] == 3 and math.isfinite(result["summary"]["rel_l2"])
+    # the child's own peak: at least torch's import (> 100 MiB), far below this machine's RAM
+    assert 100 * 2**20 < result["peak_rss_bytes"] < 8 * 2**30
+    assert result["sdze_train_command"].startswith("sdze-train pde=allen_cahn_twobody")
+    assert_timing_provenance(result, "cli_runs.py")

@@ -17,7 +17,9 @@ Studies (``--study``):
 * ``input_rate``: the cube, the fused method's input-layer rate from the points' norm
   (the default, ``input_lr: null``) against the hand-set rates ``1e-4`` and ``1e-3``;
 * ``levers``: two-body, steps to accuracy beyond the defaults: 4x the batch
-  (``pde.n_interior=400``), 3x the rate (``method.lr=3e-3``), and both.
+  (``pde.n_interior=400``), 3x the rate (``method.lr=3e-3``), both, Shampoo's direction on
+  the small layers (``method.small_layers=shampoo``) and a rate that follows the loss
+  (``ReduceLROnPlateau`` on the training loss in place of the linear decay).
 
     python benchmarks/scale_first.py --study output_fit --dims 1000 --draws 0 5 9 --budget-s 216
     python benchmarks/scale_first.py --study output_fit --dims 100000 --draws 8 --budget-s 600
@@ -46,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by 
 
 from _common import MACHINE, RESULTS, git_commit, load_average  # noqa: E402
 
+#: A learning rate that follows the training loss: halved after 100 steps without a new low.
+PLATEAU = ("+scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,_partial_:true,"
+           "factor:0.5,patience:100}")
 #: Variants of each study: name -> overrides.
 STUDIES: dict[str, dict[str, list[str]]] = {
     "output_fit": {"output_fit=constant": [], "output_fit=none": ["output_fit=none"]},
@@ -53,7 +58,9 @@ STUDIES: dict[str, dict[str, list[str]]] = {
                    "input_lr=1e-3": ["method.input_lr=1e-3"]},
     "levers": {"defaults": [], "n_interior=400": ["pde.n_interior=400"],
                "lr=3e-3": ["method.lr=3e-3"], "n_interior=400,lr=3e-3": [
-                   "pde.n_interior=400", "method.lr=3e-3"]},
+                   "pde.n_interior=400", "method.lr=3e-3"],
+               "small_layers=shampoo": ["method.small_layers=shampoo"],
+               "scheduler=plateau": ["~scheduler", PLATEAU]},
 }
 #: The problem of each study.
 PDES = {"output_fit": "allen_cahn_twobody", "input_rate": "allen_cahn_cube",

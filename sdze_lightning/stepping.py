@@ -296,7 +296,7 @@ class StepRunner:
     def training_step(self) -> StepOutcome:
         """The Trainer's step: :meth:`run` under the divergence policy.
 
-        The scheduler steps after every step.
+        The scheduler steps after every step; a ``ReduceLROnPlateau`` with the step's loss.
         """
         problem = self.problem
         outcome = self.guard.run(problem.divergence, lambda skip: self.run(
@@ -304,7 +304,9 @@ class StepRunner:
             skip_nonfinite=skip,
         ))
         sched = problem.lr_schedulers()
-        if sched is not None:
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(float(outcome.loss))  # follows the training loss, not the step count
+        elif sched is not None:
             sched.step()
         self.last_loss = float(outcome.loss)
         return outcome

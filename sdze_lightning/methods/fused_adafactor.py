@@ -114,6 +114,7 @@ from torch import Tensor, nn
 
 from sdze_lightning.checks import boolean, positive_float_or_none, positive_int
 from sdze_lightning.methods.base import FirstOrderStep, MethodTraits
+from sdze_lightning.methods.shampoo import GraftedShampoo
 from sdze_lightning.nn.first_layer_grad import FirstLayerGradient
 from sdze_lightning.nn.protocol import first_layer_network
 
@@ -125,6 +126,9 @@ BLOCK_BYTES = 4 * 2**20
 #: grows 31-fold at the second step (where this step weighs about half) and more later; a
 #: bound row's step stays within ``sqrt(2 * 16)`` times the exact one (``W`` in one block).
 LAG_BOUND = 16.0
+
+#: Values of ``small_layers``: the update of the small layers' matrices.
+SMALL_LAYER_RULES = ("adam", "shampoo")
 
 
 class FusedAdafactor(torch.optim.Adam):
@@ -160,6 +164,10 @@ class FusedAdafactor(torch.optim.Adam):
             docs). It binds only in rows whose statistic grows more than ``lag_bound``-fold
             in one step; ``None``: no bound (a row whose gradient jumps can take a step of
             any size). At least 1.
+        small_layers: How the small layers' matrices are updated: ``"adam"`` (Adam), or
+            ``"shampoo"``: Shampoo's direction with Adam's step length per matrix
+            (:class:`~sdze_lightning.methods.shampoo.GraftedShampoo`); biases keep Adam.
+        precondition_every: Steps between Shampoo's inverse-root updates.
 
     """
 
@@ -183,6 +191,8 @@ class FusedAdafactor(torch.optim.Adam):
         block_bytes: int = BLOCK_BYTES,
         exact_rows: bool = False,
         lag_bound: float | None = LAG_BOUND,
+        small_layers: str = "adam",
+        precondition_every: int = 10,
     ) -> None:
         (weight,) = self.self_reduced_parameters(module)
         positive_int("method.block_bytes", block_bytes)
@@ -192,6 +202,9 @@ class FusedAdafactor(torch.optim.Adam):
         if lag_bound is not None and (isinstance(lag_bound, bool) or not isinstance(
                 lag_bound, numbers.Real) or not lag_bound >= 1):
             raise ValueError(f"method.lag_bound must be >= 1 or null, got {lag_bound!r}.")
+        if small_layers not in SMALL_LAYER_RULES:
+            raise ValueError(f"method.small_layers must be one of {SMALL_LAYER_RULES}, "
+                             f"got {small_layers!r}.")
         super().__init__(
             [{"params": [weight], "factored": True, "scaled_by_points": input_lr is None,
               "lr": lr if input_lr is None else input_lr},
@@ -204,6 +217,9 @@ class FusedAdafactor(torch.optim.Adam):
         self.exact_rows = boolean("method.exact_rows", exact_rows)
         self.lag_bound = None if lag_bound is None else float(lag_bound)
         self._saved_statistics: dict[int, tuple[Tensor, Tensor]] = {}
+        every = positive_int("method.precondition_every", precondition_every)
+        self.shampoo = None if small_layers == "adam" else GraftedShampoo(
+            self.param_groups[1]["params"], self.state, beta2=betas[1], every=every)
         self.register_load_state_dict_pre_hook(_remember_statistics)
         self.register_load_state_dict_post_hook(_restore_statistics)
 
@@ -247,7 +263,10 @@ class FusedAdafactor(torch.optim.Adam):
             )
         with self.module.capture_first_layer_gradient() as grad, torch.enable_grad():
             loss = closure()
+        taken = self.shampoo.snapshot() if self.shampoo is not None else None
         super().step()  # Adam on group 1; the input weight has no .grad and is skipped
+        if taken:
+            self.shampoo.apply(taken)
         if grad and shard is not None and shard.active:
             grad = grad.across_ranks(shard)
         if grad:

@@ -15,6 +15,9 @@ run (other users' load is not controlled: report it). Targets: with a busy core,
     python benchmarks/threads.py                       # 2000 steps, all five runs
     python benchmarks/threads.py --steps 500 --runs auto-busy,one-busy
     python benchmarks/threads.py --smoke               # 5 steps (the test suite)
+
+The results file starts with the provenance (date, commit, machine, load at start and end,
+threads, the command line); ``sdze_train_command`` is the job each row ran.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import write_csv
+from _common import finish_provenance, load_average, provenance, write_csv
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -43,14 +46,6 @@ RUNS = {
     "default-busy": (str(CORES), True),
 }
 SPIN = "import time\nwhile True:\n    time.time()\n"
-
-
-def load_average() -> float:
-    """The 1-minute load average (``nan`` where it is not available)."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
 
 
 def run_job(threads: str, busy: bool, steps: int, workdir: Path) -> dict:
@@ -91,6 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     names = ["auto-busy"] if args.smoke else args.runs.split(",")
     steps = 5 if args.smoke else args.steps
+    record = provenance(None if argv is None else ["benchmarks/threads.py", *argv])
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:
@@ -98,8 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(json.dumps(row), flush=True)
             rows.append(row)
     if not args.smoke:
-        meta = {"command": " ".join(["sdze-train", *JOB, f"trainer.max_steps={steps}"]),
-                "cores": CORES, "date": time.strftime("%Y-%m-%d")}
+        meta = {**finish_provenance(record), "cores": CORES,
+                "sdze_train_command": " ".join(["sdze-train", *JOB, f"trainer.max_steps={steps}"])}
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{args.out}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         write_csv(RESULTS / f"{args.out}.csv", rows)

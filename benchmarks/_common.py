@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from sdze_lightning.stepping import step_scheduler
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -175,8 +177,7 @@ class Run:
     def step(self, k: int, *, skip_nonfinite: bool = True) -> float:
         """Training step ``k`` (and the scheduler's step); returns its loss."""
         loss = float(self.problem.run_step(self.optimizer, k, skip_nonfinite=skip_nonfinite).loss)
-        if self.scheduler is not None:
-            self.scheduler.step()
+        step_scheduler(self.scheduler, loss)
         return loss
 
 
@@ -198,10 +199,7 @@ def build_run(overrides: list[str], *, device: str = "cpu") -> Run:
         cfg = compose_config(list(overrides), run_dir)
     problem = build_problem(cfg)
     problem.to(device)
-    problem.contract_check.run_unless_checked()  # on_fit_start's checks, before any step
-    work = (problem.n_interior + problem.n_boundary) * sum(
-        p.numel() for p in problem.net.parameters())
-    threads = problem.fit_threads.apply(device == "cpu", work, int(problem.prefetch))
+    threads = problem.prepare_fit(on_cpu=device == "cpu")  # on_fit_start's, before any step
     configured = problem.configure_optimizers()
     if isinstance(configured, dict):
         optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]

@@ -115,7 +115,7 @@ class PINNProblem(L.LightningModule):
       ``boundary_points``, ``isolated_points``, ``begin_step``, ``stop_prefetch``,
       ``prefetch``, ``shard``, ``interior_residuals``, ``loss_terms``, ``residual_batch``,
       ``compute_loss``, ``eval_chunk_rows``, ``eval_batches``, ``relative_l2_error``,
-      ``run_step``, ``check_inputs``.
+      ``run_step``, ``check_inputs``, ``prepare_fit``.
 
     """
 
@@ -423,16 +423,28 @@ class PINNProblem(L.LightningModule):
 
         The offset is fitted in a fresh fit only: weights from a checkpoint keep theirs.
         """
-        self.contract_check.run_unless_checked()
+        self.prepare_fit(self.device.type == "cpu", self.trainer.num_devices)
         sizes = {"pde.n_interior": self.n_interior, "pde.n_boundary": self.n_boundary}
         self.collocation.shard = data_parallel_shard(self.trainer, inner_optimizers(self), sizes)
-        params = sum(p.numel() for p in self.net.parameters())
-        work = (self.n_interior + self.n_boundary) * params
-        self.intra_op_threads = self.fit_threads.apply(
-            self.device.type == "cpu", work, int(self.prefetch), self.trainer.num_devices
-        )
         self.step_runner.guard.in_a_row = 0
         self.output_fit.apply(self)
+
+    def prepare_fit(self, on_cpu: bool = True, num_devices: int = 1) -> int:
+        """Check the inputs (once) and set torch's thread count for the step's work.
+
+        The part of :meth:`on_fit_start` that needs no Trainer; returns the thread count.
+
+        Args:
+            on_cpu: Whether the network runs on the CPU (the thread policy applies there).
+            num_devices: Processes training on this machine (data-parallel ranks).
+
+        """
+        self.contract_check.run_unless_checked()
+        params = sum(p.numel() for p in self.net.parameters())
+        work = (self.n_interior + self.n_boundary) * params
+        self.intra_op_threads = self.fit_threads.apply(on_cpu, work, int(self.prefetch),
+                                                       num_devices)
+        return self.intra_op_threads
 
     def on_train_start(self) -> None:
         """Drop a batch prefetched by an earlier fit; after a resume, refuse another method seed."""

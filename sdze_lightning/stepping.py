@@ -303,10 +303,17 @@ class StepRunner:
             problem.optimizers(), problem.global_step, backward=problem.manual_backward,
             skip_nonfinite=skip,
         ))
-        sched = problem.lr_schedulers()
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(float(outcome.loss))  # follows the training loss, not the step count
-        elif sched is not None:
-            sched.step()
+        step_scheduler(problem.lr_schedulers(), outcome.loss)
         self.last_loss = float(outcome.loss)
         return outcome
+
+
+def step_scheduler(scheduler: Any, loss: Tensor | float) -> None:
+    """Step a learning-rate scheduler after a training step (``None``: nothing).
+
+    A ``ReduceLROnPlateau`` follows the step's training loss; any other scheduler counts steps.
+    """
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(float(loss))
+    elif scheduler is not None:
+        scheduler.step()

@@ -79,8 +79,18 @@ def test_reproduce_reports_a_results_file_without_a_command():
     assert f"{rel}: no command recorded in the file" in done.stdout
     # the fallback: the command the study's README section documents
     assert "python benchmarks/zoo_accuracy.py --table" in done.stdout
-    unbacked = cli("reproduce", "poisson2d_he_adam")
-    assert "unbacked:" in unbacked.stdout and "sdze-train experiment=" in unbacked.stdout
+
+
+
+def test_reproduce_of_an_unbacked_claim_prints_its_reason_and_section_commands(capsys):
+    claim = {"id": "example", "claim": "a run without a results file", "value": "1",
+             "unbacked": "its summary.json is not under results/", "section": "cli_runspy"}
+    readme = (BENCHMARKS / "README.md").read_text()
+    assert bench.reproduce(claim, bench.script_names(), readme, execute=False) == 0
+    out = capsys.readouterr().out
+    assert "unbacked: its summary.json is not under results/" in out
+    assert "sdze-train experiment=poisson2d_he" in out  # a command of that README section
+    assert bench.reproduce(claim, bench.script_names(), readme, execute=True) == 1
 
 
 def test_reproduce_without_a_claim_summarises_every_claim():

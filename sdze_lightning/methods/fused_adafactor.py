@@ -145,10 +145,8 @@ class FusedAdafactor(torch.optim.Adam):
         lr: Learning rate of the small layers, and of the input layer's weight unless
             ``input_lr`` is given.
         input_lr: Learning rate of the input layer's weight; ``None``: ``lr``, times
-            ``(width / 2) / |x|`` where the step's points' RMS norm ``|x|`` exceeds
-            ``width / 2`` (:func:`input_rate_scale`), which bounds the input layer's step
-            on the pre-activations by the same amount at every ``d``. A number is used as
-            it is.
+            ``((width / 2) / |x|)^2`` where the step's points' RMS norm ``|x|`` exceeds
+            ``width / 2`` (:func:`input_rate_scale`). A number is used as it is.
         betas: Adam's ``(b1, b2)``; the input layer's factored second moment uses ``b2``.
         eps: Added to the root of the second moment (as in Adam).
         eps1: Added to ``G^2`` in the factored statistics (Adafactor's ``eps1``).
@@ -360,21 +358,22 @@ class FusedAdafactor(torch.optim.Adam):
 
 
 def input_rate_scale(points_rms_norm: float | None, width: int) -> float:
-    """The factor on ``lr`` of the input layer's step: ``min(1, (width / 2) / points_rms_norm)``.
+    """The factor on ``lr`` of the input layer's step: ``min(1, ((width / 2) / |x|)^2)``.
 
-    The factored step moves each entry of ``W`` by about the learning rate, so on a point
-    ``x`` it moves the pre-activation ``W x`` by about ``lr |x|`` (``lr sqrt(d / 3)`` on
-    the cube ``[-1, 1]^d``): without a bound, the move grows with ``d``. A hidden layer's
-    step moves its pre-activations by up to ``lr * width * RMS(h)`` (its ``width``
-    inputs ``h``, tanh outputs of RMS about a half, all aligned); the input layer's move
-    is capped at that, ``lr width / 2``. Where the points' RMS norm is at most
-    ``width / 2`` (the unit ball, the cube up to ``d = 3 (width / 2)^2``, 12288 at width
-    128) the rate is ``lr`` itself. ``None`` (no points recorded): 1.
+    ``|x|`` is the RMS norm of the step's points. The factored step moves each entry of
+    ``W`` by about the learning rate: on a fresh point ``x`` the pre-activation ``W x`` moves
+    by about ``lr |x|``, on the step's own points by up to ``lr |x|_1 / sqrt(N)`` (the
+    update's signs follow theirs), which grows like ``d``, not ``sqrt(d)``. The factor keeps
+    the rate where ``|x| <= width / 2`` (the unit ball; the cube up to ``d = 3 (width /
+    2)^2``, 12288 at width 128) and divides it by ``|x|^2`` beyond: a rate proportional to
+    ``1 / d`` on the cube, the one measured to train there (``1e-3`` at ``d = 1e4``,
+    ``1e-4`` at ``1e5``, ``1e-5`` at ``1e6``; benchmarks/README.md, ``scale_first.py``).
+    ``None`` (no points recorded): 1.
     """
     reference = width / 2
     if points_rms_norm is None or not points_rms_norm > reference:
         return 1.0
-    return reference / points_rms_norm
+    return (reference / points_rms_norm) ** 2
 
 
 class _LagFloor(NamedTuple):

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import finish_provenance, load_average, provenance, write_csv
+from _common import finish_provenance, load_average, script_provenance, write_csv
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     names = ["auto-busy"] if args.smoke else args.runs.split(",")
     steps = 5 if args.smoke else args.steps
-    record = provenance(None if argv is None else ["benchmarks/threads.py", *argv])
+    record = script_provenance(__file__, argv)
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:

@@ -215,7 +215,7 @@ class FusedAdafactor(torch.optim.Adam):
         self.exact_rows = boolean("method.exact_rows", exact_rows)
         self.lag_bound = None if lag_bound is None else float(lag_bound)
         self._saved_statistics: dict[int, tuple[Tensor, Tensor]] = {}
-        every = positive_int("method.precondition_every", precondition_every)
+        every = positive_int("method.precondition_every", precondition_every)  # with adam too
         self.shampoo = None if small_layers == "adam" else GraftedShampoo(
             self.param_groups[1]["params"], self.state, beta2=betas[1], every=every)
         self.register_load_state_dict_pre_hook(_remember_statistics)

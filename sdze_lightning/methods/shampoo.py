@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sdze_lightning.checks import positive_int
+
 
 class GraftedShampoo:
     """Turns another optimizer's update of 2-D parameters into Shampoo's direction.
@@ -42,13 +44,11 @@ class GraftedShampoo:
 
     def __init__(self, params: list[nn.Parameter], state: dict[Tensor, dict],
                  beta2: float, eps: float = 1e-6, every: int = 10) -> None:
-        if not every >= 1:
-            raise ValueError(f"method.precondition_every must be >= 1, got {every!r}.")
         self.params = [p for p in params if p.ndim == 2]
         self.state = state
         self.beta2 = float(beta2)
         self.eps = float(eps)
-        self.every = int(every)
+        self.every = positive_int("method.precondition_every", every)
 
     def snapshot(self) -> list[tuple[nn.Parameter, Tensor, Tensor]]:
         """Each matrix with a gradient: (parameter, its value now, its gradient)."""
@@ -95,5 +95,6 @@ class GraftedShampoo:
         """
         values, vectors = torch.linalg.eigh(matrix)
         values = values.clamp(min=0)
-        floor = eps * float(values.max()) if float(values.max()) > 0 else 1.0
+        largest = float(values.max())
+        floor = eps * largest if largest > 0 else 1.0
         return (vectors * (values + floor).pow(-0.25)) @ vectors.T
